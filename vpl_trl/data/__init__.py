@@ -10,12 +10,17 @@ from .format import (
     validate_example,
     write_jsonl,
 )
+from .hh_rlhf import build_hh_relabeled
 from .pets import build_pets
+from .ultrafeedback import build_ultrafeedback, iter_source_rows
 
 __all__ = [
     "PreferenceDataError",
     "attach_contexts",
+    "build_hh_relabeled",
     "build_pets",
+    "build_ultrafeedback",
+    "iter_source_rows",
     "load_preference_file",
     "load_preference_splits",
     "parse_num_context",

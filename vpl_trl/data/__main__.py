@@ -1,10 +1,12 @@
-"""Dataset builders: `python -m vpl_trl.data {pets,...} --output DIR`."""
+"""Dataset builders: `python -m vpl_trl.data {pets,uf-p2,uf-p4,hh-relabeled} --output DIR`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from .format import PreferenceDataError
 
 
 def _add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -13,8 +15,8 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*sorted(spellings), dest=name, **kwargs)
 
 
-def _refuse_overwrite(output: Path, overwrite: bool) -> None:
-    existing = [p.name for p in (output / "train.jsonl", output / "test.jsonl") if p.exists()]
+def _refuse_overwrite(output: Path, overwrite: bool, names: tuple[str, ...] = ("train.jsonl", "test.jsonl")) -> None:
+    existing = [name for name in names if (output / name).exists()]
     if existing and not overwrite:
         raise SystemExit(f"error: {output} already holds {', '.join(existing)}; pass --overwrite to replace them.")
 
@@ -29,6 +31,52 @@ def _pets(args: argparse.Namespace) -> None:
     print(f"Pets ({args.variant}): wrote {counts['train']} train and {counts['test']} test rows to {output}")
 
 
+def _ultrafeedback(args: argparse.Namespace) -> None:
+    from .ultrafeedback import OUTPUT_FILES, build_ultrafeedback, summarize
+
+    output = Path(args.output)
+    _refuse_overwrite(output, args.overwrite, OUTPUT_FILES)
+    stats = build_ultrafeedback(
+        args.variant, args.ultrafeedback, args.binarized, output, seed=args.seed, num_context=args.num_context,
+        num_duplicates=args.num_duplicates, test_fraction=args.test_fraction, survey_size=args.survey_size,
+        all_pairs=args.all_pairs, streaming=args.streaming,
+    )
+    print("\n".join(summarize(stats)))
+
+
+def _hh_relabeled(args: argparse.Namespace) -> None:
+    from .hh_rlhf import build_hh_relabeled, summarize
+
+    output = Path(args.output)
+    _refuse_overwrite(output, args.overwrite)
+    stats = build_hh_relabeled(args.source, output, seed=args.seed, test_fraction=args.test_fraction)
+    print("\n".join(summarize(stats)))
+
+
+def _add_ultrafeedback(commands, variant: str) -> None:
+    from .ultrafeedback import VARIANTS
+
+    config = VARIANTS[variant]
+    users = ", ".join(config["users"])
+    parser = commands.add_parser(f"uf-{variant}", help=f"UltraFeedback {config['name']} (users: {users})")
+    _add_flag(parser, "ultrafeedback", required=True,
+              help="openbmb/UltraFeedback: hub id, JSONL/JSON/parquet file, folder of them or save_to_disk folder")
+    _add_flag(parser, "binarized", required=True,
+              help="argilla/ultrafeedback-binarized-preferences-cleaned, in the same forms")
+    _add_flag(parser, "output", required=True, help="folder for train.jsonl, test.jsonl and survey_pools.json")
+    _add_flag(parser, "seed", type=int, default=0)
+    _add_flag(parser, "num_context", default=str(config["num_context"]),
+              help=f"context pairs per example, K or a range LOW-HIGH (default {config['num_context']})")
+    _add_flag(parser, "num_duplicates", type=int, default=config["num_duplicates"],
+              help=f"copies of each training example with resampled contexts (default {config['num_duplicates']})")
+    _add_flag(parser, "test_fraction", type=float, default=0.1, help="fraction of pairs held out as test")
+    _add_flag(parser, "survey_size", type=int, default=100, help="controversial pairs in each user's survey pool")
+    _add_flag(parser, "all_pairs", action="store_true", help="keep non-controversial pairs too")
+    _add_flag(parser, "streaming", action="store_true", help="stream hub datasets instead of downloading them")
+    _add_flag(parser, "overwrite", action="store_true", help="replace existing files in --output")
+    parser.set_defaults(func=_ultrafeedback, variant=variant)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vpl_trl.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,12 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flag(pets, "seed", type=int, default=0)
     _add_flag(pets, "overwrite", action="store_true", help="replace existing files in --output")
     pets.set_defaults(func=_pets)
+
+    for variant in ("p2", "p4"):
+        _add_ultrafeedback(commands, variant)
+
+    hh = commands.add_parser("hh-relabeled", help="relabeled HH-RLHF with helpful and harmless users")
+    _add_flag(hh, "source", required=True,
+              help="a relabeled HH JSONL(.gz) file, or a folder with helpful/, harmless/ (or both/) subfolders")
+    _add_flag(hh, "output", required=True, help="folder for train.jsonl and test.jsonl")
+    _add_flag(hh, "seed", type=int, default=0)
+    _add_flag(hh, "test_fraction", type=float, default=0.1, help="held out as test when the source has one split")
+    _add_flag(hh, "overwrite", action="store_true", help="replace existing files in --output")
+    hh.set_defaults(func=_hh_relabeled)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except PreferenceDataError as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 if __name__ == "__main__":

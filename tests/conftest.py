@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny Llama backbone with a tokenizer trained here, tiny Pets data, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_backbone(folder: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A 2-layer Llama (random weights) and a byte-level BPE tokenizer trained on Pets sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from vpl_trl.data.pets import KINDS, PROMPT, sentences
+
+    corpus = [PROMPT] + [s for kind in KINDS for split in ("train", "test") for s in sentences(kind, split)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Embedding caches go to a per-session folder, never the user's cache."""
+    old = os.environ.get("VPL_TRL_CACHE")
+    os.environ["VPL_TRL_CACHE"] = str(tmp_path_factory.mktemp("vpl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VPL_TRL_CACHE", None)
+    else:
+        os.environ["VPL_TRL_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    return str(build_tiny_backbone(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def other_backbone(tmp_path_factory) -> str:
+    """A second tiny backbone of another width (for checkpoint-mismatch errors)."""
+    return str(build_tiny_backbone(tmp_path_factory.mktemp("tiny-llama-48"), hidden_size=48, seed=1))
+
+
+@pytest.fixture(scope="session")
+def pets_data(tmp_path_factory):
+    """A small Pets dataset (full variant) as `datasets` splits."""
+    from vpl_trl.data import build_pets, load_preference_splits
+
+    folder = tmp_path_factory.mktemp("pets")
+    build_pets(folder, n_train_per_user=300, n_test_per_user=60, seed=0)
+    return load_preference_splits(folder)

@@ -1,0 +1,184 @@
+"""Text rendering and cached backbone embeddings.
+
+Context pairs (and, in `frozen` mode, every response) are embedded once with the frozen backbone and
+kept in an `EmbeddingCache`: in memory, and on disk in one folder per backbone (keyed by its identity,
+a digest of its weights, the pooling and the maximum length), written in shards as the work goes, so an
+interrupted precomputation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .embedded_model import cache_dir
+
+
+def is_chat(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def render_text(tokenizer, prompt: Any, response: Any) -> str:
+    """The text that is scored: prompt + response, or the chat rendered with the tokenizer's template."""
+    if is_chat(response) or is_chat(prompt):
+        messages = []
+        if prompt:
+            messages += prompt if is_chat(prompt) else [{"role": "user", "content": prompt}]
+        messages += response if is_chat(response) else [{"role": "assistant", "content": response}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return (prompt or "") + response
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def backbone_fingerprint(model, pooling: str, max_length: int | None) -> str:
+    """Identifies the embeddings a backbone produces: name, architecture, a digest of weights, pooling, length."""
+    backbone = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.backbone_signature, sort_keys=True).encode())
+    digest.update(f"{pooling}-{max_length}".encode())
+    params = [p for p in backbone.parameters()]
+    for param in (params[0], params[len(params) // 2], params[-1]):
+        digest.update(param.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    name = Path(str(model.config.backbone_name_or_path or "backbone")).name
+    return f"{name}-{digest.hexdigest()[:16]}"
+
+
+class EmbeddingCache:
+    """Text -> embedding vector, in memory and (when `directory` is set) in shards on disk."""
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.directory = Path(directory) if directory else None
+        self._vectors: dict[str, torch.Tensor] = {}
+        if self.directory and self.directory.exists():
+            for shard in sorted(self.directory.glob("shard-*.safetensors")):
+                keys = json.loads(shard.with_suffix(".json").read_text()) if shard.with_suffix(".json").exists() else None
+                if keys is None:
+                    continue  # a shard whose key list was never written is incomplete
+                tensor = load_file(str(shard))["embeddings"]
+                self._vectors.update(zip(keys, tensor))
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def __contains__(self, text: str) -> bool:
+        return text_key(text) in self._vectors
+
+    def get(self, text: str) -> torch.Tensor:
+        return self._vectors[text_key(text)]
+
+    def add(self, texts: Sequence[str], vectors: torch.Tensor) -> None:
+        keys = [text_key(t) for t in texts]
+        vectors = vectors.detach().float().cpu()
+        self._vectors.update(zip(keys, vectors))
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shard = self.directory / f"shard-{time.time_ns()}-{os.getpid()}.safetensors"
+            save_file({"embeddings": vectors.contiguous()}, str(shard))
+            # The key list is written last: a shard is complete only once it exists.
+            shard.with_suffix(".json").write_text(json.dumps(keys))
+
+
+def default_embedding_cache_dir(model, pooling: str, max_length: int | None) -> Path:
+    return cache_dir() / "embeddings" / backbone_fingerprint(model, pooling, max_length)
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 16,
+    max_length: int | None = 512,
+    use_adapter: bool = False,
+    save_every: int = 256,
+    desc: str = "Embedding texts",
+) -> torch.Tensor:
+    """Embeddings (len(texts), d) of `texts` with the model's backbone, computing only what `cache` lacks.
+
+    Texts are sorted by length and batched; results reach the cache every `save_every` texts.
+    """
+    cache = cache if cache is not None else EmbeddingCache(None)
+    todo = sorted({t for t in texts if t not in cache}, key=len)
+    if todo:
+        was_training = model.training
+        model.eval()
+        device = next(model.backbone.parameters()).device
+        start, pending_texts, pending_vectors = time.perf_counter(), [], []
+        bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=len(todo) < batch_size)
+        for begin in range(0, len(todo), batch_size):
+            batch = todo[begin : begin + batch_size]
+            encoded = _tokenize(tokenizer, batch, max_length).to(device)
+            vectors = model.embed(encoded["input_ids"], encoded["attention_mask"], use_adapter=use_adapter)
+            pending_texts += batch
+            pending_vectors.append(vectors.float().cpu())
+            bar.update(len(batch))
+            if len(pending_texts) >= save_every or begin + batch_size >= len(todo):
+                cache.add(pending_texts, torch.cat(pending_vectors))
+                pending_texts, pending_vectors = [], []
+        bar.close()
+        elapsed = time.perf_counter() - start
+        if len(todo) >= batch_size:
+            print(f"{desc}: {len(todo)} sequences in {elapsed:.1f} s ({len(todo) / elapsed:.1f} seq/s)", flush=True)
+        model.train(was_training)
+    return torch.stack([cache.get(t) for t in texts]) if texts else torch.empty(0)
+
+
+def _tokenize(tokenizer, texts: Iterable[str], max_length: int | None):
+    """Right-padded batch with EOS appended; over-long texts keep their end (where the last token is)."""
+    eos = tokenizer.eos_token or ""
+    texts = [t if t.endswith(eos) else t + eos for t in texts]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(
+            texts,
+            padding=True,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+    finally:
+        tokenizer.truncation_side = side
+
+
+class EmbeddingTable:
+    """A growing table of distinct texts and their embeddings; datasets refer to rows by index."""
+
+    def __init__(self, model, tokenizer, cache: EmbeddingCache, batch_size: int, max_length: int | None):
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
+        self.batch_size, self.max_length = batch_size, max_length
+        self.index: dict[str, int] = {}
+        self._rows: list[torch.Tensor] = []
+        self._tensor: torch.Tensor | None = None
+
+    def add(self, texts: Iterable[str], desc: str = "Embedding texts") -> None:
+        new = [t for t in dict.fromkeys(texts) if t not in self.index]
+        if not new:
+            return
+        vectors = compute_embeddings(
+            self.model, self.tokenizer, new, self.cache, self.batch_size, self.max_length, use_adapter=False, desc=desc
+        )
+        for text, vector in zip(new, vectors):
+            self.index[text] = len(self._rows)
+            self._rows.append(vector)
+        self._tensor = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = torch.stack(self._rows)
+        return self._tensor

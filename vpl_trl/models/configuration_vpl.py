@@ -1,0 +1,81 @@
+"""Configuration of the VPL reward model and its baselines."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+REWARD_TYPES = ("vae", "base", "mean_and_variance", "categorical")
+EMBEDDING_MODES = ("frozen", "lora")
+POOLINGS = ("last", "mean")
+
+
+class VPLConfig(PretrainedConfig):
+    r"""
+    Configuration of [`VPLRewardModel`]: a backbone LLM (optionally LoRA-adapted) that embeds a response, a
+    user-context encoder that maps K labelled pairs to a Gaussian posterior over a latent `z`, and a decoder
+    that maps `[embedding, z]` to a reward.
+
+    Args:
+        backbone_name_or_path (`str`): hub id or folder of the backbone LLM (it is not saved with the model).
+        backbone_signature (`dict`): architecture facts of the backbone (model type, sizes), checked on reload.
+        embedding_dim (`int`): width of the backbone's hidden states.
+        reward_type (`str`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance` or `categorical` (DPL).
+        latent_dim (`int`), hidden_dim (`int`): sizes of the latent and of the encoder/decoder MLPs.
+        num_atoms (`int`): atoms of the categorical head, on [0, 1].
+        embedding_mode (`str`): `frozen` (backbone frozen, embeddings precomputed) or `lora` (adapter trained).
+        pooling (`str`): `last` (last non-pad token) or `mean`.
+        normalize_latent (`bool`): scale `z` to norm `sqrt(latent_dim)`, as in the reference method.
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: the backbone's LoRA adapter in `lora` mode.
+    """
+
+    model_type = "vpl_reward"
+
+    def __init__(
+        self,
+        backbone_name_or_path: str | None = None,
+        backbone_signature: dict | None = None,
+        embedding_dim: int = 0,
+        reward_type: str = "vae",
+        latent_dim: int = 512,
+        hidden_dim: int = 512,
+        num_atoms: int = 10,
+        embedding_mode: str = "frozen",
+        pooling: str = "last",
+        normalize_latent: bool = True,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str | None = "all-linear",
+        **kwargs,
+    ):
+        kwargs.setdefault("num_labels", 1)  # one scalar reward per sequence, as `trl.RewardTrainer` expects
+        super().__init__(**kwargs)
+        for name, value, allowed in (
+            ("reward_type", reward_type, REWARD_TYPES),
+            ("embedding_mode", embedding_mode, EMBEDDING_MODES),
+            ("pooling", pooling, POOLINGS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"VPLConfig.{name} must be one of {allowed}, got {value!r}.")
+        self.backbone_name_or_path = backbone_name_or_path
+        self.backbone_signature = backbone_signature or {}
+        self.embedding_dim = embedding_dim
+        self.reward_type = reward_type
+        self.latent_dim = latent_dim
+        self.hidden_dim = hidden_dim
+        self.num_atoms = num_atoms
+        self.embedding_mode = embedding_mode
+        self.pooling = pooling
+        self.normalize_latent = normalize_latent
+        self.lora_r = lora_r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.lora_target_modules = lora_target_modules
+
+    @property
+    def use_latent(self) -> bool:
+        return self.reward_type == "vae"
+
+    @property
+    def head_outputs(self) -> int:
+        return {"vae": 1, "base": 1, "mean_and_variance": 2, "categorical": self.num_atoms}[self.reward_type]

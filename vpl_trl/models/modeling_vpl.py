@@ -1,0 +1,356 @@
+"""VPL reward model: backbone LLM embedding, user-context encoder (Gaussian posterior over `z`), reward decoder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils import logging as transformers_logging
+
+from ..embedded_model import resolve_model_name_or_path
+from ..losses import gaussian_kl, head_to_reward
+from .configuration_vpl import VPLConfig
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class UserContextEncoder(nn.Module):
+    """Maps K context pairs `(e_chosen, e_rejected)` to the mean and log-variance of q(z | context).
+
+    A pair MLP on `[e_chosen, e_rejected]`, single-head self-attention over the K pairs (padded pairs
+    masked out), a masked mean, then linear heads for the mean and the log-variance.
+    """
+
+    def __init__(self, embedding_dim: int, hidden_dim: int, latent_dim: int):
+        super().__init__()
+        self.pair_encoder = _mlp(2 * embedding_dim, hidden_dim, latent_dim)
+        self.query = nn.Linear(latent_dim, latent_dim)
+        self.key = nn.Linear(latent_dim, latent_dim)
+        self.value = nn.Linear(latent_dim, latent_dim)
+        self.mean_head = nn.Linear(latent_dim, latent_dim)
+        self.logvar_head = nn.Linear(latent_dim, latent_dim)
+
+    def forward(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if chosen.dim() != 3 or chosen.shape != rejected.shape:
+            raise ValueError(
+                "context embeddings must have shape (batch, K, embedding_dim) for both chosen and rejected, "
+                f"got {tuple(chosen.shape)} and {tuple(rejected.shape)}."
+            )
+        if mask is None:
+            mask = torch.ones(chosen.shape[:2], dtype=torch.bool, device=chosen.device)
+        mask = mask.bool()
+        if not mask.any(-1).all():
+            raise ValueError("every example needs at least one context pair (context_mask has an all-zero row).")
+        pairs = self.pair_encoder(torch.cat([chosen, rejected], dim=-1))
+        scores = self.query(pairs) @ self.key(pairs).transpose(1, 2) / math.sqrt(pairs.shape[-1])
+        scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+        attended = scores.softmax(-1) @ self.value(pairs)
+        weights = mask.to(attended.dtype).unsqueeze(-1)
+        pooled = (attended * weights).sum(1) / weights.sum(1)
+        # The log-variance is clamped to [-1, 1] as in the reference method; the mean is left free, since a
+        # clamped mean saturates and stops the encoder's gradient (z is normalized downstream anyway).
+        return self.mean_head(pooled), self.logvar_head(pooled).clamp(-1, 1)
+
+
+@dataclass
+class VPLRewardOutput(ModelOutput):
+    """`logits`: the scalar reward per sequence, shape (N, 1). `head`: the raw head output (N, head_outputs).
+    `kl`: KL(q(z|context) || N(0, I)) averaged over users. `latent_mean`, `latent_logvar`, `latent`: per user."""
+
+    logits: torch.Tensor | None = None
+    head: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    latent_mean: torch.Tensor | None = None
+    latent_logvar: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
+
+
+def backbone_signature(backbone_config) -> dict:
+    """Architecture facts that a checkpoint's heads depend on."""
+    return {
+        "model_type": backbone_config.model_type,
+        "hidden_size": backbone_config.hidden_size,
+        "num_hidden_layers": getattr(backbone_config, "num_hidden_layers", None),
+        "vocab_size": getattr(backbone_config, "vocab_size", None),
+    }
+
+
+def load_backbone(name_or_path: str, dtype: torch.dtype | str | None = torch.float32, **kwargs) -> PreTrainedModel:
+    """The backbone LLM without its LM head (`AutoModel`), from a hub id or a folder."""
+    # Loading a causal LM's checkpoint into its base model leaves the LM head out, as intended: don't report it.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(resolve_model_name_or_path(name_or_path), dtype=dtype, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+class VPLRewardModel(PreTrainedModel):
+    """r(x, z): a backbone LLM's response embedding, concatenated with a user latent `z` inferred from the
+    user's context pairs, through an MLP decoder. The `base`, `mean_and_variance` and `categorical` reward
+    types drop the latent (baselines).
+
+    `forward` takes either token ids (`input_ids`, `attention_mask`) or precomputed `embeddings`, and
+    either context-pair embeddings (`context_chosen`, `context_rejected`, optional `context_mask`) or
+    a given `latent`. Users' latents are repeated over the rows of `embeddings`, so a batch laid out as
+    TRL lays it out (all chosen, then all rejected) pairs each row with its user.
+    """
+
+    config_class = VPLConfig
+    base_model_prefix = "vpl"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: VPLConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        if config.use_latent:
+            self.encoder = UserContextEncoder(config.embedding_dim, config.hidden_dim, config.latent_dim)
+        decoder_in = config.embedding_dim + (config.latent_dim if config.use_latent else 0)
+        self.decoder = _mlp(decoder_in, config.hidden_dim, config.head_outputs)
+        # LLM hidden states share a large common offset; the heads see them standardized per dimension with
+        # statistics fitted once on the training texts (`fit_embedding_statistics`) and saved with the heads.
+        self.register_buffer("embedding_mean", torch.zeros(config.embedding_dim))
+        self.register_buffer("embedding_scale", torch.ones(config.embedding_dim))
+        # Initialize only the heads: the backbone, attached afterwards, keeps its pretrained weights.
+        self.post_init()
+        if backbone is None:
+            backbone = load_backbone(config.backbone_name_or_path)
+        self._attach_backbone(backbone)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The heads keep PyTorch's default initialization.
+        pass
+
+    def _attach_backbone(self, backbone: PreTrainedModel) -> None:
+        signature = backbone_signature(backbone.config)
+        expected = self.config.backbone_signature
+        if expected and expected != signature:
+            raise ValueError(
+                f"This VPL model was trained on a backbone with {expected}, but the backbone given has {signature}: "
+                "load it with the backbone it was trained on."
+            )
+        self.config.backbone_signature = signature
+        if self.config.embedding_mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=self.config.lora_r,
+                lora_alpha=self.config.lora_alpha,
+                lora_dropout=self.config.lora_dropout,
+                target_modules=self.config.lora_target_modules,
+            )
+            backbone = get_peft_model(backbone, lora)
+        else:
+            backbone.requires_grad_(False)
+        self.backbone = backbone
+
+    @classmethod
+    def from_backbone(
+        cls, backbone_name_or_path: str | PreTrainedModel, dtype: torch.dtype | None = None, **config_kwargs
+    ) -> "VPLRewardModel":
+        """A new (untrained) VPL model on a backbone given by hub id, folder or model object."""
+        if isinstance(backbone_name_or_path, PreTrainedModel):
+            backbone = backbone_name_or_path
+            name = backbone.config.name_or_path
+        else:
+            name = backbone_name_or_path
+            backbone = load_backbone(name, dtype=dtype or torch.float32)
+        config = VPLConfig(backbone_name_or_path=name, embedding_dim=backbone.config.hidden_size, **config_kwargs)
+        model = cls(config, backbone=backbone)
+        return model.to(backbone.dtype) if backbone.dtype.is_floating_point else model
+
+    # ----- embeddings -------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_adapter: bool = True) -> torch.Tensor:
+        """Pooled last-layer hidden state of each (right-padded) sequence. `use_adapter=False` embeds with
+        the frozen base model, as context pairs are embedded."""
+        if not use_adapter and self.config.embedding_mode == "lora":
+            with self.backbone.disable_adapter():
+                return self.embed(input_ids, attention_mask, use_adapter=True)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if self.config.pooling == "mean":
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        last = attention_mask.sum(-1).clamp_min(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    @torch.no_grad()
+    def fit_embedding_statistics(self, embeddings: torch.Tensor) -> None:
+        """Set the per-dimension standardization of embeddings from a sample of them (N, d)."""
+        embeddings = embeddings.float()
+        self.embedding_mean.copy_(embeddings.mean(0))
+        self.embedding_scale.copy_(embeddings.std(0).clamp_min(1e-3) if len(embeddings) > 1 else torch.ones_like(self.embedding_scale))
+
+    def _standardize(self, embeddings: torch.Tensor) -> torch.Tensor:
+        dtype = self.decoder[0].weight.dtype
+        return ((embeddings.float() - self.embedding_mean.float()) / self.embedding_scale.float()).to(dtype)
+
+    # ----- latent -----------------------------------------------------------------------------------------
+
+    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.config.normalize_latent:
+            return z
+        return F.normalize(z, p=2, dim=-1) * math.sqrt(z.shape[-1])
+
+    def encode_context(
+        self, context_chosen: torch.Tensor, context_rejected: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of each user's latent from their context-pair embeddings."""
+        if not self.config.use_latent:
+            raise ValueError(f"reward type {self.config.reward_type!r} has no user latent.")
+        return self.encoder(self._standardize(context_chosen), self._standardize(context_rejected), context_mask)
+
+    def latent_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """A reparameterized sample in training, the posterior mean in evaluation (normalized either way)."""
+        if self.training:
+            mean = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        return self._normalize(mean)
+
+    def prior_latent(self, n: int = 1) -> torch.Tensor:
+        """The prior mean user's latent (zeros)."""
+        param = next(self.decoder.parameters())
+        return torch.zeros(n, self.config.latent_dim, device=param.device, dtype=param.dtype)
+
+    # ----- forward ----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
+        context_chosen: torch.Tensor | None = None,
+        context_rejected: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        latent: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> VPLRewardOutput:
+        if embeddings is None:
+            if input_ids is None:
+                raise ValueError("forward needs `input_ids` (and `attention_mask`) or precomputed `embeddings`.")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            embeddings = self.embed(input_ids, attention_mask)
+        embeddings = self._standardize(embeddings)
+        output = VPLRewardOutput()
+        features = embeddings
+        if self.config.use_latent:
+            if latent is None:
+                if context_chosen is None or context_rejected is None:
+                    raise ValueError(
+                        "a `vae` reward model needs the user's context pairs (`context_chosen`, `context_rejected`) "
+                        "or a `latent`."
+                    )
+                mean, logvar = self.encode_context(context_chosen, context_rejected, context_mask)
+                latent = self.latent_from_posterior(mean, logvar)
+                output.kl, output.latent_mean, output.latent_logvar = gaussian_kl(mean, logvar), mean, logvar
+            latent = latent.to(embeddings.dtype)
+            if embeddings.shape[0] % latent.shape[0]:
+                raise ValueError(
+                    f"{embeddings.shape[0]} sequences cannot be paired with {latent.shape[0]} user latents: "
+                    "the number of sequences must be a multiple of the number of users."
+                )
+            output.latent = latent
+            features = torch.cat([embeddings, latent.repeat(embeddings.shape[0] // latent.shape[0], 1)], dim=-1)
+        output.head = self.decoder(features)
+        output.logits = head_to_reward(output.head, self.config.reward_type).unsqueeze(-1)
+        return output
+
+    # ----- gradient checkpointing (the backbone's) -------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        if self.config.embedding_mode == "lora":
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            self.backbone.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        if self.config.embedding_mode == "lora":
+            self.backbone.gradient_checkpointing_disable()
+
+    # ----- saving and loading: config, heads and adapter, never the backbone -----------------------------
+
+    def trainable_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The encoder, decoder and LoRA adapter weights (the backbone's own weights are left out)."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {
+            key: value.detach().contiguous().cpu()
+            for key, value in state_dict.items()
+            if not key.startswith("backbone.") or "lora_" in key
+        }
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        **kwargs,
+    ) -> None:
+        if not is_main_process:
+            return
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        save_file(self.trainable_state_dict(state_dict), save_directory / WEIGHTS_NAME, metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        backbone: PreTrainedModel | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "VPLRewardModel":
+        """Load a saved VPL model; its backbone is loaded from `config.backbone_name_or_path` unless `backbone`
+        (a model or a hub id/folder) is given, and must match the backbone the model was trained on."""
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / "config.json").exists() and not folder.exists():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        config_file = folder / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{folder}: no config.json; is this a saved VPL reward model?")
+        if json.loads(config_file.read_text()).get("model_type") != VPLConfig.model_type:
+            raise ValueError(f"{config_file}: not a VPL reward model (model_type must be {VPLConfig.model_type!r}).")
+        config = VPLConfig.from_pretrained(folder, **kwargs)
+        if backbone is None or isinstance(backbone, str):
+            backbone = load_backbone(backbone or config.backbone_name_or_path, dtype=dtype or torch.float32)
+        model = cls(config, backbone=backbone).to(backbone.dtype)
+        model.load_trained_weights(folder / WEIGHTS_NAME)
+        model.eval()
+        return model
+
+    def load_trained_weights(self, path: str | os.PathLike) -> None:
+        """Load the heads and adapter saved by `save_pretrained`, with a clear error on any mismatch."""
+        saved = load_file(str(path))
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        mismatched = [k for k in expected if k in saved and saved[k].shape != expected[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"{path} does not fit this model (another backbone, reward type or size?): "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}."
+            )
+        self.load_state_dict(saved, strict=False)

@@ -1,0 +1,85 @@
+"""Configuration of `VPLRewardTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import RewardConfig
+
+
+@dataclass
+class VPLRewardConfig(RewardConfig):
+    r"""
+    [`~trl.RewardConfig`] plus the settings of variational preference learning. The model fields
+    (`reward_type`, `latent_dim`, `hidden_dim`, `num_atoms`, `embedding_mode`, `pooling`) are used when the
+    trainer builds the model from a backbone name; a model passed in keeps its own.
+
+    > VPL parameters
+
+    reward_type (`str`, defaults to `"vae"`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance`,
+        `categorical` (distributional preference learning).
+    latent_dim, hidden_dim (`int`, default 512): latent size and encoder/decoder MLP width.
+    kl_weight (`float`, default 1e-4): the weight of KL(q(z|context) || N(0, I)) after annealing.
+    kl_schedule (`str`, default `"cyclical"`): `constant`, `linear` or `cyclical` (cyclical cosine).
+    kl_anneal_steps (`int`, default 10000): the ramp length (`linear`) or the period (`cyclical`).
+    kl_anneal_baseline (`float`, default 0.1): the annealed weight starts at `baseline * kl_weight`.
+    num_context (`str`, default `"8"`): context pairs per example, fixed (`"8"`) or a range (`"2-8"`).
+    embedding_mode (`str`, default `"frozen"`): `frozen` precomputes every embedding once and trains only the
+        encoder and decoder (the fast path on CPU); `lora` trains the backbone's LoRA adapter end to end.
+    pooling (`str`, default `"last"`): `last` non-pad token or `mean` of the last hidden layer.
+    num_atoms (`int`, default 10), entropy_coeff (`float`, default 0.1): the categorical head.
+    embedding_batch_size (`int`, default 16): batch size of embedding precomputation.
+    embedding_cache_dir (`str`, optional): where embeddings are cached (default: the vpl-trl cache).
+    """
+
+    reward_type: str = field(
+        default="vae", metadata={"help": "vae, base, mean_and_variance or categorical.",
+                                 "choices": ["vae", "base", "mean_and_variance", "categorical"]}
+    )
+    latent_dim: int = field(default=512, metadata={"help": "Size of the user latent z."})
+    hidden_dim: int = field(default=512, metadata={"help": "Width of the encoder and decoder MLPs."})
+    kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the KL term after annealing."})
+    kl_schedule: str = field(
+        default="cyclical", metadata={"help": "KL annealing: constant, linear or cyclical.",
+                                      "choices": ["constant", "linear", "cyclical"]}
+    )
+    kl_anneal_steps: int = field(default=10000, metadata={"help": "Ramp length (linear) or period (cyclical)."})
+    kl_anneal_baseline: float = field(default=0.1, metadata={"help": "Annealing starts at baseline * kl_weight."})
+    num_context: str = field(default="8", metadata={"help": "Context pairs per example: '8' or a range '2-8'."})
+    embedding_mode: str = field(
+        default="frozen", metadata={"help": "frozen (precomputed embeddings) or lora (adapter trained).",
+                                    "choices": ["frozen", "lora"]}
+    )
+    pooling: str = field(default="last", metadata={"help": "last or mean.", "choices": ["last", "mean"]})
+    num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
+    entropy_coeff: float = field(default=0.1, metadata={"help": "Entropy bonus of the categorical head."})
+    embedding_batch_size: int = field(default=16, metadata={"help": "Batch size of embedding precomputation."})
+    embedding_cache_dir: str | None = field(default=None, metadata={"help": "Embedding cache folder."})
+
+    # Defaults that differ from RewardConfig's
+    learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Checkpoint the backbone's activations (lora mode)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; defaults to True only on a bf16-capable GPU."}
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The scheduler type to use."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Linear warm-up steps, or a fraction of all steps when below 1."}
+    )
+    max_length: int | None = field(default=512, metadata={"help": "Maximum tokens of a scored sequence."})
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluation reports the loss and metrics, not every reward."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        super().__post_init__()
+        from ..data.context import parse_num_context
+
+        parse_num_context(self.num_context)  # fail early on a malformed value
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}.")
