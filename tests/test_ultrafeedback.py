@@ -270,24 +270,24 @@ def test_missing_column_is_a_clear_error(tmp_path):
     uf, pairs = fixture_rows()
     del uf[3]["instruction"]
     message = _run_expecting_error(tmp_path, uf, pairs)
-    assert "bad_uf.jsonl, row 4: missing field `instruction`" in message
+    assert "bad_uf.jsonl, line 4: missing field `instruction`" in message
     uf, pairs = fixture_rows()
     del pairs[2]["rejected"]
     message = _run_expecting_error(tmp_path, uf, pairs)
-    assert "bad_pairs.jsonl, row 3: field `rejected`" in message
+    assert "bad_pairs.jsonl, line 3: field `rejected`" in message
 
 
 def test_non_numeric_rating_is_a_clear_error(tmp_path):
     uf, pairs = fixture_rows()
     uf[2]["completions"][2]["annotations"]["truthfulness"]["Rating"] = "high"
     message = _run_expecting_error(tmp_path, uf, pairs)
-    assert "bad_uf.jsonl, row 3, completions[2], `annotations.truthfulness.Rating`" in message
+    assert "bad_uf.jsonl, line 3, completions[2], `annotations.truthfulness.Rating`" in message
     assert "'high' is not a number or 'N/A'" in message
 
 
 def test_missing_rating_and_missing_source_are_clear_errors(tmp_path):
     uf, pairs = fixture_rows()
     del uf[0]["completions"][1]["annotations"]["honesty"]
-    assert "row 1, completions[1]: missing `annotations.honesty.Rating`" in _run_expecting_error(tmp_path, uf, pairs)
+    assert "line 1, completions[1]: missing `annotations.honesty.Rating`" in _run_expecting_error(tmp_path, uf, pairs)
     with pytest.raises(PreferenceDataError, match="no such file or folder"):
         build_ultrafeedback("p2", tmp_path / "nowhere.jsonl", tmp_path / "bad_pairs.jsonl", tmp_path / "out")

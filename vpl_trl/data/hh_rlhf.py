@@ -15,8 +15,8 @@ are skipped and counted.
 
 `controversial` (the two objectives prefer different responses) and `satisfied_users` are set
 only for pairs (same prompt and responses) labelled under both objectives; elsewhere they are
-`null`, not guessed. In the public relabeled files each pair carries one objective only, so they
-are `null` throughout. When the source has a single split, a seeded `test_fraction` of the pairs is
+`null`, not guessed. In the public test sample each pair carries one objective only, so they are
+`null` throughout there. When the source has a single split, a seeded `test_fraction` of the pairs is
 held out as test.
 """
 
@@ -186,7 +186,7 @@ def build_hh_relabeled(
         "seed": seed,
         "controversial_determined": determined,
         "controversial": sum(bool(row["controversial"]) for row in rows),
-        "rows_per_user": {split: dict(Counter(row["user_id"] for row in split_rows)) for split, split_rows in splits.items()},
+        "rows_per_user": {split: dict(Counter(row["user_id"] for row in part)) for split, part in splits.items()},
         "output": str(output),
     }
 

@@ -38,7 +38,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .context import parse_num_context
-from .format import PreferenceDataError, read_jsonl, write_jsonl
+from .format import PreferenceDataError, write_jsonl
 
 ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 MAX_CONTEXT_TRIES = 1000
+MISSING = object()
 SURVEY_FILE = "survey_pools.json"
 OUTPUT_FILES = ("train.jsonl", "test.jsonl", SURVEY_FILE)
 
@@ -104,7 +105,23 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Row]]:
                 raise PreferenceDataError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
         yield from _iter_rows(rows, str(path))
     else:
-        yield from _iter_rows(read_jsonl(path), str(path))
+        yield from _iter_jsonl(path)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Row]]:
+    """Stream a JSONL(.gz) file, naming the line of any malformed row."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PreferenceDataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+            if not isinstance(row, dict):
+                raise PreferenceDataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
+            yield f"{path}, line {number}", row
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -166,27 +183,35 @@ def parse_rating(value: Any, where: str) -> float | int | None:
     raise PreferenceDataError(f"{where}: rating {value!r} is not a number or 'N/A'.")
 
 
-def completion_ratings(completion: Mapping[str, Any], where: str, attributes: Sequence[str]) -> dict[str, Any]:
-    """The completion's rating per attribute, from `annotations.<attribute>.Rating` (or the same
-    without the `annotations` level; columnar files give that level as None)."""
+def raw_ratings(completion: Mapping[str, Any], attributes: Sequence[str]) -> dict[str, Any]:
+    """Each attribute's unparsed `annotations.<attribute>.Rating` (MISSING when absent); also reads
+    the flat layout without the `annotations` level (columnar files give that level as None)."""
     annotations = completion.get("annotations")
     annotations = completion if annotations is None else annotations
     if not isinstance(annotations, Mapping):
-        raise PreferenceDataError(f"{where}: `annotations` must be an object, got {type(annotations).__name__}.")
+        return dict.fromkeys(attributes, MISSING)
+    entries = {attribute: annotations.get(attribute) for attribute in attributes}
+    return {a: e.get("Rating", MISSING) if isinstance(e, Mapping) else MISSING for a, e in entries.items()}
+
+
+def parse_ratings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Parse the output of `raw_ratings`; a missing or malformed rating is an error naming `where`."""
     ratings = {}
-    for attribute in attributes:
-        entry = annotations.get(attribute)
-        if not isinstance(entry, Mapping) or "Rating" not in entry:
+    for attribute, value in raw.items():
+        if value is MISSING:
             raise PreferenceDataError(
                 f"{where}: missing `annotations.{attribute}.Rating` (expected a rating like '4' or 'N/A')."
             )
-        ratings[attribute] = parse_rating(entry["Rating"], f"{where}, `annotations.{attribute}.Rating`")
+        ratings[attribute] = parse_rating(value, f"{where}, `annotations.{attribute}.Rating`")
     return ratings
 
 
-def index_ultrafeedback(rows: Iterable[tuple[str, Row]]) -> dict[tuple[str, str], tuple[str, Row]]:
-    """Map stripped `(instruction, response)` to `(where, completion)`; the first occurrence wins."""
-    index: dict[tuple[str, str], tuple[str, Row]] = {}
+def index_ultrafeedback(
+    rows: Iterable[tuple[str, Row]], attributes: Sequence[str]
+) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+    """Map stripped `(instruction, response)` to `(where, raw ratings)`; the first occurrence wins.
+    Ratings are parsed only for the completions that a pair uses."""
+    index: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
     for where, row in tqdm(rows, desc="indexing UltraFeedback", unit=" rows", disable=None):
         instruction = _field(row, "instruction", where, str, "a string")
         completions = _field(row, "completions", where, list, "a list of completions")
@@ -194,7 +219,9 @@ def index_ultrafeedback(rows: Iterable[tuple[str, Row]]) -> dict[tuple[str, str]
             place = f"{where}, completions[{number}]"
             if not isinstance(completion, Mapping) or not isinstance(completion.get("response"), str):
                 raise PreferenceDataError(f"{place}: expected an object with a string `response`.")
-            index.setdefault((instruction.strip(), completion["response"].strip()), (place, completion))
+            key = (instruction.strip(), completion["response"].strip())
+            if key not in index:
+                index[key] = (place, raw_ratings(completion, attributes))
     return index
 
 
@@ -226,8 +253,7 @@ class Pair:
 
 def join_pairs(
     rows: Iterable[tuple[str, Row]],
-    index: Mapping[tuple[str, str], tuple[str, Row]],
-    attributes: Sequence[str],
+    index: Mapping[tuple[str, str], tuple[str, dict[str, Any]]],
     skipped: Counter,
 ) -> list[Pair]:
     """Join binarized rows to their ratings; `pair_id` is the row's 0-based position. Skips are
@@ -246,7 +272,7 @@ def join_pairs(
         if None in matches:
             skipped["with no UltraFeedback match"] += 1
             continue
-        ratings = tuple(completion_ratings(completion, place, attributes) for place, completion in matches)
+        ratings = tuple(parse_ratings(raw, place) for place, raw in matches)
         if any(value is None for rating in ratings for value in rating.values()):
             skipped["with an N/A rating"] += 1
             continue
@@ -366,8 +392,8 @@ def sample_context(
         )
     if not identifies(candidates, user):
         raise PreferenceDataError(
-            f"pair {pair_id}: no context can identify user {user!r}: on every survey pair some other user "
-            "always agrees with it; use more data or a larger --survey_size."
+            f"pair {pair_id}: no context can identify user {user!r}: another user agrees with it on every "
+            "survey pair; use more data or a larger --survey_size."
         )
     for _ in range(MAX_CONTEXT_TRIES):
         picked = rng.sample(candidates, rng.randint(low, high))
@@ -379,39 +405,48 @@ def sample_context(
     )
 
 
-def make_rows(
+def iter_examples(
     pairs: Sequence[LabelledPair],
     survey: Sequence[LabelledPair],
     num_context: tuple[int, int],
     duplicates: int,
     seed: int,
     split: str,
-) -> list[Row]:
-    """One row per pair and user (repeated `duplicates` times), each with its own context."""
-    rows = []
-    progress = tqdm(total=len(pairs) * duplicates, desc=f"{split} contexts", unit=" pairs", disable=None)
-    for copy in range(duplicates):
-        for pair in pairs:
-            for user in pair.winners:
-                rng = random.Random(f"uf-context-{seed}-{split}-{pair.pair.pair_id}-{user}-{copy}")
-                context = sample_context(survey, user, pair.pair.pair_id, num_context, rng)
-                rows.append({**pair.row(user), "context": context})
-            progress.update()
-    progress.close()
-    return rows
+) -> Iterator[Row]:
+    """One row per pair and user, the whole set repeated `duplicates` times, each with its own context."""
+    with tqdm(total=len(pairs) * duplicates, desc=f"{split} contexts", unit=" pairs", disable=None) as progress:
+        for copy in range(duplicates):
+            for pair in pairs:
+                for user in pair.winners:
+                    rng = random.Random(f"uf-context-{seed}-{split}-{pair.pair.pair_id}-{user}-{copy}")
+                    context = sample_context(survey, user, pair.pair.pair_id, num_context, rng)
+                    yield {**pair.row(user), "context": context}
+                progress.update()
 
 
 # --- Building ------------------------------------------------------------------------------------
 
 
-def _split_stats(pairs: Sequence[LabelledPair], rows: Sequence[Row]) -> dict[str, Any]:
+def _split_stats(pairs: Sequence[LabelledPair], users: Sequence[str], rows: int, copies: int) -> dict[str, Any]:
     return {
         "pairs": len(pairs),
-        "rows": len(rows),
-        "rows_per_user": dict(Counter(row["user_id"] for row in rows)),
+        "rows": rows,
+        "rows_per_user": {user: len(pairs) * copies for user in users},
         "controversial_fraction": (sum(p.controversial for p in pairs) / len(pairs)) if pairs else math.nan,
         "user_blind_accuracy": user_blind_accuracy(pairs),
     }
+
+
+def _write_rows(rows: Iterable[Row], path: Path) -> int:
+    """`write_jsonl` through a `.partial` file, so that a failed build leaves no truncated output."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        count = write_jsonl(rows, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
+    return count
 
 
 def build_ultrafeedback(
@@ -439,8 +474,9 @@ def build_ultrafeedback(
         raise ValueError(f"num_duplicates must be at least 1, got {duplicates}.")
 
     skipped: Counter = Counter()
-    index = index_ultrafeedback(iter_source_rows(ultrafeedback, streaming))
-    joined = join_pairs(iter_source_rows(binarized, streaming), index, users, skipped)
+    index = index_ultrafeedback(iter_source_rows(ultrafeedback, streaming), users)
+    joined = join_pairs(iter_source_rows(binarized, streaming), index, skipped)
+    read = len(joined) + sum(skipped.values())
     labelled = [label_pair(pair, users, seed) for pair in joined]
     if config["drop_ties"]:
         untied = [pair for pair in labelled if not pair.ties]
@@ -457,16 +493,15 @@ def build_ultrafeedback(
     output = Path(output)
     splits = {"train": (train, duplicates), "test": (test, 1)}
     stats: dict[str, Any] = {
-        "variant": config["name"], "users": list(users), "joined": len(joined), "kept": len(labelled),
+        "variant": config["name"], "users": list(users), "read": read, "joined": len(joined), "kept": len(labelled),
         "skipped": dict(sorted(skipped.items())),
         "controversial_fraction": (sum(p.controversial for p in labelled) / len(labelled)) if labelled else math.nan,
         "survey_size": len(survey), "num_context": context_range, "num_duplicates": duplicates,
         "all_pairs": all_pairs, "output": str(output),
     }
     for split, (pairs, copies) in splits.items():
-        rows = make_rows(pairs, survey, context_range, copies, seed, split)
-        write_jsonl(rows, output / f"{split}.jsonl")
-        stats[split] = _split_stats(pairs, rows)
+        rows = _write_rows(iter_examples(pairs, survey, context_range, copies, seed, split), output / f"{split}.jsonl")
+        stats[split] = _split_stats(pairs, users, rows, copies)
     pools = {user: [{"pair_id": p.pair.pair_id, **p.oriented(user), "satisfied_users": p.satisfied_users(user)}
                     for p in survey] for user in users}
     (output / SURVEY_FILE).write_text(json.dumps(pools, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -476,18 +511,19 @@ def build_ultrafeedback(
 def summarize(stats: Mapping[str, Any]) -> list[str]:
     """Human-readable lines for the statistics of `build_ultrafeedback`."""
     low, high = stats["num_context"]
-    lines = [f"UltraFeedback {stats['variant']} (users: {', '.join(stats['users'])}): "
-             f"{stats['joined']} pairs joined to their ratings, {stats['kept']} kept"]
+    lines = [f"UltraFeedback {stats['variant']} (users: {', '.join(stats['users'])}): {stats['read']} binarized "
+             f"pairs read, {stats['joined']} joined to their ratings, {stats['kept']} kept"]
     lines += [f"skipped {count} pair{'s' if count != 1 else ''} {reason}" for reason, count in stats["skipped"].items()]
     lines.append(f"controversial pairs: {stats['controversial_fraction']:.1%} of the kept pairs")
     lines.append(f"survey: {stats['survey_size']} controversial training pairs per user, "
                  f"contexts of {low if low == high else f'{low}-{high}'} pairs")
     for split in ("train", "test"):
         part = stats[split]
-        kind = "all" if stats["all_pairs"] else "controversial"
+        kind = "" if stats["all_pairs"] else "controversial "
         copies = f" x {stats['num_duplicates']} contexts" if split == "train" else ""
         per_user = ", ".join(f"{user} {count}" for user, count in part["rows_per_user"].items())
-        lines.append(f"{split}: {part['pairs']} {kind} pairs{copies} -> {part['rows']} rows ({per_user}); "
+        plural = "s" if part["pairs"] != 1 else ""
+        lines.append(f"{split}: {part['pairs']} {kind}pair{plural}{copies} -> {part['rows']} rows ({per_user}); "
                      f"controversial {part['controversial_fraction']:.1%}; "
                      f"best user-blind accuracy {part['user_blind_accuracy']:.3f}")
     lines.append(f"wrote {', '.join(OUTPUT_FILES)} to {stats['output']}")

@@ -167,15 +167,20 @@ class VPLRewardModel(PreTrainedModel):
 
     @classmethod
     def from_backbone(
-        cls, backbone_name_or_path: str | PreTrainedModel, dtype: torch.dtype | None = None, **config_kwargs
+        cls,
+        backbone_name_or_path: str | PreTrainedModel,
+        dtype: torch.dtype | None = None,
+        backbone_kwargs: dict | None = None,
+        **config_kwargs,
     ) -> "VPLRewardModel":
-        """A new (untrained) VPL model on a backbone given by hub id, folder or model object."""
+        """A new (untrained) VPL model on a backbone given by hub id, folder or model object;
+        `backbone_kwargs` go to the backbone's `from_pretrained` (e.g. `quantization_config`)."""
         if isinstance(backbone_name_or_path, PreTrainedModel):
             backbone = backbone_name_or_path
             name = backbone.config.name_or_path
         else:
             name = backbone_name_or_path
-            backbone = load_backbone(name, dtype=dtype or torch.float32)
+            backbone = load_backbone(name, dtype=dtype or torch.float32, **(backbone_kwargs or {}))
         config = VPLConfig(backbone_name_or_path=name, embedding_dim=backbone.config.hidden_size, **config_kwargs)
         model = cls(config, backbone=backbone)
         return model.to(backbone.dtype) if backbone.dtype.is_floating_point else model

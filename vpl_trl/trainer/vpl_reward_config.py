@@ -12,12 +12,12 @@ from trl import RewardConfig
 class VPLRewardConfig(RewardConfig):
     r"""
     [`~trl.RewardConfig`] plus the settings of variational preference learning. The model fields
-    (`reward_type`, `latent_dim`, `hidden_dim`, `num_atoms`, `embedding_mode`, `pooling`) are used when the
+    (`model_type`, `latent_dim`, `hidden_dim`, `num_atoms`, `embedding_mode`, `pooling`) are used when the
     trainer builds the model from a backbone name; a model passed in keeps its own.
 
     > VPL parameters
 
-    reward_type (`str`, defaults to `"vae"`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance`,
+    model_type (`str`, defaults to `"vae"`): the reward model's type (`VPLConfig.reward_type`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance`,
         `categorical` (distributional preference learning).
     latent_dim, hidden_dim (`int`, default 512): latent size and encoder/decoder MLP width.
     kl_weight (`float`, default 1e-4): the weight of KL(q(z|context) || N(0, I)) after annealing.
@@ -33,8 +33,8 @@ class VPLRewardConfig(RewardConfig):
     embedding_cache_dir (`str`, optional): where embeddings are cached (default: the vpl-trl cache).
     """
 
-    reward_type: str = field(
-        default="vae", metadata={"help": "vae, base, mean_and_variance or categorical.",
+    model_type: str = field(
+        default="vae", metadata={"help": "vae (VPL), base (Bradley-Terry), mean_and_variance or categorical (DPL).",
                                  "choices": ["vae", "base", "mean_and_variance", "categorical"]}
     )
     latent_dim: int = field(default=512, metadata={"help": "Size of the user latent z."})

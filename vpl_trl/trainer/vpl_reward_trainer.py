@@ -80,7 +80,7 @@ class VPLRewardTrainer(RewardTrainer):
     >>> data = load_preference_splits("data/pets")
     >>> trainer = VPLRewardTrainer(
     ...     model="HuggingFaceTB/SmolLM2-135M-Instruct",
-    ...     args=VPLRewardConfig(output_dir="outputs/vpl-pets", reward_type="vae"),
+    ...     args=VPLRewardConfig(output_dir="outputs/vpl-pets", model_type="vae"),
     ...     train_dataset=data["train"],
     ...     eval_dataset=data["test"],
     ... )
@@ -110,7 +110,7 @@ class VPLRewardTrainer(RewardTrainer):
         if isinstance(model, str):
             model = VPLRewardModel.from_backbone(
                 model,
-                reward_type=args.reward_type,
+                reward_type=args.model_type,
                 latent_dim=args.latent_dim,
                 hidden_dim=args.hidden_dim,
                 num_atoms=args.num_atoms,

@@ -1,0 +1,114 @@
+"""Train and evaluate a personalized reward model (VPL) or a baseline.
+
+    accelerate launch recipes/train_reward.py --model_type {vae,base,mean_and_variance,categorical} \
+        --dataset {pets,pets_controversial,PATH} --output_dir DIR [--config recipe.yaml] [any VPLRewardConfig flag]
+
+After training it evaluates on the test split (and on `--extra_eval_datasets`), writes `DIR/eval_results.json`
+and prints a per-user accuracy table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, TrlParser, get_quantization_config
+
+from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
+from vpl_trl.data.registry import load_named_dataset
+from vpl_trl.embedded_model import DEFAULT_MODEL
+from vpl_trl.evaluation import evaluate_reward_model, format_table
+
+
+@dataclass
+class ScriptArguments:
+    dataset: str = field(default="pets", metadata={"help": "pets, pets_controversial, a folder/file in our format, or a hub id."})
+    data_dir: str = field(default="data", metadata={"help": "Where built-in datasets are generated."})
+    column_mapping: str | None = field(default=None, metadata={"help": "Rename columns: JSON or 'theirs=ours,...'."})
+    extra_eval_datasets: list[str] = field(default_factory=list, metadata={"help": "More test sets to report."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N test pairs."})
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> None:
+    """Refuse to write over a previous run unless told to resume or overwrite."""
+    if resume or overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    last = get_last_checkpoint(str(output_dir))
+    hint = f"--resume_from_checkpoint {last} to continue, or " if last else ""
+    raise SystemExit(
+        f"error: output directory {output_dir} is not empty ({', '.join(sorted(p.name for p in output_dir.iterdir())[:5])}); "
+        f"pass {hint}--overwrite_output_dir to write over it."
+    )
+
+
+def resolve_resume(value: str | None, output_dir: Path) -> str | None:
+    if value is None or value.lower() not in ("true", "last"):
+        return value
+    last = get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
+    if last is None:
+        raise SystemExit(f"error: --resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
+    return last
+
+
+def build_model(model_args: ModelConfig, args: VPLRewardConfig) -> VPLRewardModel:
+    quantization = get_quantization_config(model_args)
+    backbone_kwargs = {"quantization_config": quantization} if quantization is not None else {}
+    lora = {}
+    if args.embedding_mode == "lora":
+        lora = {"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout}
+        if model_args.lora_target_modules:
+            lora["lora_target_modules"] = model_args.lora_target_modules
+    return VPLRewardModel.from_backbone(
+        model_args.model_name_or_path or DEFAULT_MODEL,
+        reward_type=args.model_type,
+        latent_dim=args.latent_dim,
+        hidden_dim=args.hidden_dim,
+        num_atoms=args.num_atoms,
+        embedding_mode=args.embedding_mode,
+        pooling=args.pooling,
+        backbone_kwargs=backbone_kwargs,
+        **lora,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = TrlParser((ScriptArguments, VPLRewardConfig, ModelConfig))
+    script_args, args, model_args = parser.parse_args_and_config(args=argv)
+    output_dir = Path(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if args.process_index == 0:
+        check_output_dir(output_dir, script_args.overwrite_output_dir, resume)
+
+    data = load_named_dataset(script_args.dataset, script_args.data_dir, script_args.column_mapping, args.seed)
+    train, test = data["train"], data.get("test")
+    if script_args.max_train_samples:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    if test is not None and script_args.max_eval_samples:
+        test = test.select(range(min(script_args.max_eval_samples, len(test))))
+
+    trainer = VPLRewardTrainer(model=build_model(model_args, args), args=args, train_dataset=train, eval_dataset=test)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+
+    results = {"model_type": args.model_type, "dataset": script_args.dataset}
+    test_sets = {script_args.dataset: test} if test is not None else {}
+    for name in script_args.extra_eval_datasets:
+        test_sets[name] = load_named_dataset(name, script_args.data_dir, script_args.column_mapping, args.seed)["test"]
+    by_test_set = {name: evaluate_reward_model(trainer, ds, name=f"test-{name}") for name, ds in test_sets.items()}
+    if by_test_set:
+        results.update(by_test_set[script_args.dataset] if script_args.dataset in by_test_set else {})
+        results["by_test_set"] = by_test_set
+        trainer.log({f"test/{name}/accuracy": m["accuracy"] for name, m in by_test_set.items()})
+    if trainer.is_world_process_zero():
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        print(format_table({f"{args.model_type} on {name}": m for name, m in by_test_set.items()}))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

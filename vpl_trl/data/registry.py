@@ -1,0 +1,38 @@
+"""Dataset names the recipes accept: the built-in Pets variants, a folder or file in our format, or a hub id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import DatasetDict
+
+from .format import load_preference_splits
+from .pets import build_pets
+
+BUILTIN = {"pets": "full", "pets_controversial": "controversial"}
+
+
+def parse_column_mapping(value: str | dict | None) -> dict[str, str] | None:
+    """`'{"question": "prompt"}'` or `'question=prompt,good=chosen'` -> a mapping of column names."""
+    if value is None or isinstance(value, dict):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    try:
+        return dict(part.split("=", 1) for part in text.split(",") if part)
+    except ValueError:
+        raise ValueError(f"column_mapping must be JSON or 'theirs=ours,...', got {value!r}.") from None
+
+
+def load_named_dataset(name: str, data_dir: str | Path = "data", column_mapping: str | dict | None = None,
+                       seed: int = 0) -> DatasetDict:
+    """Load `train`/`test` splits: Pets variants are generated into `data_dir/NAME` on first use."""
+    if name in BUILTIN:
+        folder = Path(data_dir) / name
+        if not (folder / "train.jsonl").exists():
+            counts = build_pets(folder, variant=BUILTIN[name], seed=seed)
+            print(f"Generated {name}: {counts['train']} train / {counts['test']} test rows in {folder}")
+        return load_preference_splits(folder)
+    return load_preference_splits(name, column_mapping=parse_column_mapping(column_mapping))
