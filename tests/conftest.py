@@ -83,3 +83,28 @@ def pets_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pets")
     build_pets(folder, n_train_per_user=300, n_test_per_user=60, seed=0)
     return load_preference_splits(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, tiny_backbone, pets_data) -> str:
+    """A tiny VPL (`vae`) reward model trained briefly on Pets, saved with its tokenizer."""
+    from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+
+    folder = tmp_path_factory.mktemp("tiny-vpl-reward")
+    args = VPLRewardConfig(
+        output_dir=str(folder / "run"),
+        model_type="vae",
+        latent_dim=8,
+        hidden_dim=32,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        per_device_train_batch_size=16,
+        num_context="4",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=pets_data["train"].select(range(160)))
+    trainer.train()
+    trainer.save_model(str(folder / "model"))
+    return str(folder / "model")

@@ -102,6 +102,25 @@ def _jsonl_line_names(path: Path) -> list[str]:
         return [f"{path}, line {number}" for number, line in enumerate(handle, start=1) if line.strip()]
 
 
+def read_prompts(path: str | os.PathLike) -> list[Any]:
+    """Prompts from a file: JSONL rows with `prompt` (`.jsonl`, or a first line starting with `{`), else one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"{path}: no such prompts file.")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{")):
+        rows = read_jsonl(path)
+        for name, row in zip(_jsonl_line_names(path), rows):
+            if not row.get("prompt"):
+                raise PreferenceDataError(f"{name}: missing field `prompt`.")
+        prompts = [row["prompt"] for row in rows]
+    else:
+        prompts = lines
+    if not prompts:
+        raise PreferenceDataError(f"{path}: no prompts.")
+    return prompts
+
+
 def context_digest(context: Sequence[Pair]) -> str:
     """A stable hash of a user's context pairs (the key of their cached latent)."""
     return hashlib.sha256(json.dumps(list(context), sort_keys=True, default=str).encode("utf-8")).hexdigest()

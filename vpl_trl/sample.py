@@ -10,16 +10,17 @@ ranked by r(x, z). Without `--user_context` the prior mean user is used. Bad inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
+from transformers.utils import logging as transformers_logging
 
-from .data.format import PreferenceDataError, read_jsonl
+from .data.format import PreferenceDataError
 from .embedded_model import DEFAULT_MODEL
 from .generation import (
     GenerationSettings,
@@ -29,6 +30,7 @@ from .generation import (
     RewardModelError,
     load_policy,
     load_user_context,
+    read_prompts,
 )
 
 
@@ -53,25 +55,6 @@ class SampleArguments:
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
-
-
-def read_prompts(path: str) -> list[Any]:
-    """Prompts from a file: JSONL rows with `prompt` (.jsonl, or lines starting with `{`), else one per line."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"{path}: no such prompts file.")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{")):
-        rows = read_jsonl(file)
-        for number, row in enumerate(rows, start=1):
-            if "prompt" not in row:
-                raise UsageError(f"{path}, row {number}: missing field `prompt`.")
-        prompts = [row["prompt"] for row in rows]
-    else:
-        prompts = lines
-    if not prompts:
-        raise UsageError(f"{path}: no prompts.")
-    return prompts
 
 
 def collect_prompts(args: SampleArguments) -> list[Any]:
@@ -125,11 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(SampleArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     try:
-        run(args)
+        with quiet_transformers():
+            run(args)
     except (UsageError, PreferenceDataError, RewardModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Keep the terminal for results: no weight-loading progress bars or loading notices."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""`recipes/ppo_personalized.py` (GRPO against a VPL reward) and its helpers in `vpl_trl.policy`, on tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vpl_trl.data import build_pets
+from vpl_trl.data.format import PreferenceDataError
+from vpl_trl.data.pets import PROMPT
+from vpl_trl.generation import PersonalizedRewardScorer
+from vpl_trl.policy import (
+    PersonalizedRewardFunction,
+    build_policy_dataset,
+    context_preamble,
+    load_user_pairs,
+    policy_prompt,
+)
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ppo_personalized.py"
+USERS = ("harmless", "helpful")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("ppo_personalized", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the recipe's string annotations through it
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def small_pets(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("small-pets")
+    build_pets(folder, n_train_per_user=12, n_test_per_user=4, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_reward_model) -> PersonalizedRewardScorer:
+    return PersonalizedRewardScorer.from_pretrained(tiny_reward_model, device="cpu")
+
+
+def recipe_args(reward_model: str, backbone: str, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--reward_model", reward_model, "--user-contexts", str(data), "--model_name_or_path", backbone,
+        "--output_dir", str(output_dir), "--max_steps", "2", "--max_completion_length", "6", "--num_context", "3",
+        "--preamble_pairs", "1", "--rows_per_user", "4", "--eval_samples", "2", "--report_to", "none",
+        "--save_strategy", "no", "--disable_tqdm", "true", *extra,
+    ]
+
+
+def check_results(output_dir: Path, mode: str) -> dict:
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["mode"] == mode and results["users"] == list(USERS)
+    for user in USERS:
+        own = results["own_reward"][user]
+        assert own["before"] == results["matrix_before"][user][user]
+        assert own["after"] == results["matrix_after"][user][user]
+        assert set(results["matrix_after"][user]) == set(USERS)
+    assert (output_dir / "eval_matrix.png").read_bytes().startswith(b"\x89PNG")
+    assert set(json.loads((output_dir / "users.json").read_text())["contexts"]) == set(USERS)
+    return results
+
+
+def test_recipe_conditioned_mode(recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys):
+    output_dir = tmp_path / "conditioned"
+    recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned"))
+    assert (output_dir / "adapter_model.safetensors").exists() and (output_dir / "adapter_config.json").exists()
+    results = check_results(output_dir, "conditioned")
+    assert results["runs"]["all"]["steps"] == 2
+    assert results["eval_prompts_held_out"] is False  # Pets has one prompt: evaluated on the training prompt
+    assert "| policy for \\ reward of | harmless | helpful |" in capsys.readouterr().out
+
+
+def test_recipe_per_user_mode_from_yaml_config(recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path):
+    output_dir = tmp_path / "per-user"
+    config = tmp_path / "recipe.yaml"
+    config.write_text("mode: per_user\nnum_iterations: 1\nbeta: 0.0\n")
+    recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--config", str(config)))
+    for user in USERS:
+        assert (output_dir / "adapters" / user / "adapter_model.safetensors").exists()
+    results = check_results(output_dir, "per_user")
+    assert {u: r["steps"] for u, r in results["runs"].items()} == {u: 2 for u in USERS}
+
+
+def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data):
+    contexts = {u: [r for r in pets_data["train"] if r["user_id"] == u][:4] for u in USERS}
+    latents = {u: scorer.user_latent(c, user_id=u) for u, c in contexts.items()}
+    reward = PersonalizedRewardFunction(scorer, latents)
+    completions = [[{"role": "assistant", "content": " Dogs are loyal."}], [{"role": "assistant", "content": "Cats."}]] * 2
+    users = ["harmless", "helpful", "helpful", "harmless"]
+    logged = {}
+    rewards = reward(["ignored"] * 4, completions, user_id=users, raw_prompt=[PROMPT] * 4,
+                     log_metric=logged.__setitem__, trainer_state=None)
+    texts = ["Dogs are loyal.", "Cats.", "Dogs are loyal.", "Cats."]
+    for reward_value, text, user in zip(rewards, texts, users):
+        assert reward_value == pytest.approx(scorer.score([PROMPT], [text], latents[user])[0], abs=1e-5)
+    assert set(logged) == {"reward/harmless", "reward/helpful"}
+    with pytest.raises(KeyError, match="carol"):
+        reward(["p"], ["x"], user_id=["carol"], raw_prompt=[PROMPT])
+
+
+def test_conditioning_preamble_and_dataset():
+    context = [{"prompt": PROMPT, "chosen": " Dogs are great.", "rejected": " Cats, I suppose."}] * 3
+    preamble = context_preamble(context, max_pairs=2)
+    assert preamble.count("- preferred: Dogs are great. / over: Cats, I suppose.") == 2
+    assert policy_prompt(PROMPT, context, chat=False, max_pairs=2) == f"{preamble}\n\n{PROMPT}"
+    assert policy_prompt(PROMPT, None, chat=True) == [{"role": "user", "content": PROMPT}]
+    chat_prompt = [{"role": "user", "content": "hi"}]
+    assert policy_prompt(chat_prompt, context, chat=True)[0]["role"] == "system"
+    dataset = build_policy_dataset(["p1", "p2"], {"a": context, "b": context}, conditioned=True, chat=False,
+                                   rows_per_user=3, preamble_pairs=1)
+    assert len(dataset) == 6 and set(dataset.column_names) == {"prompt", "raw_prompt", "user_id"}
+    assert all(row["prompt"].endswith(row["raw_prompt"]) and "preferred:" in row["prompt"] for row in dataset)
+
+
+def test_user_contexts_from_a_mapping_file(tmp_path):
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    (tmp_path / "ann.jsonl").write_text(json.dumps(pair) + "\n")
+    mapping = tmp_path / "users.json"
+    mapping.write_text(json.dumps({"ann": "ann.jsonl", "ben": [pair, pair]}))
+    assert load_user_pairs(mapping) == {"ann": [pair], "ben": [pair, pair]}
+    mapping.write_text(json.dumps({"ann": [{"chosen": "a"}]}))
+    with pytest.raises(PreferenceDataError, match="user 'ann', pair 1: missing field `rejected`"):
+        load_user_pairs(mapping)
+
+
+def test_config_defaults_suit_cpu(recipe, tmp_path):
+    args = recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path))
+    assert args.bf16 == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert not args.use_vllm and args.num_generations >= 2
+    assert args.per_device_train_batch_size % args.num_generations == 0

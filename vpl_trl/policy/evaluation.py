@@ -1,0 +1,120 @@
+"""Evaluating personalized policies: completions per user on held-out prompts, scored by every user's reward.
+
+`matrix[a][b]` is the mean reward under user `b`'s latent of the completions that the policy produced for
+user `a` (conditioned on `a`, or `a`'s adapter); its diagonal is each user's own reward.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..generation import GenerationSettings, PersonalizedRewardScorer, generate_candidates
+
+Matrix = dict[str, dict[str, float]]
+
+
+def generate_for_user(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    raw_prompts: Sequence[Any],
+    policy_prompts: Sequence[Any],
+    samples: int,
+    settings: GenerationSettings,
+) -> list[tuple[Any, str]]:
+    """`samples` completions per prompt, as (raw prompt, completion) pairs ready to be scored."""
+    model.eval()
+    candidates = generate_candidates(model, tokenizer, policy_prompts, samples, settings)
+    return [(raw, text) for raw, texts in zip(raw_prompts, candidates) for text in texts]
+
+
+def reward_row(
+    scorer: PersonalizedRewardScorer, completions: Sequence[tuple[Any, str]], latents: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """Mean reward of one policy's completions under each user's latent."""
+    prompts = [p for p, _ in completions]
+    texts = [t for _, t in completions]
+    row = {}
+    for user, latent in latents.items():
+        rewards = scorer.score(prompts, texts, latent)
+        row[user] = sum(rewards) / len(rewards)
+    return row
+
+
+def summarize(before: Matrix, after: Matrix, **extra: Any) -> dict[str, Any]:
+    """Own-reward before/after per user, both matrices, and how much more each policy suits its own user."""
+    users = list(after)
+    results: dict[str, Any] = dict(extra)
+    results["users"] = users
+    results["own_reward"] = {
+        u: {"before": before[u][u], "after": after[u][u], "gain": after[u][u] - before[u][u]} for u in users
+    }
+    results["matrix_before"] = before
+    results["matrix_after"] = after
+    if len(users) > 1:
+        results["personalization_margin_after"] = {
+            u: after[u][u] - sum(after[v][u] for v in users if v != u) / (len(users) - 1) for u in users
+        }
+    return results
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+    """A table of each user's own reward before and after, then the cross-user matrix after training."""
+    users = results["users"]
+    lines = ["| user | reward before | reward after | gain |", "|---|---|---|---|"]
+    for user in users:
+        own = results["own_reward"][user]
+        lines.append(f"| {user} | {own['before']:+.4f} | {own['after']:+.4f} | {own['gain']:+.4f} |")
+    lines += ["", "Cross-user rewards after training (rows: policy for user; columns: reward of user)", ""]
+    lines.append("| policy for \\ reward of | " + " | ".join(users) + " |")
+    lines.append("|---|" + "---|" * len(users))
+    for row_user in users:
+        cells = " | ".join(f"{results['matrix_after'][row_user][u]:+.4f}" for u in users)
+        lines.append(f"| {row_user} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_matrices(results: Mapping[str, Any], path: str | Path) -> Path:
+    """A heatmap PNG of the cross-user matrix before and after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    users = results["users"]
+    panels = [("before training", results["matrix_before"]), ("after training", results["matrix_after"])]
+    values = [[[m[a][b] for b in users] for a in users] for _, m in panels]
+    low = min(v for grid in values for row in grid for v in row)
+    high = max(v for grid in values for row in grid for v in row)
+    size = 1.2 + 0.9 * len(users)
+    figure, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size), constrained_layout=True)
+    for axis, (title, _), grid in zip(axes, panels, values):
+        image = axis.imshow(grid, cmap="viridis", vmin=low, vmax=high)
+        axis.set_title(title)
+        axis.set_xticks(range(len(users)), users, rotation=45, ha="right")
+        axis.set_yticks(range(len(users)), users)
+        axis.set_xlabel("reward of user")
+        axis.set_ylabel("policy for user")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < (low + high) / 2 else "k")
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label="mean reward")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_results(results: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    """`eval_results.json` and `eval_matrix.png` in `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "eval_results.json"
+    json_path.write_text(json.dumps(results, indent=2, default=str))
+    return {"json": json_path, "png": plot_matrices(results, output_dir / "eval_matrix.png")}
