@@ -61,13 +61,19 @@ class EmbeddingCache:
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = Path(directory) if directory else None
         self._vectors: dict[str, torch.Tensor] = {}
-        if self.directory and self.directory.exists():
-            for shard in sorted(self.directory.glob("shard-*.safetensors")):
-                keys = json.loads(shard.with_suffix(".json").read_text()) if shard.with_suffix(".json").exists() else None
-                if keys is None:
-                    continue  # a shard whose key list was never written is incomplete
-                tensor = load_file(str(shard))["embeddings"]
-                self._vectors.update(zip(keys, tensor))
+        self._loaded: set[str] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Load shards written since the last look (by an interrupted run, or by another process)."""
+        if not self.directory or not self.directory.exists():
+            return
+        for shard in sorted(self.directory.glob("shard-*.safetensors")):
+            keys_file = shard.with_suffix(".json")
+            if shard.name in self._loaded or not keys_file.exists():
+                continue  # seen already, or incomplete: a shard's key list is written last
+            self._vectors.update(zip(json.loads(keys_file.read_text()), load_file(str(shard))["embeddings"]))
+            self._loaded.add(shard.name)
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -88,6 +94,7 @@ class EmbeddingCache:
             save_file({"embeddings": vectors.contiguous()}, str(shard))
             # The key list is written last: a shard is complete only once it exists.
             shard.with_suffix(".json").write_text(json.dumps(keys))
+            self._loaded.add(shard.name)
 
 
 def default_embedding_cache_dir(model, pooling: str, max_length: int | None) -> Path:
@@ -111,6 +118,7 @@ def compute_embeddings(
     Texts are sorted by length and batched; results reach the cache every `save_every` texts.
     """
     cache = cache if cache is not None else EmbeddingCache(None)
+    cache.refresh()
     todo = sorted({t for t in texts if t not in cache}, key=len)
     if todo:
         was_training = model.training

@@ -1,0 +1,76 @@
+"""Cached, batched, resumable embedding precomputation."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
+from vpl_trl.models import VPLRewardModel
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_backbone):
+    torch.manual_seed(0)
+    model = VPLRewardModel.from_backbone(tiny_backbone, latent_dim=4, hidden_dim=8, pooling="mean")
+    return model, AutoTokenizer.from_pretrained(tiny_backbone)
+
+
+class Killed(Exception):
+    """Stands for the run being killed mid-way."""
+
+
+def counting(model, fail_after=None):
+    """Wrap `model.embed` to count the sequences it embeds (and fail after some calls, like a killed run)."""
+    calls = {"sequences": 0, "batches": 0}
+    embed = model.embed
+
+    def wrapped(input_ids, attention_mask, use_adapter=True):
+        if fail_after is not None and calls["batches"] >= fail_after:
+            raise Killed
+        calls["sequences"] += input_ids.shape[0]
+        calls["batches"] += 1
+        return embed(input_ids, attention_mask, use_adapter=use_adapter)
+
+    return wrapped, calls
+
+
+def test_interrupted_precomputation_resumes_without_recomputing(model_and_tokenizer, tmp_path, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    texts = [f"Dogs are loyal pets number {i}." for i in range(20)]
+    wrapped, calls = counting(model, fail_after=3)
+    monkeypatch.setattr(model, "embed", wrapped)
+    with pytest.raises(Killed):
+        compute_embeddings(model, tokenizer, texts, EmbeddingCache(tmp_path), batch_size=4, save_every=4)
+    assert calls["sequences"] == 12
+
+    monkeypatch.undo()
+    wrapped, calls = counting(model)
+    monkeypatch.setattr(model, "embed", wrapped)
+    resumed = compute_embeddings(model, tokenizer, texts, EmbeddingCache(tmp_path), batch_size=4, save_every=4)
+    assert calls["sequences"] == 8  # only what the interrupted run had not saved
+    monkeypatch.undo()
+    fresh = compute_embeddings(model, tokenizer, texts, EmbeddingCache(None), batch_size=4)
+    torch.testing.assert_close(resumed, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_batching_does_not_change_embeddings(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    texts = ["A short one.", "A much longer sentence about a cheerful budgie in a roomy cage."]
+    one_by_one = torch.cat([compute_embeddings(model, tokenizer, [t]) for t in texts])
+    torch.testing.assert_close(compute_embeddings(model, tokenizer, texts, batch_size=2), one_by_one, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_folder_depends_on_the_backbone_weights_and_pooling(model_and_tokenizer, other_backbone):
+    model, _ = model_and_tokenizer
+    other = VPLRewardModel.from_backbone(other_backbone, latent_dim=4, hidden_dim=8)
+    assert default_embedding_cache_dir(model, "mean", 512) != default_embedding_cache_dir(other, "mean", 512)
+    assert default_embedding_cache_dir(model, "mean", 512) != default_embedding_cache_dir(model, "last", 512)
+    assert default_embedding_cache_dir(model, "mean", 512) == default_embedding_cache_dir(model, "mean", 512)
+
+
+def test_chat_messages_are_rendered_with_the_chat_template(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert render_text(tokenizer, None, chat) == "<user>Hi<eos><assistant>Hello<eos>"
+    assert render_text(tokenizer, "Hi", [{"role": "assistant", "content": "Hello"}]) == "<user>Hi<eos><assistant>Hello<eos>"
+    assert render_text(tokenizer, "Q: ", "A") == "Q: A"
