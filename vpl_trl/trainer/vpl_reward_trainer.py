@@ -157,7 +157,7 @@ class VPLRewardTrainer(RewardTrainer):
         columns = dataset.column_names
         if any(c in columns for c in INDEX_COLUMNS + TOKEN_COLUMNS):
             return dataset  # already prepared
-        model_config = (self.model if hasattr(self, "model") and self.model is not None else self.embedding_table.model).config
+        model_config = self.embedding_table.model.config  # `self.model` is not set yet while __init__ prepares data
         missing = [c for c in ("chosen", "rejected") if c not in columns]
         if missing:
             raise PreferenceDataError(f"{dataset_name} dataset: missing column(s) {missing}; it has {columns}.")
