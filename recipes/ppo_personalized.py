@@ -94,8 +94,8 @@ class PersonalizedGRPOConfig(GRPOConfig):
     num_generations: int | None = field(default=4, metadata={"help": "Completions per prompt (the GRPO group)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Completions per device and step."})
     max_completion_length: int | None = field(default=48, metadata={"help": "Maximum tokens per completion."})
-    activation_checkpointing: bool | None = field(default=False, metadata={"help": "Checkpoint activations (saves memory)."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
+    activation_checkpointing: bool | None = field(default=False, metadata={"help": "Checkpoint activations."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Alias of activation_checkpointing."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16; defaults to True only on a bf16-capable GPU."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
 
@@ -198,9 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         context = contexts[user] if conditioned else None
         return [policy_prompt(p, context, chat, script_args.preamble_pairs) for p in eval_prompts]
 
-    settings = GenerationSettings(args.max_completion_length, args.temperature, args.top_p, script_args.eval_batch_size, args.seed)
-    eval_kwargs = dict(scorer=scorer, latents=latents, eval_prompts=eval_prompts, prompts_for=prompts_for,
-                       samples=script_args.eval_samples, settings=settings)
+    settings = GenerationSettings(
+        args.max_completion_length, args.temperature, args.top_p, script_args.eval_batch_size, args.seed
+    )
+    eval_kwargs = {"scorer": scorer, "latents": latents, "eval_prompts": eval_prompts, "prompts_for": prompts_for,
+                   "samples": script_args.eval_samples, "settings": settings}
     users = list(pairs)
     before = evaluate(base_policy, tokenizer, users=users, **eval_kwargs) if is_main else {}
     del base_policy

@@ -106,13 +106,10 @@ def test_cli_rejects_bad_context_files(tiny_reward_model, tmp_path, capsys, name
     assert err.startswith("error: ") and expected in err and "\n" not in err
 
 
-def test_cli_missing_reward_model_exits_2_without_traceback(tmp_path):
+def test_cli_missing_reward_model_is_a_one_line_error(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
-    done = subprocess.run([sys.executable, "-m", "vpl_trl.sample", "--reward_model", str(missing), "--prompt", "x"],
-                          capture_output=True, text=True, timeout=120, env=os.environ.copy())
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == f"error: reward model {missing}: no such directory."
+    assert main(["--reward_model", str(missing), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == f"error: reward model {missing}: no such directory.\n"
 
 
 def test_cli_rejects_a_folder_that_is_not_a_reward_model(tiny_backbone, capsys):

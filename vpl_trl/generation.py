@@ -37,7 +37,7 @@ from .embeddings import EmbeddingCache, compute_embeddings, default_embedding_ca
 from .models import VPLRewardModel
 
 Pair = Mapping[str, Any]
-PRIOR_KEY = "<prior>"
+Device = str | torch.device | None
 
 
 class RewardModelError(ValueError):
@@ -144,7 +144,7 @@ def join_response(prompt: Any, response: str) -> str:
 # ----- scoring ----------------------------------------------------------------------------------------------
 
 
-def load_reward_model(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[VPLRewardModel, PreTrainedTokenizerBase]:
+def load_reward_model(path: str | os.PathLike, device: Device = None) -> tuple[VPLRewardModel, PreTrainedTokenizerBase]:
     """A saved VPL reward model (eval mode) and its tokenizer, or `RewardModelError` with a one-line reason."""
     folder = Path(path)
     if not folder.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
@@ -154,7 +154,8 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device | None
     try:
         model = VPLRewardModel.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
-        raise RewardModelError(f"reward model {path} cannot be loaded: {_one_line(error)}") from error
+        where = "" if folder.exists() else " (no such directory, and not on the Hugging Face Hub)"
+        raise RewardModelError(f"reward model {path} cannot be loaded{where}: {_one_line(error)}") from error
     tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else resolve_model_name_or_path(
         model.config.backbone_name_or_path
     )
@@ -193,7 +194,7 @@ class PersonalizedRewardScorer:
         self.latent_computations = 0
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None, **kwargs) -> "PersonalizedRewardScorer":
+    def from_pretrained(cls, path: str | os.PathLike, device: Device = None, **kwargs) -> PersonalizedRewardScorer:
         model, tokenizer = load_reward_model(path, device)
         return cls(model, tokenizer, **kwargs)
 
@@ -240,22 +241,36 @@ class PersonalizedRewardScorer:
 
     # ----- scores -----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], latent: torch.Tensor | None = None) -> list[float]:
         """r(prompt + completion, z) for each pair; `latent` is (1, d) for one user or (N, d), one row per pair.
         Without `latent`, the prior mean user's."""
+        return self.rewards(self.embed_completions(prompts, completions), latent)
+
+    def score_users(
+        self, prompts: Sequence[Any], completions: Sequence[Any], latents: Mapping[str, torch.Tensor]
+    ) -> dict[str, list[float]]:
+        """The same completions scored under each user's latent (each text embedded once)."""
+        embeddings = self.embed_completions(prompts, completions)
+        return {user: self.rewards(embeddings, latent) for user, latent in latents.items()}
+
+    def embed_completions(self, prompts: Sequence[Any], completions: Sequence[Any]) -> torch.Tensor:
+        """Embeddings (N, d) of the scored texts, rendered as in training (adapter enabled)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
-        if not prompts:
-            return []
         texts = [render_text(self.tokenizer, p, join_response(p, completion_text(c))) for p, c in zip(prompts, completions)]
-        embeddings = self._embed(texts, use_adapter=True, cache=EmbeddingCache(None)).to(self.device)
+        return self._embed(texts, use_adapter=True, cache=EmbeddingCache(None)).to(self.device)
+
+    @torch.no_grad()
+    def rewards(self, embeddings: torch.Tensor, latent: torch.Tensor | None = None) -> list[float]:
+        """The reward head on precomputed embeddings (N, d) under `latent` ((1, d) or (N, d); default: prior)."""
         if self.uses_latent:
             latent = self.model.prior_latent(1) if latent is None else latent.to(self.device)
-            if latent.shape[0] not in (1, len(texts)):
-                raise ValueError(f"{latent.shape[0]} latents for {len(texts)} completions: give 1 or one per completion.")
-        rewards = []
-        for begin in range(0, len(texts), self.batch_size):
+            if latent.shape[0] not in (1, len(embeddings)):
+                raise ValueError(
+                    f"{latent.shape[0]} latents for {len(embeddings)} completions: give 1 or one per completion."
+                )
+        rewards: list[float] = []
+        for begin in range(0, len(embeddings), self.batch_size):
             rows = slice(begin, begin + self.batch_size)
             batch_latent = None
             if self.uses_latent:
@@ -276,7 +291,7 @@ class PersonalizedRewardScorer:
 # ----- generation -------------------------------------------------------------------------------------------
 
 
-def load_policy(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_policy(name_or_path: str = DEFAULT_MODEL, device: Device = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM (eval mode) and its tokenizer; the default is the embedded SmolLM2 instruct model."""
     path = resolve_model_name_or_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -399,10 +414,10 @@ class PersonalizedBestOfN:
         cls,
         reward_model: str | os.PathLike,
         policy: str = DEFAULT_MODEL,
-        device: str | torch.device | None = None,
+        device: Device = None,
         settings: GenerationSettings | None = None,
         score_batch_size: int = 16,
-    ) -> "PersonalizedBestOfN":
+    ) -> PersonalizedBestOfN:
         scorer = PersonalizedRewardScorer.from_pretrained(reward_model, device=device, batch_size=score_batch_size)
         model, tokenizer = load_policy(policy, device=device)
         return cls(model, tokenizer, scorer, settings)
@@ -421,4 +436,7 @@ class PersonalizedBestOfN:
         candidates = generate_candidates(self.policy, self.policy_tokenizer, prompts, n, self.settings)
         flat_prompts = [p for p, texts in zip(prompts, candidates) for _ in texts]
         rewards = self.scorer.score(flat_prompts, [t for texts in candidates for t in texts], latent)
-        return [rank_candidates(p, texts, rewards[i * n : (i + 1) * n]) for i, (p, texts) in enumerate(zip(prompts, candidates))]
+        return [
+            rank_candidates(prompt, texts, rewards[i * n : (i + 1) * n])
+            for i, (prompt, texts) in enumerate(zip(prompts, candidates))
+        ]

@@ -68,7 +68,11 @@ def format_ranking(ranking: Ranking) -> str:
     def indent(text: str) -> str:
         return text.replace("\n", "\n" + " " * 14)
 
-    lines = [f"Prompt: {ranking.prompt}", f"Best (reward {ranking.best.reward:+.4f}): {indent(ranking.best.text)}", "Candidates:"]
+    lines = [
+        f"Prompt: {ranking.prompt}",
+        f"Best (reward {ranking.best.reward:+.4f}): {indent(ranking.best.text)}",
+        "Candidates:",
+    ]
     lines += [f"  {i:>2}. {c.reward:+.4f}  {indent(c.text)}" for i, c in enumerate(ranking.candidates, start=1)]
     return "\n".join(lines)
 

@@ -37,13 +37,8 @@ def reward_row(
     scorer: PersonalizedRewardScorer, completions: Sequence[tuple[Any, str]], latents: Mapping[str, torch.Tensor]
 ) -> dict[str, float]:
     """Mean reward of one policy's completions under each user's latent."""
-    prompts = [p for p, _ in completions]
-    texts = [t for _, t in completions]
-    row = {}
-    for user, latent in latents.items():
-        rewards = scorer.score(prompts, texts, latent)
-        row[user] = sum(rewards) / len(rewards)
-    return row
+    scores = scorer.score_users([p for p, _ in completions], [t for _, t in completions], latents)
+    return {user: sum(rewards) / len(rewards) for user, rewards in scores.items()}
 
 
 def summarize(before: Matrix, after: Matrix, **extra: Any) -> dict[str, Any]:
