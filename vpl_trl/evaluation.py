@@ -3,6 +3,8 @@ with latent diagnostics, and the context-swap test (is the reward really using t
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,3 +91,60 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def per_user_breakdown(predictions: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each user's accuracy overall, on controversial and on agreed pairs, with the number of pairs."""
+    if "user_id" not in predictions:
+        return {}
+    correct = np.asarray(predictions["reward_chosen"]) > np.asarray(predictions["reward_rejected"])
+    users = np.asarray(predictions["user_id"])
+    controversial = np.asarray(predictions["controversial"], dtype=bool) if "controversial" in predictions else None
+    breakdown = {}
+    for user in sorted(set(users.tolist())):
+        mine = users == user
+        row: dict[str, Any] = {"accuracy": float(correct[mine].mean()), "n": int(mine.sum())}
+        if controversial is not None:
+            for name, mask in (("controversial_accuracy", mine & controversial), ("agreed_accuracy", mine & ~controversial)):
+                row[name] = float(correct[mask].mean()) if mask.any() else None
+        breakdown[str(user)] = row
+    return breakdown
+
+
+def default_context_sizes(pool: Dataset, max_context: int = 32) -> list[int]:
+    """1, 2, 4, 8, ... up to the smallest user's number of pairs in `pool` (and at most `max_context`)."""
+    counts = Counter(pool["user_id"])
+    largest = min(min(counts.values()), max_context)
+    sizes = [1]
+    while sizes[-1] * 2 <= largest:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] < largest:
+        sizes.append(largest)
+    return sizes
+
+
+def context_size_curve(
+    predict: Callable[..., dict[str, Any]],
+    dataset: Dataset,
+    pool: Dataset,
+    context_sizes: Sequence[int],
+    draws: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy against the number K of context pairs: for each K, `draws` fresh draws of every example's
+    context from its user's pairs in `pool`, each scored by `predict(dataset, name=...)` (e.g. the trainer's
+    `predict_preferences`). Returns, per K, the accuracy of each draw overall and on controversial pairs."""
+    if "context" in dataset.column_names:
+        dataset = dataset.remove_columns("context")
+    curve: dict[str, Any] = {"k": list(context_sizes), "draws": draws, "accuracy": [], "controversial_accuracy": []}
+    for k in context_sizes:
+        overall, controversial = [], []
+        for draw in range(draws):
+            name = f"context-curve-k{k}-draw{draw}"
+            with_context = attach_contexts(dataset, k, seed, pool=pool, name=name)
+            metrics = preference_metrics(predict(with_context, name=name))
+            overall.append(metrics["accuracy"])
+            controversial.append(metrics.get("controversial_accuracy"))
+        curve["accuracy"].append(overall)
+        curve["controversial_accuracy"].append(controversial if all(c is not None for c in controversial) else None)
+    return curve
