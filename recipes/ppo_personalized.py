@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
+from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.generation import GenerationSettings, PersonalizedRewardScorer, load_policy
 from vpl_trl.policy import (
@@ -177,6 +178,7 @@ def train_policy(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = TrlParser((ScriptArguments, PersonalizedGRPOConfig, ModelConfig))
+    parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
     output_dir = Path(args.output_dir)
     conditioned = script_args.mode == "conditioned"

@@ -9,16 +9,21 @@ and prints a per-user accuracy table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import transformers
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_quantization_config
 
 from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 from vpl_trl.data.registry import load_named_dataset
+from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL
 from vpl_trl.evaluation import evaluate_reward_model, format_table
 
@@ -56,6 +61,11 @@ def resolve_resume(value: str | None, output_dir: Path) -> str | None:
 
 
 def build_model(model_args: ModelConfig, args: VPLRewardConfig) -> VPLRewardModel:
+    dtype = model_args.dtype
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and dtype in (None, "auto", "float32"):
+        # QLoRA: a bitsandbytes-quantized backbone computes in bf16, the dtype TRL trains its adapter in.
+        dtype = "bfloat16"
+        model_args = dataclasses.replace(model_args, dtype=dtype)
     quantization = get_quantization_config(model_args)
     backbone_kwargs = {"quantization_config": quantization} if quantization is not None else {}
     lora = {}
@@ -65,6 +75,7 @@ def build_model(model_args: ModelConfig, args: VPLRewardConfig) -> VPLRewardMode
             lora["lora_target_modules"] = model_args.lora_target_modules
     return VPLRewardModel.from_backbone(
         model_args.model_name_or_path or DEFAULT_MODEL,
+        dtype=dtype,
         reward_type=args.model_type,
         latent_dim=args.latent_dim,
         hidden_dim=args.hidden_dim,
@@ -78,19 +89,25 @@ def build_model(model_args: ModelConfig, args: VPLRewardConfig) -> VPLRewardMode
 
 def main(argv: list[str] | None = None) -> dict:
     parser = TrlParser((ScriptArguments, VPLRewardConfig, ModelConfig))
+    parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.process_index == 0:
         check_output_dir(output_dir, script_args.overwrite_output_dir, resume)
+    else:  # progress comes from the main process
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
-    data = load_named_dataset(script_args.dataset, script_args.data_dir, script_args.column_mapping, args.seed)
+    with args.main_process_first(desc="loading the dataset"):  # the main process generates built-in datasets
+        data = load_named_dataset(script_args.dataset, script_args.data_dir, script_args.column_mapping, args.seed)
     train, test = data["train"], data.get("test")
     if script_args.max_train_samples:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
     if test is not None and script_args.max_eval_samples:
         test = test.select(range(min(script_args.max_eval_samples, len(test))))
 
+    set_seed(args.seed)  # the heads' and adapter's initialization: the same in every process and every launch
     trainer = VPLRewardTrainer(model=build_model(model_args, args), args=args, train_dataset=train, eval_dataset=test)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
@@ -98,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"model_type": args.model_type, "dataset": script_args.dataset}
     test_sets = {script_args.dataset: test} if test is not None else {}
     for name in script_args.extra_eval_datasets:
-        test_sets[name] = load_named_dataset(name, script_args.data_dir, script_args.column_mapping, args.seed)["test"]
+        with args.main_process_first(desc=f"loading {name}"):
+            extra = load_named_dataset(name, script_args.data_dir, script_args.column_mapping, args.seed)
+        test_sets[name] = extra["test"]
     by_test_set = {name: evaluate_reward_model(trainer, ds, name=f"test-{name}") for name, ds in test_sets.items()}
     if by_test_set:
         results.update(by_test_set[script_args.dataset] if script_args.dataset in by_test_set else {})

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .distributed import is_main_process
 from .embedded_model import cache_dir
 
 
@@ -125,7 +126,8 @@ def compute_embeddings(
         model.eval()
         device = next(model.backbone.parameters()).device
         start, pending_texts, pending_vectors = time.perf_counter(), [], []
-        bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=len(todo) < batch_size)
+        report = is_main_process()  # in a multi-process run, progress comes from the main process only
+        bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=len(todo) < batch_size or not report)
         for begin in range(0, len(todo), batch_size):
             batch = todo[begin : begin + batch_size]
             encoded = _tokenize(tokenizer, batch, max_length).to(device)
@@ -138,7 +140,7 @@ def compute_embeddings(
                 pending_texts, pending_vectors = [], []
         bar.close()
         elapsed = time.perf_counter() - start
-        if len(todo) >= batch_size:
+        if len(todo) >= batch_size and report:
             print(f"{desc}: {len(todo)} sequences in {elapsed:.1f} s ({len(todo) / elapsed:.1f} seq/s)", flush=True)
         model.train(was_training)
     return torch.stack([cache.get(t) for t in texts]) if texts else torch.empty(0)

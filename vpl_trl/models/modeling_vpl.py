@@ -107,6 +107,16 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | str | None = torch.flo
         transformers_logging.set_verbosity(verbosity)
 
 
+def _keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes (seen with 0.50.2) repacks a 4-bit layer's weight for fast inference
+    the first time it runs in eval mode without gradients (as the context embedding does); the repacked layer then
+    passes no gradient back, so the LoRA adapters below it would stop learning (and layers narrower than the
+    64-value quantization block fail to repack). A trained backbone keeps the plain layout."""
+    for module in backbone.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class VPLRewardModel(PreTrainedModel):
     """r(x, z): a backbone LLM's response embedding, concatenated with a user latent `z` inferred from the
     user's context pairs, through an MLP decoder. The `base`, `mean_and_variance` and `categorical` reward
@@ -151,6 +161,9 @@ class VPLRewardModel(PreTrainedModel):
                 "load it with the backbone it was trained on."
             )
         self.config.backbone_signature = signature
+        # A bitsandbytes-quantized backbone: flag the whole model as TRL and Trainer test it (QLoRA handling).
+        self.is_loaded_in_4bit = bool(getattr(backbone, "is_loaded_in_4bit", False))
+        self.is_loaded_in_8bit = bool(getattr(backbone, "is_loaded_in_8bit", False))
         if self.config.embedding_mode == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -161,6 +174,7 @@ class VPLRewardModel(PreTrainedModel):
                 target_modules=self.config.lora_target_modules,
             )
             backbone = get_peft_model(backbone, lora)
+            _keep_4bit_layers_differentiable(backbone)
         else:
             backbone.requires_grad_(False)
         self.backbone = backbone
@@ -182,8 +196,24 @@ class VPLRewardModel(PreTrainedModel):
             name = backbone_name_or_path
             backbone = load_backbone(name, dtype=dtype or torch.float32, **(backbone_kwargs or {}))
         config = VPLConfig(backbone_name_or_path=name, embedding_dim=backbone.config.hidden_size, **config_kwargs)
-        model = cls(config, backbone=backbone)
-        return model.to(backbone.dtype) if backbone.dtype.is_floating_point else model
+        return cls(config, backbone=backbone)._match_backbone_dtype()
+
+    @property
+    def is_quantized_backbone(self) -> bool:
+        return self.is_loaded_in_4bit or self.is_loaded_in_8bit
+
+    def _match_backbone_dtype(self) -> "VPLRewardModel":
+        """Put the heads (and adapter) in the backbone's dtype. Under DeepSpeed ZeRO-3 a bf16 run partitions the
+        backbone in bf16 as it loads; heads left in fp32 would make a mixed-dtype partition, which DeepSpeed's
+        coalesced all-gather has failed on (deepspeed#8072). On a bitsandbytes-quantized backbone the trainable
+        parameters go to bf16, as TRL trains those of quantized models (QLoRA); quantized weights and norms stay."""
+        if self.is_quantized_backbone:
+            for param in self.parameters():
+                if param.requires_grad and param.dtype.is_floating_point:
+                    param.data = param.data.to(torch.bfloat16)
+            return self
+        dtype = self.backbone.dtype
+        return self.to(dtype) if dtype.is_floating_point else self
 
     # ----- embeddings -------------------------------------------------------------------------------------
 
@@ -341,7 +371,7 @@ class VPLRewardModel(PreTrainedModel):
         config = VPLConfig.from_pretrained(folder, **kwargs)
         if backbone is None or isinstance(backbone, str):
             backbone = load_backbone(backbone or config.backbone_name_or_path, dtype=dtype or torch.float32)
-        model = cls(config, backbone=backbone).to(backbone.dtype)
+        model = cls(config, backbone=backbone)._match_backbone_dtype()
         model.load_trained_weights(folder / WEIGHTS_NAME)
         model.eval()
         return model

@@ -17,8 +17,22 @@ from trl.trainer.utils import pad
 
 from ..data.context import attach_contexts
 from ..data.format import PreferenceDataError
+from ..distributed import (
+    barrier,
+    configure_torch_extensions_dir,
+    gathered_parameters,
+    is_zero3_partitioned,
+    union_across_processes,
+)
 from ..embedded_model import resolve_model_name_or_path
-from ..embeddings import EmbeddingCache, EmbeddingTable, _tokenize, default_embedding_cache_dir, render_text
+from ..embeddings import (
+    EmbeddingCache,
+    EmbeddingTable,
+    _tokenize,
+    compute_embeddings,
+    default_embedding_cache_dir,
+    render_text,
+)
 from ..losses import kl_weight_at, preference_loss
 from ..models import VPLRewardModel
 from .vpl_reward_config import VPLRewardConfig
@@ -28,6 +42,9 @@ TOKEN_COLUMNS = ("chosen_ids", "rejected_ids")
 INDEX_COLUMNS = ("chosen_index", "rejected_index")
 CONTEXT_COLUMNS = ("context_chosen_index", "context_rejected_index")
 ACTIVE_UNIT_THRESHOLD = 0.01
+
+# DeepSpeed builds its ops on first use (during `TrainingArguments` set-up): keep the builds in the vpl-trl cache.
+configure_torch_extensions_dir()
 
 
 @dataclass
@@ -124,7 +141,10 @@ class VPLRewardTrainer(RewardTrainer):
             processing_class = AutoTokenizer.from_pretrained(resolve_model_name_or_path(model.config.backbone_name_or_path))
         processing_class.pad_token = processing_class.pad_token or processing_class.eos_token
 
-        cache_dir = args.embedding_cache_dir or default_embedding_cache_dir(model, model.config.pooling, args.max_length)
+        cache_dir = args.embedding_cache_dir
+        if cache_dir is None:
+            with gathered_parameters(model.backbone):  # the folder is keyed by a digest of the backbone's weights
+                cache_dir = default_embedding_cache_dir(model, model.config.pooling, args.max_length)
         self.embedding_table = EmbeddingTable(
             model, processing_class, EmbeddingCache(cache_dir), args.embedding_batch_size, args.max_length
         )
@@ -171,14 +191,17 @@ class VPLRewardTrainer(RewardTrainer):
             dataset = dataset.map(
                 _render_example, fn_kwargs={"tokenizer": processing_class}, desc=f"Rendering {dataset_name} texts"
             )
-            frozen = model_config.embedding_mode == "frozen"
-            texts = []
-            if model_config.use_latent:
-                for chosen, rejected in zip(dataset["context_chosen_text"], dataset["context_rejected_text"]):
-                    texts += list(chosen) + list(rejected)
-            if frozen:
-                texts += list(dataset["chosen_text"]) + list(dataset["rejected_text"])
-            self.embedding_table.add(texts, desc=f"Embedding {dataset_name} texts")
+        frozen = model_config.embedding_mode == "frozen"
+        texts = []
+        if model_config.use_latent:
+            for chosen, rejected in zip(dataset["context_chosen_text"], dataset["context_rejected_text"]):
+                texts += list(chosen) + list(rejected)
+        if frozen or (self._fit_statistics and not texts):
+            # Frozen mode looks every response up; otherwise (lora mode without contexts) the frozen embeddings
+            # of the training responses are needed once, for the standardization statistics.
+            texts += list(dataset["chosen_text"]) + list(dataset["rejected_text"])
+        self._embed_texts(texts, args, desc=f"Embedding {dataset_name} texts")
+        with args.main_process_first(desc=f"indexing the {dataset_name} dataset"):
             if self._fit_statistics:  # a new model: standardize embeddings by the training texts' statistics
                 self.embedding_table.model.fit_embedding_statistics(self.embedding_table.tensor)
                 self._fit_statistics = False
@@ -197,9 +220,30 @@ class VPLRewardTrainer(RewardTrainer):
                     lambda e: max(len(e["chosen_ids"]), len(e["rejected_ids"])) <= args.max_length,
                     desc=f"Filtering {dataset_name} >{args.max_length} tokens",
                 )
-                if len(dataset) < before:
+                if len(dataset) < before and args.process_index == 0:
                     print(f"{dataset_name}: dropped {before - len(dataset)} pairs longer than {args.max_length} tokens")
         return dataset
+
+    def _embed_texts(self, texts: list[str], args: VPLRewardConfig, desc: str) -> None:
+        """Add `texts` to the embedding table. The main process of each machine embeds what the cache lacks and
+        writes it; the others then read it from the cache. Under ZeRO-3 each process holds a slice of the backbone,
+        so all of them embed the missing texts together (same forward calls), and the main ones write the cache."""
+        table = self.embedding_table
+        if not is_zero3_partitioned(table.model.backbone):
+            with args.main_process_first(desc=desc):
+                table.add(texts, desc=desc)
+            return
+        table.cache.refresh()
+        missing = [t for t in dict.fromkeys(texts) if t not in table.index and t not in table.cache]
+        missing = union_across_processes(missing)
+        with gathered_parameters(table.model.backbone):
+            vectors = compute_embeddings(
+                table.model, table.tokenizer, missing, None, table.batch_size, table.max_length, desc=desc
+            )
+        if missing and args.local_process_index == 0:
+            table.cache.add(missing, vectors)
+        barrier()
+        table.add(texts, desc=desc)  # all cached now
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

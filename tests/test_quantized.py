@@ -1,0 +1,89 @@
+"""QLoRA-style training on a bitsandbytes-quantized backbone (the recipe's `--load_in_4bit` / `--load_in_8bit`),
+on CPU: bitsandbytes >= 0.49 runs 4-bit and 8-bit layers, forward and backward, on its CPU backend."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit, Linear8bitLt
+from transformers import AutoTokenizer
+from trl import ModelConfig
+
+from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
+from vpl_trl.embeddings import _tokenize, render_text
+from vpl_trl.models.modeling_vpl import load_backbone
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_reward.py"
+QUANTIZED_LAYER = {"load_in_4bit": Linear4bit, "load_in_8bit": Linear8bitLt}
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("train_reward", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+@torch.no_grad()
+def rewards(model: VPLRewardModel, tokenizer, pairs, context) -> torch.Tensor:
+    model.eval()
+    texts = [render_text(tokenizer, p["prompt"], p[side]) for side in ("chosen", "rejected") for p in pairs]
+    encoded = _tokenize(tokenizer, texts, max_length=128)
+    inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    for side in ("chosen", "rejected"):
+        ctx = _tokenize(tokenizer, [render_text(tokenizer, p["prompt"], p[side]) for p in context], max_length=128)
+        inputs[f"context_{side}"] = model.embed(ctx["input_ids"], ctx["attention_mask"], use_adapter=False)[None]
+    return model(**inputs).logits.squeeze(-1).float()
+
+
+@pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
+def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_backbone, pets_data, tmp_path):
+    args = VPLRewardConfig(
+        output_dir=str(tmp_path / "out"), model_type="vae", embedding_mode="lora", latent_dim=8, hidden_dim=32,
+        num_context="4", pooling="mean", max_length=128, per_device_train_batch_size=8, max_steps=3,
+        learning_rate=3e-3, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+    )
+    # The recipe's path: ModelConfig flags -> BitsAndBytesConfig (bf16 compute) -> the backbone's from_pretrained.
+    model = load_recipe().build_model(ModelConfig(model_name_or_path=tiny_backbone, **{flag: True}), args)
+    backbone = model.backbone.get_base_model()
+    assert isinstance(backbone.layers[0].self_attn.q_proj.base_layer, QUANTIZED_LAYER[flag])
+    assert getattr(model, f"is_loaded_in_{flag[len('load_in_'):]}")
+    if flag == "load_in_4bit":
+        assert backbone.config.quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
+    # Heads and adapter in bf16, as TRL casts the trainable parameters of quantized models.
+    before = {name: param.detach().clone() for name, param in trainable(model).items()}
+    assert {param.dtype for param in before.values()} == {torch.bfloat16}
+    assert any(name.startswith("encoder.") for name in before) and any("lora_B" in name for name in before)
+
+    trainer = VPLRewardTrainer(model=model, args=args, train_dataset=pets_data["train"].select(range(64)))
+    trainer.train()
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    after = trainable(model)
+    assert {param.dtype for param in after.values()} == {torch.bfloat16}
+    # The LoRA B matrices start at zero: gradients reached the adapter through the quantized layers.
+    lora_b = [name for name in after if "lora_B" in name]
+    assert all(after[name].abs().sum() > 0 for name in lora_b), "an adapter layer received no gradient"
+    assert not torch.equal(after["decoder.0.weight"], before["decoder.0.weight"])
+
+    if flag == "load_in_4bit":
+        # The saved heads and adapter reload onto a freshly quantized backbone to the same rewards.
+        model.save_pretrained(tmp_path / "saved")
+        quantized = load_backbone(
+            tiny_backbone, dtype=torch.bfloat16, quantization_config=backbone.config.quantization_config
+        )
+        reloaded = VPLRewardModel.from_pretrained(tmp_path / "saved", backbone=quantized)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+        test = pets_data["test"]
+        pairs = [test[i] for i in range(6)]
+        context = [row for row in pets_data["train"].select(range(40)) if row["user_id"] == "helpful"][:4]
+        expected = rewards(model, tokenizer, pairs, context)
+        torch.testing.assert_close(rewards(reloaded, tokenizer, pairs, context), expected)

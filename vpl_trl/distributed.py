@@ -1,0 +1,92 @@
+"""Multi-process runs (`accelerate launch` with DDP or DeepSpeed ZeRO), on GPUs and on CPU-only machines.
+
+- `configure_torch_extensions_dir`: DeepSpeed compiles its C++ ops (its CPU communication op, `DeepSpeedCPUAdam`
+  for offload) once into `$TORCH_EXTENSIONS_DIR`, defaulted here to the vpl-trl cache so later runs reuse them.
+- `cpu_launch_defaults`: what `TrainingArguments` needs to run several processes on a machine without GPUs.
+- ZeRO-3: a backbone loaded under DeepSpeed ZeRO-3 is partitioned across the processes as it is loaded. Every
+  process must then run the same forward calls at the same time, and a forward outside the DeepSpeed engine (the
+  embedding precomputation, before training starts) needs the parameters gathered: `gathered_parameters`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .embedded_model import cache_dir
+
+
+def configure_torch_extensions_dir() -> str:
+    """Default `$TORCH_EXTENSIONS_DIR` (where DeepSpeed's one-time op builds go) to `<vpl-trl cache>/torch_extensions`
+    when unset; returns the folder in use."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+
+
+def world_size() -> int:
+    """The number of processes of this run, from the launcher's environment (1 when not launched distributed)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process is the main one (global rank 0): prints, progress bars and files come from it only."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def cpu_launch_defaults() -> dict:
+    """`TrainingArguments` defaults for a multi-process launch on a machine without GPUs (none otherwise).
+
+    Under DeepSpeed (`accelerate launch --config_file deepspeed_configs/zero*.yaml`), Accelerate finds no backend
+    on CPU and silently falls back to one process: `ddp_backend="gloo"` keeps DeepSpeed, on its CPU accelerator.
+    Under DDP (`deepspeed_configs/ddp.yaml`), `use_cpu=True` selects Accelerate's multi-CPU mode (gloo).
+    """
+    if world_size() <= 1 or has_accelerator():
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"ddp_backend": "gloo"}
+    return {"use_cpu": True}
+
+
+def is_zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Whether `module` has parameters partitioned by DeepSpeed ZeRO-3."""
+    return any(hasattr(param, "ds_id") for param in module.parameters())
+
+
+@contextlib.contextmanager
+def gathered_parameters(module: torch.nn.Module, params: list[torch.nn.Parameter] | None = None) -> Iterator[None]:
+    """Gather the ZeRO-3 partitioned `params` (default: all of `module`'s) for use outside a DeepSpeed engine,
+    and partition them again on exit; a no-op when nothing is partitioned, or when an engine already manages
+    `module` (its hooks gather each layer for the forward). Every process must enter it together."""
+    params = list(module.parameters()) if params is None else params
+    partitioned = [param for param in params if hasattr(param, "ds_id")]
+    managed_by_engine = hasattr(module, "ds_id")  # set on every submodule by the ZeRO-3 engine's hooks
+    if not partitioned or managed_by_engine:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
+
+
+def union_across_processes(items: list[str]) -> list[str]:
+    """The sorted union of every process's `items`: the same list on every process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sorted(set(items))
+    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, items)
+    return sorted(set().union(*gathered))
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op in a single-process run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
