@@ -10,8 +10,6 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 DEMO_DIR ?= outputs/demo
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/vpl_trl/torch_extensions
-export WANDB_MODE ?= offline
 
 .PHONY: setup demo test clean-demo
 

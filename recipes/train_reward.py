@@ -76,13 +76,8 @@ def build_model(model_args: ModelConfig, args: VPLRewardConfig) -> VPLRewardMode
     return VPLRewardModel.from_backbone(
         model_args.model_name_or_path or DEFAULT_MODEL,
         dtype=dtype,
-        reward_type=args.model_type,
-        latent_dim=args.latent_dim,
-        hidden_dim=args.hidden_dim,
-        num_atoms=args.num_atoms,
-        embedding_mode=args.embedding_mode,
-        pooling=args.pooling,
         backbone_kwargs=backbone_kwargs,
+        **args.model_config_kwargs(),
         **lora,
     )
 
@@ -99,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
 
+    personalized = args.model_type == "vae"  # baselines train on data without users too
     with args.main_process_first(desc="loading the dataset"):  # the main process generates built-in datasets
-        data = load_named_dataset(script_args.dataset, script_args.data_dir, script_args.column_mapping, args.seed)
+        data = load_named_dataset(script_args.dataset, script_args.data_dir, script_args.column_mapping, personalized)
     train, test = data["train"], data.get("test")
     if script_args.max_train_samples:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
@@ -108,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         test = test.select(range(min(script_args.max_eval_samples, len(test))))
 
     set_seed(args.seed)  # the heads' and adapter's initialization: the same in every process and every launch
-    trainer = VPLRewardTrainer(model=build_model(model_args, args), args=args, train_dataset=train, eval_dataset=test)
+    with args.main_process_first(desc="loading the model"):  # the main process converts the embedded model once
+        model = build_model(model_args, args)
+    trainer = VPLRewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_sets = {script_args.dataset: test} if test is not None else {}
     for name in script_args.extra_eval_datasets:
         with args.main_process_first(desc=f"loading {name}"):
-            extra = load_named_dataset(name, script_args.data_dir, script_args.column_mapping, args.seed)
+            extra = load_named_dataset(name, script_args.data_dir, script_args.column_mapping, personalized)
         test_sets[name] = extra["test"]
     by_test_set = {name: evaluate_reward_model(trainer, ds, name=f"test-{name}") for name, ds in test_sets.items()}
     if by_test_set:

@@ -52,10 +52,11 @@ def test_vae_report_with_context_curve_latent_diagnostics_and_active_queries(vae
                        "active_queries.png"}
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     assert metrics["n_eval"] == 60 and set(metrics["per_user_breakdown"]) == {"helpful", "harmless"}
-    assert metrics["controversial_accuracy"] >= 0.7  # the tiny VPL learned both users
-    assert metrics["context_swap"]["controversial_accuracy"] < metrics["controversial_accuracy"]
+    assert metrics["controversial_accuracy"] >= 0.6  # the tiny VPL learned both users (test sentences are new)
+    assert metrics["context_swap"]["controversial_accuracy"] <= metrics["controversial_accuracy"] - 0.2
     assert metrics["active_units"] > 0 and metrics["kl"] > 0
-    assert set(metrics["probe"]) >= {"trained", "untrained", "chance"} and 0 <= metrics["probe"]["untrained"] <= 1
+    assert set(metrics["probe"]) >= {"trained", "untrained", "chance"}
+    assert metrics["probe"]["trained"] > metrics["probe"]["chance"]
     curve = metrics["context_curve"]
     assert curve["k"] == [1, 4] and all(len(row) == 2 for row in curve["accuracy"])
     active = metrics["active_queries"]

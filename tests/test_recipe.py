@@ -74,3 +74,18 @@ def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys):
     assert "Test set: pets_controversial" in out and "| vae |" in out and "| base |" in out
     with pytest.raises(SystemExit, match="eval_results.json not found"):
         report([str(tmp_path / "missing")])
+
+
+def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone, tmp_path):
+    from vpl_trl.data import PreferenceDataError, read_jsonl, write_jsonl
+    from vpl_trl.data.pets import build_pets
+
+    build_pets(tmp_path / "pets", n_train_per_user=40, n_test_per_user=10)
+    for split in ("train", "test"):
+        rows = [{k: v for k, v in r.items() if k != "user_id"} for r in read_jsonl(tmp_path / "pets" / f"{split}.jsonl")]
+        write_jsonl(rows, tmp_path / "anonymous" / f"{split}.jsonl")
+    recipe = load_recipe()
+    args = base_args(tiny_backbone, tmp_path, "anon") + ["--dataset", str(tmp_path / "anonymous")]
+    assert recipe.main(args + ["--model_type", "base"])["n_eval"] == 20
+    with pytest.raises(PreferenceDataError, match="missing field `user_id`"):
+        recipe.main(args + ["--model_type", "vae", "--overwrite_output_dir"])

@@ -62,9 +62,11 @@ def convert_embedded_model(force: bool = False) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    if (target / "config.json").exists():  # another process finished first: keep its folder
+        shutil.rmtree(staging)
+    else:
+        shutil.rmtree(target, ignore_errors=True)  # a partial folder left by an older, interrupted version
+        staging.rename(target)
     return target
 
 

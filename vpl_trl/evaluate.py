@@ -127,7 +127,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
         raise SystemExit(f"error: --active needs a VPL (vae) model; {args.model} has no user latent.")
     check_output_dir(output_dir, planned_files(use_latent, args.active), args.overwrite)
 
-    data = load_named_dataset(args.dataset, args.data_dir, args.column_mapping, args.seed)
+    data = load_named_dataset(args.dataset, args.data_dir, args.column_mapping)
     if "train" not in data or args.split not in data:
         raise SystemExit(f"error: {args.dataset} needs a train split (the context pool) and a {args.split!r} split; "
                          f"it has {list(data)}.")

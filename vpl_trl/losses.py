@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)), summed over latent dimensions, averaged over the batch."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)), summed over latent dimensions; averaged over the batch
+    (`reduction="mean"`) or one value per row (`"none"`)."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+    return kl.mean() if reduction == "mean" else kl
 
 
 def bradley_terry_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> torch.Tensor:
@@ -53,9 +55,7 @@ def categorical_loss(
 
 def head_to_reward(head: torch.Tensor, reward_type: str) -> torch.Tensor:
     """The scalar reward of a head output: the value, the mean, or the expected atom on [0, 1]."""
-    if reward_type in ("vae", "base"):
-        return head[..., 0]
-    if reward_type == "mean_and_variance":
+    if reward_type in ("vae", "base", "mean_and_variance"):
         return head[..., 0]
     atoms = torch.linspace(0.0, 1.0, head.shape[-1], device=head.device, dtype=head.dtype)
     return (head.softmax(-1) * atoms).sum(-1)

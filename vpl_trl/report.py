@@ -23,13 +23,24 @@ def render(results: dict[str, dict]) -> str:
     test_sets = sorted({name for r in results.values() for name in r.get("by_test_set", {})})
     sections = []
     for test_set in test_sets:
-        rows = {r["model_type"]: r["by_test_set"][test_set] for r in results.values() if test_set in r.get("by_test_set", {})}
+        rows = {
+            _run_name(run, results): r["by_test_set"][test_set]
+            for run, r in results.items()
+            if test_set in r.get("by_test_set", {})
+        }
         sections.append(f"Test set: {test_set}\n{format_table(rows)}")
     note = (
         "ctx swap (contr.): accuracy on controversial pairs when each example gets the OTHER user's context;\n"
         "near 0% means the preferred response flips with the user, i.e. the reward uses the latent."
     )
     return "\n\n".join(sections + [note])
+
+
+def _run_name(run: str, results: dict[str, dict]) -> str:
+    """The model type, or the run folder where several runs share a model type."""
+    model_type = results[run]["model_type"]
+    shared = sum(r["model_type"] == model_type for r in results.values()) > 1
+    return f"{model_type} ({Path(run).name})" if shared else model_type
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,14 +63,19 @@ def attach_contexts(
             contexts.append(given)
             continue
         rng = random.Random(f"{seed}-{name}-{index}")
-        candidates = [i for i in by_user.get(user, []) if not (pool_is_self and i == index)]
-        if not candidates:
+        members = by_user.get(user, [])
+        excluded = int(pool_is_self)  # the example itself is one of its user's pairs: never its own context
+        if len(members) - excluded <= 0:
             raise PreferenceDataError(
                 f"{name}, example {index + 1}: user {user!r} has no other labelled pairs to draw a context from; "
                 "give this example a `context` or add pairs labelled by this user."
             )
         k = rng.randint(low, high)
-        chosen = rng.sample(candidates, k) if k <= len(candidates) else rng.choices(candidates, k=k)
+        if k <= len(members) - excluded:  # draw K + 1 positions and drop the example's own: O(K), not O(pool)
+            picks = [members[j] for j in rng.sample(range(len(members)), min(k + excluded, len(members)))]
+            chosen = [i for i in picks if not (excluded and i == index)][:k]
+        else:  # fewer pairs than K: draw with replacement
+            chosen = rng.choices([i for i in members if not (excluded and i == index)], k=k)
         contexts.append([_pair(pool_rows[i]) for i in chosen])
     if "context" in dataset.column_names:
         dataset = dataset.remove_columns("context")

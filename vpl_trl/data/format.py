@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ class PreferenceDataError(ValueError):
 def _is_text_or_chat(value: Any) -> bool:
     if isinstance(value, str):
         return True
-    return isinstance(value, list) and all(isinstance(m, Mapping) and "content" in m for m in value)
+    return isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
 
 
 def validate_example(example: Mapping[str, Any], where: str, require_user: bool = False) -> None:
@@ -71,11 +71,11 @@ def validate_context(context: Any, where: str) -> None:
                 raise PreferenceDataError(f"{where}: `context[{j}]` has no valid `{column}` (expected a string).")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSONL (optionally `.gz`) file, naming the file and line of any malformed line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream `(line number, object)` from a JSONL (optionally `.gz`) file, naming the file and line of any
+    malformed line."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
     with opener(path, "rt", encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -86,8 +86,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise PreferenceDataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
             if not isinstance(row, dict):
                 raise PreferenceDataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-    return rows
+            yield number, row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSONL (optionally `.gz`) file, naming the file and line of any malformed line."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> int:
@@ -144,7 +148,7 @@ def load_preference_splits(
     """Load `train` and `test` splits from a folder of `train.jsonl`/`test.jsonl`, a `save_to_disk` folder,
     a single JSONL file (train only), or a hub dataset id."""
     source_path = Path(source)
-    if source_path.is_dir() and (source_path / "train.jsonl").exists():
+    if source_path.is_dir() and any((source_path / f"train{s}").exists() for s in (".jsonl", ".jsonl.gz")):
         splits = {}
         for split in ("train", "test"):
             for suffix in (".jsonl", ".jsonl.gz"):

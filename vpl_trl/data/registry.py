@@ -27,12 +27,13 @@ def parse_column_mapping(value: str | dict | None) -> dict[str, str] | None:
 
 
 def load_named_dataset(name: str, data_dir: str | Path = "data", column_mapping: str | dict | None = None,
-                       seed: int = 0) -> DatasetDict:
-    """Load `train`/`test` splits: Pets variants are generated into `data_dir/NAME` on first use."""
+                       require_user: bool = True) -> DatasetDict:
+    """Load `train`/`test` splits. Pets variants are generated into `data_dir/NAME` on first use, always with
+    the same data seed (0), as `python -m vpl_trl.data pets` does, so every run sees the same benchmark."""
     if name in BUILTIN:
         folder = Path(data_dir) / name
         if not (folder / "train.jsonl").exists():
-            counts = build_pets(folder, variant=BUILTIN[name], seed=seed)
+            counts = build_pets(folder, variant=BUILTIN[name])
             print(f"Generated {name}: {counts['train']} train / {counts['test']} test rows in {folder}")
         return load_preference_splits(folder)
-    return load_preference_splits(name, column_mapping=parse_column_mapping(column_mapping))
+    return load_preference_splits(name, column_mapping=parse_column_mapping(column_mapping), require_user=require_user)

@@ -38,7 +38,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .context import parse_num_context
-from .format import PreferenceDataError, write_jsonl
+from .format import PreferenceDataError, iter_jsonl, write_jsonl
 
 ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -110,18 +110,8 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Row]]:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Row]]:
     """Stream a JSONL(.gz) file, naming the line of any malformed row."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PreferenceDataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict):
-                raise PreferenceDataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
-            yield f"{path}, line {number}", row
+    for number, row in iter_jsonl(path):
+        yield f"{path}, line {number}", row
 
 
 def _starts_with_array(path: Path) -> bool:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import RewardConfig
 
+from ..models.configuration_vpl import EMBEDDING_MODES, POOLINGS, REWARD_TYPES
+
 
 @dataclass
 class VPLRewardConfig(RewardConfig):
@@ -35,7 +37,7 @@ class VPLRewardConfig(RewardConfig):
 
     model_type: str = field(
         default="vae", metadata={"help": "vae (VPL), base (Bradley-Terry), mean_and_variance or categorical (DPL).",
-                                 "choices": ["vae", "base", "mean_and_variance", "categorical"]}
+                                 "choices": list(REWARD_TYPES)}
     )
     latent_dim: int = field(default=512, metadata={"help": "Size of the user latent z."})
     hidden_dim: int = field(default=512, metadata={"help": "Width of the encoder and decoder MLPs."})
@@ -49,9 +51,9 @@ class VPLRewardConfig(RewardConfig):
     num_context: str = field(default="8", metadata={"help": "Context pairs per example: '8' or a range '2-8'."})
     embedding_mode: str = field(
         default="frozen", metadata={"help": "frozen (precomputed embeddings) or lora (adapter trained).",
-                                    "choices": ["frozen", "lora"]}
+                                    "choices": list(EMBEDDING_MODES)}
     )
-    pooling: str = field(default="last", metadata={"help": "last or mean.", "choices": ["last", "mean"]})
+    pooling: str = field(default="last", metadata={"help": "last or mean.", "choices": list(POOLINGS)})
     num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
     entropy_coeff: float = field(default=0.1, metadata={"help": "Entropy bonus of the categorical head."})
     embedding_batch_size: int = field(default=16, metadata={"help": "Batch size of embedding precomputation."})
@@ -73,6 +75,17 @@ class VPLRewardConfig(RewardConfig):
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation reports the loss and metrics, not every reward."}
     )
+
+    def model_config_kwargs(self) -> dict:
+        """The `VPLConfig` fields this configuration sets, for building a new model."""
+        return {
+            "reward_type": self.model_type,
+            "latent_dim": self.latent_dim,
+            "hidden_dim": self.hidden_dim,
+            "num_atoms": self.num_atoms,
+            "embedding_mode": self.embedding_mode,
+            "pooling": self.pooling,
+        }
 
     def __post_init__(self):
         if self.bf16 is None:

@@ -33,8 +33,9 @@ from ..embeddings import (
     default_embedding_cache_dir,
     render_text,
 )
-from ..losses import kl_weight_at, preference_loss
+from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
+from ..models.modeling_vpl import WEIGHTS_NAME
 from .vpl_reward_config import VPLRewardConfig
 
 # Columns the trainer builds and the collator reads
@@ -125,16 +126,7 @@ class VPLRewardTrainer(RewardTrainer):
     ):
         args = args or VPLRewardConfig(output_dir="vpl-reward-model")
         if isinstance(model, str):
-            model = VPLRewardModel.from_backbone(
-                model,
-                reward_type=args.model_type,
-                latent_dim=args.latent_dim,
-                hidden_dim=args.hidden_dim,
-                num_atoms=args.num_atoms,
-                embedding_mode=args.embedding_mode,
-                pooling=args.pooling,
-                **(model_init_kwargs or {}),
-            )
+            model = VPLRewardModel.from_backbone(model, **args.model_config_kwargs(), **(model_init_kwargs or {}))
         if not isinstance(model, VPLRewardModel):
             raise TypeError(f"VPLRewardTrainer trains a VPLRewardModel (or a backbone name), got {type(model).__name__}.")
         if processing_class is None:
@@ -299,9 +291,7 @@ class VPLRewardTrainer(RewardTrainer):
         model.eval()
         device = next(model.decoder.parameters()).device
         batch_size = batch_size or self.args.per_device_eval_batch_size
-        keep = [c for c in self._signature_columns or [] if c in prepared.column_names] or [
-            c for c in TOKEN_COLUMNS + INDEX_COLUMNS + CONTEXT_COLUMNS if c in prepared.column_names
-        ]
+        keep = [c for c in TOKEN_COLUMNS + INDEX_COLUMNS + CONTEXT_COLUMNS if c in prepared.column_names]
         result: dict[str, list] = defaultdict(list)
         for begin in range(0, len(prepared), batch_size):
             rows = prepared.select(range(begin, min(begin + batch_size, len(prepared))))
@@ -313,8 +303,8 @@ class VPLRewardTrainer(RewardTrainer):
             result["reward_rejected"] += rejected.tolist()
             if outputs.latent_mean is not None:
                 result["latent_mean"] += outputs.latent_mean.float().cpu().tolist()
-                mean, logvar = outputs.latent_mean.float(), outputs.latent_logvar.float()
-                result["kl"] += (0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(-1)).cpu().tolist()
+                kl = gaussian_kl(outputs.latent_mean.float(), outputs.latent_logvar.float(), reduction="none")
+                result["kl"] += kl.cpu().tolist()
         for column in ("user_id", "controversial"):
             if column in prepared.column_names:
                 result[column] = list(prepared[column])
@@ -323,9 +313,18 @@ class VPLRewardTrainer(RewardTrainer):
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        # Checked here, not in `_load_from_checkpoint`, which DeepSpeed runs never reach.
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            check_checkpoint_matches(resume_from_checkpoint, self.accelerator.unwrap_model(self.model).config)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        check_checkpoint_matches(resume_from_checkpoint, self.accelerator.unwrap_model(model or self.model).config)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        weights = Path(resume_from_checkpoint) / WEIGHTS_NAME
+        if not weights.exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The checkpoint holds the heads and adapter only: load those (the backbone's weights are not missing).
+        self.accelerator.unwrap_model(model or self.model).load_trained_weights(weights)
 
 
 def count_active_units(latent_means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
