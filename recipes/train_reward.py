@@ -24,7 +24,7 @@ from trl import ModelConfig, TrlParser, get_quantization_config
 from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 from vpl_trl.data.registry import load_named_dataset
 from vpl_trl.distributed import cpu_launch_defaults
-from vpl_trl.embedded_model import DEFAULT_MODEL
+from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.evaluation import evaluate_reward_model, format_table
 
 
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
         test = test.select(range(min(script_args.max_eval_samples, len(test))))
 
     set_seed(args.seed)  # the heads' and adapter's initialization: the same in every process and every launch
-    with args.main_process_first(desc="loading the model"):  # the main process converts the embedded model once
-        model = build_model(model_args, args)
-    trainer = VPLRewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
+    with args.main_process_first(desc="converting the embedded model"):  # once, by the main process
+        resolve_model_name_or_path(model_args.model_name_or_path or DEFAULT_MODEL)
+    # Every process loads the model at the same time: under ZeRO-3, loading partitions it across them.
+    trainer = VPLRewardTrainer(model=build_model(model_args, args), args=args, train_dataset=train, eval_dataset=test)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 
