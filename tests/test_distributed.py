@@ -23,9 +23,10 @@ from vpl_trl.embeddings import _tokenize, render_text
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_reward.py"
 # A 2-process run sums the same per-example gradients in another order than one process (differences ~1e-6 in the
-# logged losses); Adam's normalized steps carry such differences into the weights, ~1e-4 in the final rewards.
+# logged losses); Adam's normalized steps carry such differences into the weights: 1e-4 to 2e-3 seen in the final
+# rewards. A wrong save or reload differs by the rewards' own order (about 1).
 LOSS_TOLERANCE = 1e-4  # absolute, per logged step
-REWARD_TOLERANCE = 1e-3  # absolute, rewards of order 1
+REWARD_TOLERANCE = 5e-3  # absolute, rewards of order 1
 # A resumed run replays the same computation (weights, optimizer, scheduler and RNG states restored).
 RESUME_TOLERANCE = 1e-6
 GLOBAL_BATCH = 8
