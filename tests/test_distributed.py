@@ -2,7 +2,6 @@
 CPU (DeepSpeed's CPU accelerator, gloo), against a single-process run with the same global batch; saving under
 ZeRO-3, reloading the saved folder, and resuming from a DeepSpeed checkpoint."""
 
-import importlib.util
 import json
 import os
 import re
@@ -126,19 +125,12 @@ def saved_rewards(folder: Path, pairs: list[dict], context: list[dict]) -> torch
     return model(**inputs).logits.squeeze(-1).float()
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("train_reward", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def single_process_run(tiny_backbone, data_dir, tmp_path_factory) -> Path:
+def single_process_run(tiny_backbone, data_dir, tmp_path_factory, train_reward_recipe) -> Path:
     """The reference: one process, the whole global batch per step (in this process, as `python recipes/...`)."""
     output_dir = tmp_path_factory.mktemp("single") / "run"
-    load_recipe().main(recipe_args(tiny_backbone, data_dir, output_dir, "base", GLOBAL_BATCH))
+    train_reward_recipe.main(recipe_args(tiny_backbone, data_dir, output_dir, "base", GLOBAL_BATCH))
     return output_dir
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,18 +20,7 @@ from vpl_trl.policy import (
     policy_prompt,
 )
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ppo_personalized.py"
 USERS = ("harmless", "helpful")
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("ppo_personalized", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the recipe's string annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +67,9 @@ def check_results(output_dir: Path, mode: str) -> dict:
     return results
 
 
-def test_recipe_conditioned_mode(recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys):
+def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys):
     output_dir = tmp_path / "conditioned"
-    recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned"))
+    ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned"))
     check_adapter(output_dir)
     results = check_results(output_dir, "conditioned")
     assert results["runs"]["all"]["steps"] == 2
@@ -90,11 +77,11 @@ def test_recipe_conditioned_mode(recipe, tiny_reward_model, tiny_backbone, small
     assert "| policy for \\ reward of | harmless | helpful |" in capsys.readouterr().out
 
 
-def test_recipe_per_user_mode_from_yaml_config(recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path):
+def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path):
     output_dir = tmp_path / "per-user"
     config = tmp_path / "recipe.yaml"
     config.write_text("mode: per_user\nnum_iterations: 1\nbeta: 0.0\n")
-    recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--config", str(config)))
+    ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--config", str(config)))
     for user in USERS:
         check_adapter(output_dir / "adapters" / user)
     results = check_results(output_dir, "per_user")
@@ -143,8 +130,8 @@ def test_user_contexts_from_a_mapping_file(tmp_path):
         load_user_pairs(mapping)
 
 
-def test_config_defaults_suit_cpu(recipe, tmp_path):
-    args = recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path))
+def test_config_defaults_suit_cpu(ppo_recipe, tmp_path):
+    args = ppo_recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path))
     assert args.bf16 == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert not args.use_vllm and args.num_generations >= 2
     assert args.per_device_train_batch_size % args.num_generations == 0

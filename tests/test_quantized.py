@@ -1,9 +1,6 @@
 """QLoRA-style training on a bitsandbytes-quantized backbone (the recipe's `--load_in_4bit` / `--load_in_8bit`),
 on CPU: bitsandbytes >= 0.49 runs 4-bit and 8-bit layers, forward and backward, on its CPU backend."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +12,8 @@ from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 from vpl_trl.embeddings import _tokenize, render_text
 from vpl_trl.models.modeling_vpl import load_backbone
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_reward.py"
 QUANTIZED_LAYER = {"load_in_4bit": Linear4bit, "load_in_8bit": Linear8bitLt}
 
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("train_reward", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -44,14 +33,15 @@ def rewards(model: VPLRewardModel, tokenizer, pairs, context) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
-def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_backbone, pets_data, tmp_path):
+def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_backbone, pets_data, tmp_path,
+                                                                 train_reward_recipe):
     args = VPLRewardConfig(
         output_dir=str(tmp_path / "out"), model_type="vae", embedding_mode="lora", latent_dim=8, hidden_dim=32,
         num_context="4", pooling="mean", max_length=128, per_device_train_batch_size=8, max_steps=3,
         learning_rate=3e-3, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
     )
     # The recipe's path: ModelConfig flags -> BitsAndBytesConfig (bf16 compute) -> the backbone's from_pretrained.
-    model = load_recipe().build_model(ModelConfig(model_name_or_path=tiny_backbone, **{flag: True}), args)
+    model = train_reward_recipe.build_model(ModelConfig(model_name_or_path=tiny_backbone, **{flag: True}), args)
     backbone = model.backbone.get_base_model()
     assert isinstance(backbone.layers[0].self_attn.q_proj.base_layer, QUANTIZED_LAYER[flag])
     assert getattr(model, f"is_loaded_in_{flag[len('load_in_'):]}")

@@ -1,21 +1,8 @@
 """recipes/train_reward.py end to end on a tiny backbone: results file, flags, YAML config, output protection."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_reward.py"
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("train_reward", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the recipe's annotations through its module
-    spec.loader.exec_module(module)
-    return module
 
 
 def base_args(tiny_backbone, tmp_path, output="run"):
@@ -35,8 +22,8 @@ def base_args(tiny_backbone, tmp_path, output="run"):
     ]
 
 
-def test_recipe_trains_evaluates_and_writes_results(tiny_backbone, tmp_path, capsys):
-    recipe = load_recipe()
+def test_recipe_trains_evaluates_and_writes_results(tiny_backbone, tmp_path, capsys, train_reward_recipe):
+    recipe = train_reward_recipe
     results = recipe.main(base_args(tiny_backbone, tmp_path) + ["--model_type", "vae", "--extra_eval_datasets", "pets"])
     saved = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -48,8 +35,8 @@ def test_recipe_trains_evaluates_and_writes_results(tiny_backbone, tmp_path, cap
     assert "| vae on pets_controversial |" in capsys.readouterr().out
 
 
-def test_recipe_reads_a_yaml_config_and_refuses_to_overwrite(tiny_backbone, tmp_path):
-    recipe = load_recipe()
+def test_recipe_reads_a_yaml_config_and_refuses_to_overwrite(tiny_backbone, tmp_path, train_reward_recipe):
+    recipe = train_reward_recipe
     config = tmp_path / "recipe.yaml"
     config.write_text("model_type: base\nlearning_rate: 1.0e-3\n")
     results = recipe.main(base_args(tiny_backbone, tmp_path, "yaml") + ["--config", str(config)])
@@ -62,10 +49,10 @@ def test_recipe_reads_a_yaml_config_and_refuses_to_overwrite(tiny_backbone, tmp_
     assert json.loads((tmp_path / "yaml" / "eval_results.json").read_text())["model_type"] == "vae"
 
 
-def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys):
+def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys, train_reward_recipe):
     from vpl_trl.report import main as report
 
-    recipe = load_recipe()
+    recipe = train_reward_recipe
     for model_type in ("vae", "base"):
         recipe.main(base_args(tiny_backbone, tmp_path, model_type) + ["--model_type", model_type])
     capsys.readouterr()
@@ -76,7 +63,7 @@ def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys):
         report([str(tmp_path / "missing")])
 
 
-def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone, tmp_path):
+def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone, tmp_path, train_reward_recipe):
     from vpl_trl.data import PreferenceDataError, read_jsonl, write_jsonl
     from vpl_trl.data.pets import build_pets
 
@@ -84,7 +71,7 @@ def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone,
     for split in ("train", "test"):
         rows = [{k: v for k, v in r.items() if k != "user_id"} for r in read_jsonl(tmp_path / "pets" / f"{split}.jsonl")]
         write_jsonl(rows, tmp_path / "anonymous" / f"{split}.jsonl")
-    recipe = load_recipe()
+    recipe = train_reward_recipe
     args = base_args(tiny_backbone, tmp_path, "anon") + ["--dataset", str(tmp_path / "anonymous")]
     assert recipe.main(args + ["--model_type", "base"])["n_eval"] == 20
     with pytest.raises(PreferenceDataError, match="missing field `user_id`"):
