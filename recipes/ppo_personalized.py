@@ -13,8 +13,10 @@ its prompt belongs to.
 - `per_user`: one LoRA adapter per user, trained on the bare prompts against that user's reward, saved to
   `output_dir/adapters/<user>`.
 
-Before and after training, the policy for each user answers held-out prompts and every user's reward scores
-the answers: `output_dir/eval_results.json`, a printed table and `output_dir/eval_matrix.png`.
+Before and after training, the policy for each user answers held-out prompts (`--eval_prompts`; a conditioned
+policy sees a preamble drawn from the user's test-split pairs, which no training prompt showed, as a new user's
+would be) and every user's reward scores the answers: `output_dir/eval_results.json`, a printed table,
+`output_dir/eval_matrix.png` and every scored completion in `output_dir/eval_completions.jsonl`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
+from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.generation import GenerationSettings, PersonalizedRewardScorer, load_policy
@@ -43,9 +46,10 @@ from vpl_trl.policy import (
     generate_for_user,
     load_prompt_list,
     load_user_pairs,
+    mean_rewards,
     policy_prompt,
     resolve_data_source,
-    reward_row,
+    score_completions,
     summarize,
     write_results,
 )
@@ -138,6 +142,22 @@ def load_prompts(script_args: ScriptArguments, source: Path) -> tuple[list[Any],
     return train, (held_out or train)[: script_args.max_eval_prompts], distinct
 
 
+def held_out_preambles(
+    source: Path, pairs: Mapping[str, list], k: int, rng: random.Random
+) -> tuple[dict[str, list], bool]:
+    """Contexts that a conditioned policy is evaluated with: drawn from each user's test-split pairs, which no
+    training prompt showed (as for a new user), when the data has them for every user; else none."""
+    if not source.is_dir():
+        return {}, False
+    try:
+        test_pairs = load_user_pairs(source, "test")
+    except PreferenceDataError:
+        return {}, False
+    if not all(test_pairs.get(user) for user in pairs):
+        return {}, False
+    return {user: draw_context(test_pairs[user], k, rng) for user in pairs}, True
+
+
 def evaluate(
     model,
     tokenizer,
@@ -148,18 +168,22 @@ def evaluate(
     prompts_for: Callable[[str], list[Any]],
     samples: int,
     settings: GenerationSettings,
-) -> Matrix:
-    """Rows of the cross-user matrix for `users`; users whose policy prompts coincide share one generation."""
+    stage: str,
+) -> tuple[Matrix, list[dict[str, Any]]]:
+    """Rows of the cross-user matrix for `users`, and every scored completion (tagged with `stage` and the user
+    the policy served); users whose policy prompts coincide share one generation."""
     rows: Matrix = {}
-    by_prompts: dict[str, dict[str, float]] = {}
+    records: list[dict[str, Any]] = []
+    by_prompts: dict[str, list[dict[str, Any]]] = {}
     for user in users:
         policy_prompts = prompts_for(user)
         key = json.dumps(policy_prompts, sort_keys=True, default=str)
         if key not in by_prompts:
             completions = generate_for_user(model, tokenizer, eval_prompts, policy_prompts, samples, settings)
-            by_prompts[key] = reward_row(scorer, completions, latents)
-        rows[user] = by_prompts[key]
-    return rows
+            by_prompts[key] = score_completions(scorer, completions, latents)
+        rows[user] = mean_rewards(by_prompts[key])
+        records += [{"stage": stage, "policy_for": user, **record} for record in by_prompts[key]]
+    return rows, records
 
 
 def train_policy(
@@ -196,8 +220,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_policy, tokenizer = load_policy(policy_path, device=args.device)
     chat = bool(getattr(tokenizer, "chat_template", None))
 
+    preambles, preambles_held_out = {}, False
+    if conditioned:
+        preambles, preambles_held_out = held_out_preambles(source, pairs, script_args.num_context, rng)
+
     def prompts_for(user: str) -> list[Any]:
-        context = contexts[user] if conditioned else None
+        context = (preambles.get(user) or contexts[user]) if conditioned else None
         return [policy_prompt(p, context, chat, script_args.preamble_pairs) for p in eval_prompts]
 
     settings = GenerationSettings(
@@ -206,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eval_kwargs = {"scorer": scorer, "latents": latents, "eval_prompts": eval_prompts, "prompts_for": prompts_for,
                    "samples": script_args.eval_samples, "settings": settings}
     users = list(pairs)
-    before = evaluate(base_policy, tokenizer, users=users, **eval_kwargs) if is_main else {}
+    before: Matrix = {}
+    completions: list[dict[str, Any]] = []
+    if is_main:
+        before, completions = evaluate(base_policy, tokenizer, users=users, stage="before", **eval_kwargs)
     del base_policy
 
     reward = PersonalizedRewardFunction(scorer, latents)
@@ -218,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer, seconds = train_policy(policy_path, dataset, reward, args, model_args)
         runs["all"] = {"steps": trainer.state.global_step, "train_seconds": seconds, "adapter": str(output_dir)}
         if is_main:
-            after = evaluate(trainer.model, tokenizer, users=users, **eval_kwargs)
+            after, records = evaluate(trainer.model, tokenizer, users=users, stage="after", **eval_kwargs)
+            completions += records
     else:
         for user in users:
             user_args = copy.deepcopy(args)
@@ -228,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer, seconds = train_policy(policy_path, dataset, reward, user_args, model_args)
             runs[user] = {"steps": trainer.state.global_step, "train_seconds": seconds, "adapter": user_args.output_dir}
             if is_main:
-                after.update(evaluate(trainer.model, tokenizer, users=[user], **eval_kwargs))
+                row, records = evaluate(trainer.model, tokenizer, users=[user], stage="after", **eval_kwargs)
+                after.update(row)
+                completions += records
             del trainer
 
     if not is_main:
@@ -237,13 +271,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         before, after, mode=script_args.mode, policy=policy_path, reward_model=script_args.reward_model,
         eval_prompts=len(eval_prompts), eval_samples_per_prompt=script_args.eval_samples,
         eval_prompts_held_out=held_out, runs=runs,
+        **({"eval_preambles_held_out": preambles_held_out} if conditioned else {}),
     )
-    paths = write_results(results, output_dir)
+    paths = write_results(results, output_dir, completions)
     (output_dir / "users.json").write_text(json.dumps(
-        {"mode": script_args.mode, "preamble_pairs": script_args.preamble_pairs, "contexts": contexts}, indent=2
+        {"mode": script_args.mode, "preamble_pairs": script_args.preamble_pairs, "contexts": contexts,
+         "eval_preambles": preambles}, indent=2
     ))
     print(format_results(results))
-    print(f"Wrote {paths['json']} and {paths['png']}")
+    print(f"Wrote {paths['json']}, {paths['png']} and {paths['completions']}")
     return results
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import AutoModel
 
 from vpl_trl.losses import categorical_chosen_probability, kl_weight_at, mean_and_variance_loss
 from vpl_trl.models import VPLRewardModel
@@ -74,6 +75,10 @@ def test_saved_model_reloads_to_identical_rewards(tiny_backbone, tmp_path, mode)
     chosen, rejected = context(batch=1)
     kwargs = dict(input_ids=ids, attention_mask=mask, context_chosen=chosen, context_rejected=rejected)
     torch.testing.assert_close(model(**kwargs).logits, reloaded(**kwargs).logits, rtol=0, atol=0)
+    if mode == "frozen":  # the Auto classes know the model type too
+        auto = AutoModel.from_pretrained(tmp_path)
+        assert isinstance(auto, VPLRewardModel)
+        torch.testing.assert_close(auto(**kwargs).logits, reloaded(**kwargs).logits, rtol=0, atol=0)
 
 
 def test_loading_with_another_backbone_is_refused(tiny_backbone, other_backbone, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
-from vpl_trl.generation import PersonalizedRewardScorer
+from vpl_trl.generation import PersonalizedRewardScorer, dialogue_messages
 from vpl_trl.policy import (
     PersonalizedRewardFunction,
     build_policy_dataset,
@@ -64,6 +64,14 @@ def check_results(output_dir: Path, mode: str) -> dict:
         assert set(results["matrix_after"][user]) == set(USERS)
     assert (output_dir / "eval_matrix.png").read_bytes().startswith(b"\x89PNG")
     assert set(json.loads((output_dir / "users.json").read_text())["contexts"]) == set(USERS)
+    records = [json.loads(line) for line in (output_dir / "eval_completions.jsonl").read_text().splitlines()]
+    for stage, matrix in (("before", results["matrix_before"]), ("after", results["matrix_after"])):
+        for user in USERS:  # the matrix is the mean of the scored completions it lists
+            rows = [r for r in records if r["stage"] == stage and r["policy_for"] == user]
+            assert len(rows) == results["eval_prompts"] * results["eval_samples_per_prompt"]
+            for scored_by in USERS:
+                mean = sum(r["rewards"][scored_by] for r in rows) / len(rows)
+                assert mean == pytest.approx(matrix[user][scored_by], abs=1e-5)
     return results
 
 
@@ -74,17 +82,27 @@ def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, s
     results = check_results(output_dir, "conditioned")
     assert results["runs"]["all"]["steps"] == 2
     assert results["eval_prompts_held_out"] is False  # Pets has one prompt: evaluated on the training prompt
+    # evaluated as new users: preambles drawn from test pairs, which no training prompt showed
+    assert results["eval_preambles_held_out"] is True
+    preambles = json.loads((output_dir / "users.json").read_text())["eval_preambles"]
+    test_answers = {r["chosen"] for r in load_user_pairs(small_pets, "test")["helpful"]}
+    assert preambles["helpful"] and all(pair["chosen"] in test_answers for pair in preambles["helpful"])
     assert "| policy for \\ reward of | harmless | helpful |" in capsys.readouterr().out
 
 
 def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path):
     output_dir = tmp_path / "per-user"
     config = tmp_path / "recipe.yaml"
-    config.write_text("mode: per_user\nnum_iterations: 1\nbeta: 0.0\n")
+    train_prompts, eval_prompts = tmp_path / "train.jsonl", tmp_path / "eval.txt"
+    train_prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": "Human: A pet?\n\nAssistant:"}) + "\n")
+    eval_prompts.write_text("Which pet do you like?\nSay something about cats.\n")
+    config.write_text(f"mode: per_user\nnum_iterations: 1\nbeta: 0.0\nprompts: {train_prompts}\neval_prompts: {eval_prompts}\n")
     ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--config", str(config)))
     for user in USERS:
         check_adapter(output_dir / "adapters" / user)
     results = check_results(output_dir, "per_user")
+    assert results["eval_prompts_held_out"] is True and results["eval_prompts"] == 2
+    assert "eval_preambles_held_out" not in results  # per-user policies see no preamble
     assert {u: r["steps"] for u, r in results["runs"].items()} == {u: 2 for u in USERS}
 
 
@@ -110,13 +128,23 @@ def test_conditioning_preamble_and_dataset():
     preamble = context_preamble(context, max_pairs=2)
     assert preamble.count("- preferred: Dogs are great. / over: Cats, I suppose.") == 2
     assert policy_prompt(PROMPT, context, chat=False, max_pairs=2) == f"{preamble}\n\n{PROMPT}"
-    assert policy_prompt(PROMPT, None, chat=True) == [{"role": "user", "content": PROMPT}]
+    assert policy_prompt(PROMPT, None, chat=True) == [{"role": "user", "content": "Please talk about one kind of pet."}]
+    assert policy_prompt("Hi there", None, chat=True) == [{"role": "user", "content": "Hi there"}]
     chat_prompt = [{"role": "user", "content": "hi"}]
-    assert policy_prompt(chat_prompt, context, chat=True)[0]["role"] == "system"
+    assert policy_prompt(chat_prompt, context, chat=True, max_pairs=2) == [{"role": "system", "content": preamble}] + chat_prompt
     dataset = build_policy_dataset(["p1", "p2"], {"a": context, "b": context}, conditioned=True, chat=False,
                                    rows_per_user=3, preamble_pairs=1)
     assert len(dataset) == 6 and set(dataset.column_names) == {"prompt", "raw_prompt", "user_id"}
     assert all(row["prompt"].endswith(row["raw_prompt"]) and "preferred:" in row["prompt"] for row in dataset)
+
+
+def test_dialogue_prompts_become_chat_turns():
+    dialogue = "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: A pet?\n\nAssistant:"
+    assert dialogue_messages(dialogue) == [
+        {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A pet?"},
+    ]
+    for not_a_dialogue in ("Please talk about a pet.", "Human: Hi.\n\nAssistant: Hello!", "Assistant:", "Note\n\nHuman: x\n\nAssistant:"):
+        assert dialogue_messages(not_a_dialogue) is None
 
 
 def test_user_contexts_from_a_mapping_file(tmp_path):

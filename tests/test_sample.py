@@ -60,7 +60,8 @@ def test_cli_end_to_end_json(tiny_reward_model, tiny_backbone, context_file):
         sys.executable, "-m", "vpl_trl.sample", "--reward-model", tiny_reward_model, "--user-context", context_file,
         "--prompt", PROMPT, "--policy", tiny_backbone, "--n", "4", "--max-new-tokens", "6", "--json",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    env = {**os.environ, "WANDB_MODE": "offline"}  # transformers then prints a notice on import: not to stdout
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["prompt"] == PROMPT
@@ -172,6 +173,25 @@ def test_scores_match_the_reward_model_on_training_texts(best_of_n, pets_data):
     assert scored == pytest.approx(expected.logits.squeeze(-1).tolist(), abs=1e-5)
     per_row = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows], latent.repeat(5, 1))
     assert per_row == pytest.approx(scored, abs=1e-5)
+
+
+def test_scoring_truncates_where_training_did(best_of_n):
+    """Over-long texts keep their end in training; scoring cuts them at the length the model was trained with."""
+    model, tokenizer = best_of_n.scorer.model, best_of_n.scorer.tokenizer
+    prompts = ["Human: Talk about a pet.\n\nAssistant:", "Human: Tell me anything at all, please.\n\nAssistant:"]
+    answer = "Dogs are loyal and energetic pets."
+    saved = model.config.max_sequence_length
+    try:
+        model.config.max_sequence_length = len(tokenizer(" " + answer + tokenizer.eos_token)["input_ids"])
+        scorer = PersonalizedRewardScorer(model, tokenizer)
+        assert scorer.max_length == model.config.max_sequence_length
+        same = scorer.score(prompts, [answer, answer])
+        assert same[0] == pytest.approx(same[1], abs=1e-6)  # the prompts were cut off, as in training
+        model.config.max_sequence_length = None
+        different = PersonalizedRewardScorer(model, tokenizer).score(prompts, [answer, answer])
+        assert different[0] != pytest.approx(different[1], abs=1e-6)
+    finally:
+        model.config.max_sequence_length = saved
 
 
 def test_generation_batches_and_seeds(tiny_backbone):

@@ -90,7 +90,9 @@ def test_saved_model_gives_identical_rewards(trained_vae, pets_data, tmp_path):
     sample = pets_data["test"].select(range(8))
     expected = trained_vae.predict_preferences(sample)
     trained_vae.save_model(tmp_path / "saved")
-    assert json.loads((tmp_path / "saved" / "config.json").read_text())["reward_type"] == "vae"
+    saved_config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved_config["reward_type"] == "vae"
+    assert saved_config["max_sequence_length"] == trained_vae.args.max_length  # scoring truncates alike
     model = trained_vae.model
     try:
         trained_vae.model = VPLRewardModel.from_pretrained(tmp_path / "saved")

@@ -43,6 +43,7 @@ from .evaluation import (
     context_size_curve,
     default_context_sizes,
     evaluate_reward_model,
+    format_percent,
     per_user_breakdown,
 )
 from .models import VPLConfig, VPLRewardModel
@@ -148,9 +149,9 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
             "reward_type": model.config.reward_type,
             "num_context": args.num_context,
             "seed": args.seed,
-            **evaluate_reward_model(trainer, test, name=name),
         }
         predictions = trainer.predict_preferences(test, name=name)
+        metrics.update(evaluate_reward_model(trainer, test, name=name, predictions=predictions))
         metrics["per_user_breakdown"] = per_user_breakdown(predictions)
         plots = {"accuracy": ACCURACY_PLOT}
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -199,10 +200,6 @@ def _fixed_k(num_context: str) -> int | None:
 # ----- the markdown report ------------------------------------------------------------------------------------
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def _pct_spread(values: list[float] | None) -> str:
     if values is None:
         return "-"
@@ -218,9 +215,9 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
              f"Model `{metrics['model']}`, dataset `{metrics['dataset']}` (split `{metrics['split']}`, "
              f"{metrics['n_eval']} pairs), contexts of {metrics['num_context']} pairs drawn from each user's training "
              f"pairs (seed {metrics['seed']}).", "", "## Accuracy", ""]
-    rows = [["all users", _pct(metrics["accuracy"]), _pct(metrics.get("controversial_accuracy")),
-             _pct(metrics.get("agreed_accuracy")), str(metrics["n_eval"])]]
-    rows += [[f"user {u}", _pct(r["accuracy"]), _pct(r.get("controversial_accuracy")), _pct(r.get("agreed_accuracy")),
+    rows = [["all users", format_percent(metrics["accuracy"]), format_percent(metrics.get("controversial_accuracy")),
+             format_percent(metrics.get("agreed_accuracy")), str(metrics["n_eval"])]]
+    rows += [[f"user {u}", format_percent(r["accuracy"]), format_percent(r.get("controversial_accuracy")), format_percent(r.get("agreed_accuracy")),
               str(r["n"])] for u, r in metrics["per_user_breakdown"].items()]
     lines += _table(["", "all pairs", "controversial", "agreed", "pairs"], rows)
     lines += ["", f"![accuracy]({ACCURACY_PLOT})", ""]
@@ -236,16 +233,16 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
         ["diagnostic", "value"],
         [["KL(q(z|context) ‖ N(0, I)), mean per user", f"{metrics['kl']:.2f}"],
          ["active units (posterior mean varies across users)", f"{metrics['active_units']} of {metrics['latent_dim']}"],
-         [f"linear probe of the user from z ({probe['folds']}-fold CV), trained encoder", _pct(probe["trained"])],
-         ["same probe, untrained encoder", _pct(probe["untrained"])],
-         ["probe chance level (majority user)", _pct(probe["chance"])],
-         ["accuracy with another user's context (context swap)", _pct(swap.get("accuracy"))],
-         ["controversial accuracy with another user's context", _pct(swap.get("controversial_accuracy"))],
-         ["agreed accuracy with another user's context", _pct(swap.get("agreed_accuracy"))]],
+         [f"linear probe of the user from z ({probe['folds']}-fold CV), trained encoder", format_percent(probe["trained"])],
+         ["same probe, untrained encoder", format_percent(probe["untrained"])],
+         ["probe chance level (majority user)", format_percent(probe["chance"])],
+         ["accuracy with another user's context (context swap)", format_percent(swap.get("accuracy"))],
+         ["controversial accuracy with another user's context", format_percent(swap.get("controversial_accuracy"))],
+         ["agreed accuracy with another user's context", format_percent(swap.get("agreed_accuracy"))]],
     )
     drop = None if swap.get("accuracy") is None else metrics["accuracy"] - swap["accuracy"]
-    lines += ["", f"The context swap costs {_pct(drop)} of accuracy"
-              + (f" ({_pct(metrics['controversial_accuracy'] - swap['controversial_accuracy'])} on controversial pairs)"
+    lines += ["", f"The context swap costs {format_percent(drop)} of accuracy"
+              + (f" ({format_percent(metrics['controversial_accuracy'] - swap['controversial_accuracy'])} on controversial pairs)"
                  if swap.get("controversial_accuracy") is not None else "")
               + ": the larger the drop, the more the reward depends on the user's latent. The probe is read against "
               "the untrained encoder's: users' contexts differ, so even random weights may separate them; only a "
@@ -293,8 +290,8 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
     metrics = evaluate(args)
-    print(f"{metrics['reward_type']} on {args.dataset}: accuracy {_pct(metrics['accuracy'])}, controversial "
-          f"{_pct(metrics.get('controversial_accuracy'))}; results in {args.output_dir}")
+    print(f"{metrics['reward_type']} on {args.dataset}: accuracy {format_percent(metrics['accuracy'])}, controversial "
+          f"{format_percent(metrics.get('controversial_accuracy'))}; results in {args.output_dir}")
     return metrics
 
 

@@ -62,9 +62,12 @@ def swap_contexts(dataset: Dataset, pool: Dataset, num_context: int | str, seed:
     return relabeled.map(lambda e: {"user_id": back[e["user_id"]]})
 
 
-def evaluate_reward_model(trainer, dataset: Dataset, name: str = "test", context_swap: bool = True) -> dict[str, Any]:
-    """Metrics of the trainer's model on `dataset`; for VPL models also the accuracy with swapped contexts."""
-    metrics = preference_metrics(trainer.predict_preferences(dataset, name=name))
+def evaluate_reward_model(
+    trainer, dataset: Dataset, name: str = "test", context_swap: bool = True, predictions: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Metrics of the trainer's model on `dataset` (from `predictions` of `trainer.predict_preferences` when the
+    caller has them); for VPL models also the accuracy with swapped contexts."""
+    metrics = preference_metrics(predictions if predictions is not None else trainer.predict_preferences(dataset, name=name))
     pool = getattr(trainer, "_context_pool", None)
     if context_swap and trainer.model.config.use_latent and pool is not None and len(set(pool["user_id"])) > 1:
         swapped = swap_contexts(dataset, pool, trainer.args.num_context, trainer.args.seed)
@@ -82,14 +85,15 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, metrics in results.items():
         swap = (metrics.get("context_swap") or {}).get("controversial_accuracy")
-        cells = [run, _pct(metrics.get("accuracy"))]
-        cells += [_pct(metrics.get("per_user", {}).get(u)) for u in users]
-        cells += [_pct(metrics.get("controversial_accuracy")), _pct(metrics.get("agreed_accuracy")), _pct(swap)]
+        cells = [run, format_percent(metrics.get("accuracy"))]
+        cells += [format_percent(metrics.get("per_user", {}).get(u)) for u in users]
+        cells += [format_percent(metrics.get(key)) for key in ("controversial_accuracy", "agreed_accuracy")]
+        cells.append(format_percent(swap))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _pct(value) -> str:
+def format_percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 

@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -185,11 +186,13 @@ class PersonalizedRewardScorer:
         model: VPLRewardModel,
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 16,
-        max_length: int | None = 512,
+        max_length: int | None = None,
     ):
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
-        self.context_cache = EmbeddingCache(default_embedding_cache_dir(model, model.config.pooling, max_length))
+        # by default, truncate where training did (models saved before this setting existed trained at 512)
+        self.max_length = max_length or getattr(model.config, "max_sequence_length", 512)
+        self.batch_size = batch_size
+        self.context_cache = EmbeddingCache(default_embedding_cache_dir(model, model.config.pooling, self.max_length))
         self._latents: dict[str, tuple[str, torch.Tensor]] = {}
         self.latent_computations = 0
 
@@ -300,10 +303,21 @@ def load_policy(name_or_path: str = DEFAULT_MODEL, device: Device = None) -> tup
     return model.to(device or default_device()).eval(), tokenizer
 
 
+def dialogue_messages(text: str) -> list[dict[str, str]] | None:
+    """Chat messages of a `Human: ... Assistant:` dialogue ending in an open assistant turn (HH-RLHF and Pets
+    prompts), or None when `text` is not one."""
+    turns = re.split(r"(?:^|\n\n)(Human|Assistant):", text)
+    if turns[0].strip() or len(turns) < 3 or turns[1] != "Human" or turns[-2] != "Assistant" or turns[-1].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[turns[i]], "content": turns[i + 1].strip()} for i in range(1, len(turns) - 2, 2)]
+
+
 def policy_input_text(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> str:
-    """The text a policy continues: the chat template with a generation prompt when the tokenizer has one."""
+    """The text a policy continues: the chat template with a generation prompt when the tokenizer has one
+    (a `Human:/Assistant:` dialogue becomes its turns, other text one user message)."""
     if getattr(tokenizer, "chat_template", None):
-        messages = prompt if is_chat(prompt) else [{"role": "user", "content": prompt}]
+        messages = prompt if is_chat(prompt) else dialogue_messages(prompt) or [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if is_chat(prompt):
         raise ValueError("a chat prompt needs a policy tokenizer with a chat template.")

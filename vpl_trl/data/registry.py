@@ -26,14 +26,21 @@ def parse_column_mapping(value: str | dict | None) -> dict[str, str] | None:
         raise ValueError(f"column_mapping must be JSON or 'theirs=ours,...', got {value!r}.") from None
 
 
+def builtin_dataset_folder(name: str, data_dir: str | Path = "data") -> Path:
+    """The folder of a built-in dataset (`pets`, `pets_controversial`), generated into `data_dir/NAME` on first
+    use, always with the same data seed (0), as `python -m vpl_trl.data pets` does, so every run sees the same
+    benchmark."""
+    folder = Path(data_dir) / name
+    if not (folder / "train.jsonl").exists():
+        counts = build_pets(folder, variant=BUILTIN[name])
+        print(f"Generated {name}: {counts['train']} train / {counts['test']} test rows in {folder}")
+    return folder
+
+
 def load_named_dataset(name: str, data_dir: str | Path = "data", column_mapping: str | dict | None = None,
                        require_user: bool = True) -> DatasetDict:
-    """Load `train`/`test` splits. Pets variants are generated into `data_dir/NAME` on first use, always with
-    the same data seed (0), as `python -m vpl_trl.data pets` does, so every run sees the same benchmark."""
+    """Load `train`/`test` splits of a built-in dataset (see `builtin_dataset_folder`), a folder or file in our
+    format, or a hub dataset."""
     if name in BUILTIN:
-        folder = Path(data_dir) / name
-        if not (folder / "train.jsonl").exists():
-            counts = build_pets(folder, variant=BUILTIN[name])
-            print(f"Generated {name}: {counts['train']} train / {counts['test']} test rows in {folder}")
-        return load_preference_splits(folder)
+        return load_preference_splits(builtin_dataset_folder(name, data_dir))
     return load_preference_splits(name, column_mapping=parse_column_mapping(column_mapping), require_user=require_user)

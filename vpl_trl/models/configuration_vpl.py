@@ -25,6 +25,8 @@ class VPLConfig(PretrainedConfig):
         embedding_mode (`str`): `frozen` (backbone frozen, embeddings precomputed) or `lora` (adapter trained).
         pooling (`str`): `last` (last non-pad token) or `mean`.
         normalize_latent (`bool`): scale `z` to norm `sqrt(latent_dim)`, as in the reference method.
+        max_sequence_length (`int`, *optional*): tokens of a scored sequence in training (longer ones are
+            truncated when embedded, dropped in `lora` mode); scoring truncates there too. Set by the trainer.
         lora_r, lora_alpha, lora_dropout, lora_target_modules: the backbone's LoRA adapter in `lora` mode.
     """
 
@@ -42,6 +44,7 @@ class VPLConfig(PretrainedConfig):
         embedding_mode: str = "frozen",
         pooling: str = "last",
         normalize_latent: bool = True,
+        max_sequence_length: int | None = 512,
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
@@ -67,6 +70,7 @@ class VPLConfig(PretrainedConfig):
         self.embedding_mode = embedding_mode
         self.pooling = pooling
         self.normalize_latent = normalize_latent
+        self.max_sequence_length = max_sequence_length
         self.lora_r = lora_r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout

@@ -1,7 +1,15 @@
 """Policy optimization against personalized rewards: user conditioning, the reward function, evaluation."""
 
 from .conditioning import build_policy_dataset, context_preamble, policy_prompt
-from .evaluation import format_results, generate_for_user, plot_matrices, reward_row, summarize, write_results
+from .evaluation import (
+    format_results,
+    generate_for_user,
+    mean_rewards,
+    plot_matrices,
+    score_completions,
+    summarize,
+    write_results,
+)
 from .reward import PersonalizedRewardFunction
 from .users import draw_context, load_prompt_list, load_user_pairs, resolve_data_source
 
@@ -14,10 +22,11 @@ __all__ = [
     "generate_for_user",
     "load_prompt_list",
     "load_user_pairs",
+    "mean_rewards",
     "plot_matrices",
     "policy_prompt",
     "resolve_data_source",
-    "reward_row",
+    "score_completions",
     "summarize",
     "write_results",
 ]

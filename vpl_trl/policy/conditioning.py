@@ -13,7 +13,7 @@ from typing import Any
 from datasets import Dataset
 
 from ..embeddings import is_chat
-from ..generation import completion_text
+from ..generation import completion_text, dialogue_messages
 from .users import draw_context
 
 PREAMBLE_HEADER = "Here are answers this user preferred, each over another answer:"
@@ -36,13 +36,17 @@ def context_preamble(context: Sequence[Mapping[str, Any]], max_pairs: int = 4, m
 
 
 def policy_prompt(prompt: Any, context: Sequence[Mapping[str, Any]] | None, chat: bool, max_pairs: int = 4) -> Any:
-    """The prompt the policy sees: the user's preamble (when `context` is given) before the prompt, as one user
-    message for chat policies (a system message before a chat prompt), or as plain text."""
+    """The prompt the policy sees. For chat policies: chat messages (a `Human:/Assistant:` dialogue becomes its
+    turns) after a system message holding the user's preamble when `context` is given. For plain policies: the
+    preamble, a blank line, and the prompt text."""
     preamble = context_preamble(context, max_pairs) if context else None
+    if not chat and not is_chat(prompt):
+        return f"{preamble}\n\n{prompt}" if preamble else prompt
     if is_chat(prompt):
-        return ([{"role": "system", "content": preamble}] if preamble else []) + list(prompt)
-    text = f"{preamble}\n\n{prompt}" if preamble else prompt
-    return [{"role": "user", "content": text}] if chat else text
+        messages = list(prompt)
+    else:
+        messages = dialogue_messages(prompt) or [{"role": "user", "content": prompt}]
+    return ([{"role": "system", "content": preamble}] if preamble else []) + messages
 
 
 def build_policy_dataset(

@@ -33,12 +33,20 @@ def generate_for_user(
     return [(raw, text) for raw, texts in zip(raw_prompts, candidates) for text in texts]
 
 
-def reward_row(
+def score_completions(
     scorer: PersonalizedRewardScorer, completions: Sequence[tuple[Any, str]], latents: Mapping[str, torch.Tensor]
-) -> dict[str, float]:
-    """Mean reward of one policy's completions under each user's latent."""
+) -> list[dict[str, Any]]:
+    """Each completion with its reward under every user's latent: `{prompt, completion, rewards: {user: r}}`."""
     scores = scorer.score_users([p for p, _ in completions], [t for _, t in completions], latents)
-    return {user: sum(rewards) / len(rewards) for user, rewards in scores.items()}
+    return [
+        {"prompt": prompt, "completion": text, "rewards": {user: rewards[i] for user, rewards in scores.items()}}
+        for i, (prompt, text) in enumerate(completions)
+    ]
+
+
+def mean_rewards(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """One row of the cross-user matrix: the mean reward of scored completions under each user's latent."""
+    return {user: sum(r["rewards"][user] for r in records) / len(records) for user in records[0]["rewards"]}
 
 
 def summarize(before: Matrix, after: Matrix, **extra: Any) -> dict[str, Any]:
@@ -106,10 +114,18 @@ def plot_matrices(results: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
-def write_results(results: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
-    """`eval_results.json` and `eval_matrix.png` in `output_dir`."""
+def write_results(
+    results: Mapping[str, Any], output_dir: str | Path, completions: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Path]:
+    """`eval_results.json`, `eval_matrix.png` and `eval_completions.jsonl` (every scored completion) in
+    `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / "eval_results.json"
     json_path.write_text(json.dumps(results, indent=2, default=str))
-    return {"json": json_path, "png": plot_matrices(results, output_dir / "eval_matrix.png")}
+    completions_path = output_dir / "eval_completions.jsonl"
+    with open(completions_path, "w", encoding="utf-8") as handle:
+        for record in completions:
+            handle.write(json.dumps(record, default=str) + "\n")
+    png_path = plot_matrices(results, output_dir / "eval_matrix.png")
+    return {"json": json_path, "png": png_path, "completions": completions_path}

@@ -10,19 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from ..data.format import PreferenceDataError, load_preference_splits, validate_example
-from ..data.pets import build_pets
+from ..data.registry import BUILTIN, builtin_dataset_folder
 from ..generation import load_user_context, read_prompts
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
 
 def resolve_data_source(source: str, data_dir: str | Path = "data") -> Path:
-    """A folder or file; `pets` names the Pets dataset, generated into `data_dir/pets` when missing."""
-    if source == "pets" and not Path(source).exists():
-        folder = Path(data_dir) / "pets"
-        if not (folder / "train.jsonl").exists():
-            build_pets(folder)
-        return folder
+    """A folder or file; a built-in dataset name (`pets`, `pets_controversial`) is generated into `data_dir`
+    when missing."""
+    if source in BUILTIN and not Path(source).exists():
+        return builtin_dataset_folder(source, data_dir)
     path = Path(source)
     if not path.exists():
         raise PreferenceDataError(f"{source}: no such dataset folder or file.")

@@ -132,6 +132,7 @@ class VPLRewardTrainer(RewardTrainer):
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(resolve_model_name_or_path(model.config.backbone_name_or_path))
         processing_class.pad_token = processing_class.pad_token or processing_class.eos_token
+        model.config.max_sequence_length = args.max_length  # saved with the model, so scoring truncates alike
 
         cache_dir = args.embedding_cache_dir
         if cache_dir is None:
