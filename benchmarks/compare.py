@@ -12,7 +12,6 @@ user, on controversial and agreed pairs, the context-swap accuracy of VPL, and e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -22,22 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from recipe_loader import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_TYPES = ("vae", "base", "mean_and_variance", "categorical")
 DEFAULT_FLAGS = [
     "--latent_dim", "512", "--hidden_dim", "512", "--learning_rate", "3e-4", "--pooling", "mean",
     "--num_train_epochs", "2", "--per_device_train_batch_size", "32",
 ]
-
-
-def load_recipe():
-    """`recipes/train_reward.py` as a module (the recipes folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_reward", ROOT / "recipes" / "train_reward.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_one(recipe, model_type: str, seed: int, dataset: str, data_dir: str, output_dir: Path, flags: list[str]) -> dict:
@@ -145,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument("--results", help="Markdown file for the table (default: OUTPUT_DIR/compare.md).")
     args = parser.parse_args(argv)
 
-    recipe = load_recipe()
+    recipe = load_recipe("train_reward")
     output_dir = Path(args.output_dir)
     load_at_start = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {}

@@ -13,15 +13,12 @@ of averages. Results of a 2-core CPU machine are in `benchmarks/results/distribu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 
+from recipe_loader import load_recipe
 from transformers import TrainerCallback
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_reward.py"
 
 
 class StepTimer(TrainerCallback):
@@ -46,10 +43,7 @@ class StepTimer(TrainerCallback):
 
 
 def main(argv: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("train_reward", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("train_reward")
 
     class TimedTrainer(recipe.VPLRewardTrainer):
         def __init__(self, *args, **kwargs):

@@ -15,7 +15,6 @@ pet before and after, and an example answer per user; the heatmaps are copied be
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import re
@@ -26,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "ppo_pets.yaml"
@@ -37,18 +37,11 @@ KIND_WORDS = {
 }
 
 
-def load_recipe():
-    """`recipes/ppo_personalized.py` as a module (the recipes folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("ppo_personalized", ROOT / "recipes" / "ppo_personalized.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
 def kind_rates(records: list[dict]) -> dict[str, float]:
     """The fraction of answers that name each kind of pet."""
-    counts = Counter(kind for r in records for kind, pattern in KIND_WORDS.items() if re.search(pattern, r["completion"], re.I))
+    counts = Counter(
+        kind for r in records for kind, pattern in KIND_WORDS.items() if re.search(pattern, r["completion"], re.I)
+    )
     return {kind: counts[kind] / len(records) for kind in KIND_WORDS}
 
 
@@ -82,28 +75,32 @@ def run_section(title: str, run_dir: Path, results_dir: Path, stem: str) -> list
         + ", ".join(f"{name}: {run['steps']} in {run['train_seconds']:.0f} s" for name, run in results["runs"].items())
         + f"); evaluated on {results['eval_prompts']} held-out prompts x {results['eval_samples_per_prompt']} "
         f"samples per user (prompts held out: {results['eval_prompts_held_out']}"
-        + (f", preambles from held-out pairs: {results['eval_preambles_held_out']}" if "eval_preambles_held_out" in results else "")
+        + (f", preambles from held-out pairs: {results['eval_preambles_held_out']}"
+           if "eval_preambles_held_out" in results else "")
         + ").", "",
         "| user | own reward before | after | gain | margin over the other policy, after |", "|---|---|---|---|---|",
     ]
     margins = results.get("personalization_margin_after", {})
     for user in users:
         own = results["own_reward"][user]
-        lines.append(f"| {user} | {own['before']:+.2f} | {own['after']:+.2f} | {own['gain']:+.2f} | {margins.get(user, 0):+.2f} |")
+        cells = [own["before"], own["after"], own["gain"], margins.get(user, 0.0)]
+        lines.append(f"| {user} | " + " | ".join(f"{value:+.2f}" for value in cells) + " |")
     lines += ["", "Cross-user matrix before training:", "", *matrix_table(results["matrix_before"]), ""]
     lines += ["Cross-user matrix after training:", "", *matrix_table(results["matrix_after"]), ""]
     lines += [f"Diagonal-dominant after training: **{diagonal_dominant(results['matrix_after'])}** "
               f"(before: {diagonal_dominant(results['matrix_before'])}).", ""]
     if not records:
         return lines + [f"![cross-user matrix]({png.name})", ""]
-    lines += ["Share of answers naming each kind of pet:", "", "| policy for | stage | dog | cat | bird | rabbit |", "|---|---|---|---|---|---|"]
+    lines += ["Share of answers naming each kind of pet:", "",
+              "| policy for | stage | " + " | ".join(KIND_WORDS) + " |", "|---|---|" + "---|" * len(KIND_WORDS)]
     for user in users:
         for stage in ("before", "after"):
             rates = kind_rates([r for r in records if r["policy_for"] == user and r["stage"] == stage])
             lines.append(f"| {user} | {stage} | " + " | ".join(f"{rates[k]:.0%}" for k in KIND_WORDS) + " |")
     lines += ["", "The best-rewarded answer of each policy after training (reward under its own user):", ""]
     for user in users:
-        best = max((r for r in records if r["policy_for"] == user and r["stage"] == "after"), key=lambda r: r["rewards"][user])
+        after = [r for r in records if r["policy_for"] == user and r["stage"] == "after"]
+        best = max(after, key=lambda r: r["rewards"][user])
         lines.append(f"- **{user}** ({best['rewards'][user]:+.2f}): {' '.join(best['completion'].split())!r}")
     lines += ["", f"![cross-user matrix]({png.name})", ""]
     return lines
@@ -139,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.modes:
         run_dir = Path(args.output_dir) / mode
         if not (args.reuse and (run_dir / "eval_results.json").exists()):
-            recipe = recipe or load_recipe()
+            recipe = recipe or load_recipe("ppo_personalized")
             steps = ["--max_steps", str(args.conditioned_max_steps)] if mode == "conditioned" else []
             recipe.main(["--config", str(CONFIG), "--reward_model", args.reward_model, "--mode", mode,
                          "--output_dir", str(run_dir), *steps, *extra])

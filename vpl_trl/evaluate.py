@@ -215,10 +215,10 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
              f"Model `{metrics['model']}`, dataset `{metrics['dataset']}` (split `{metrics['split']}`, "
              f"{metrics['n_eval']} pairs), contexts of {metrics['num_context']} pairs drawn from each user's training "
              f"pairs (seed {metrics['seed']}).", "", "## Accuracy", ""]
-    rows = [["all users", format_percent(metrics["accuracy"]), format_percent(metrics.get("controversial_accuracy")),
-             format_percent(metrics.get("agreed_accuracy")), str(metrics["n_eval"])]]
-    rows += [[f"user {u}", format_percent(r["accuracy"]), format_percent(r.get("controversial_accuracy")), format_percent(r.get("agreed_accuracy")),
-              str(r["n"])] for u, r in metrics["per_user_breakdown"].items()]
+    groups = [("all users", metrics, metrics["n_eval"])]
+    groups += [(f"user {u}", r, r["n"]) for u, r in metrics["per_user_breakdown"].items()]
+    rows = [[name, *(format_percent(values.get(key)) for key in ("accuracy", "controversial_accuracy", "agreed_accuracy")),
+             str(n)] for name, values, n in groups]
     lines += _table(["", "all pairs", "controversial", "agreed", "pairs"], rows)
     lines += ["", f"![accuracy]({ACCURACY_PLOT})", ""]
 
@@ -233,7 +233,8 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
         ["diagnostic", "value"],
         [["KL(q(z|context) ‖ N(0, I)), mean per user", f"{metrics['kl']:.2f}"],
          ["active units (posterior mean varies across users)", f"{metrics['active_units']} of {metrics['latent_dim']}"],
-         [f"linear probe of the user from z ({probe['folds']}-fold CV), trained encoder", format_percent(probe["trained"])],
+         [f"linear probe of the user from z ({probe['folds']}-fold CV), trained encoder",
+          format_percent(probe["trained"])],
          ["same probe, untrained encoder", format_percent(probe["untrained"])],
          ["probe chance level (majority user)", format_percent(probe["chance"])],
          ["accuracy with another user's context (context swap)", format_percent(swap.get("accuracy"))],
@@ -242,8 +243,8 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
     )
     drop = None if swap.get("accuracy") is None else metrics["accuracy"] - swap["accuracy"]
     lines += ["", f"The context swap costs {format_percent(drop)} of accuracy"
-              + (f" ({format_percent(metrics['controversial_accuracy'] - swap['controversial_accuracy'])} on controversial pairs)"
-                 if swap.get("controversial_accuracy") is not None else "")
+              + (f" ({format_percent(metrics['controversial_accuracy'] - swap['controversial_accuracy'])} on "
+                 "controversial pairs)" if swap.get("controversial_accuracy") is not None else "")
               + ": the larger the drop, the more the reward depends on the user's latent. The probe is read against "
               "the untrained encoder's: users' contexts differ, so even random weights may separate them; only a "
               "trained probe above the untrained one shows that training made z carry the user.", "", f"![latent map]({LATENT_PLOT})", "",
@@ -290,8 +291,8 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
     metrics = evaluate(args)
-    print(f"{metrics['reward_type']} on {args.dataset}: accuracy {format_percent(metrics['accuracy'])}, controversial "
-          f"{format_percent(metrics.get('controversial_accuracy'))}; results in {args.output_dir}")
+    print(f"{metrics['reward_type']} on {args.dataset}: accuracy {format_percent(metrics['accuracy'])}, "
+          f"controversial {format_percent(metrics.get('controversial_accuracy'))}; results in {args.output_dir}")
     return metrics
 
 
