@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,34 @@ def test_reward_scorer_from_pretrained_errors(tmp_path):
     with pytest.raises(RewardModelError, match="no config.json"):
         PersonalizedRewardScorer.from_pretrained(tmp_path)
     assert Path(tmp_path).exists()
+
+
+def publish_to_hub_cache(folder: str, repo_id: str, cache: Path) -> None:
+    """Lay `folder` out as huggingface_hub's cache holds a downloaded repo, so `repo_id` loads offline."""
+    revision = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_reward_model_loads_from_a_hub_repo_id(tiny_reward_model, context_file, tmp_path):
+    """A reward model pushed to the Hub loads by its repo id, with the tokenizer saved beside it (here from a
+    hub cache built in the test, offline)."""
+    cache = tmp_path / "hub"
+    publish_to_hub_cache(tiny_reward_model, "someone/tiny-vpl", cache)
+    code = (
+        "import json, sys; from vpl_trl.generation import PersonalizedRewardScorer, load_user_context; "
+        "scorer = PersonalizedRewardScorer.from_pretrained('someone/tiny-vpl'); "
+        f"latent = scorer.user_latent(load_user_context({context_file!r})); "
+        f"print(json.dumps({{'tokenizer': scorer.tokenizer.name_or_path, 'rewards': scorer.score([{PROMPT!r}] * 2, "
+        "['Dogs are loyal.', 'Cats.'], latent)}))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    assert Path(loaded["tokenizer"]).parts[-2:] == ("snapshots", "0" * 40)  # its own tokenizer, not the backbone's
+    local = PersonalizedRewardScorer.from_pretrained(tiny_reward_model)
+    expected = local.score([PROMPT] * 2, ["Dogs are loyal.", "Cats."], local.user_latent(load_user_context(context_file)))
+    assert loaded["rewards"] == pytest.approx(expected, abs=1e-6)

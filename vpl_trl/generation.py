@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .data.format import PreferenceDataError, read_jsonl, validate_example
 from .embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from .embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, is_chat, render_text
-from .models import VPLRewardModel
+from .models import VPLRewardModel, local_model_folder
 
 Pair = Mapping[str, Any]
 Device = str | torch.device | None
@@ -153,10 +153,12 @@ def load_reward_model(path: str | os.PathLike, device: Device = None) -> tuple[V
     if folder.is_dir() and not (folder / "config.json").exists():
         raise RewardModelError(f"reward model {path}: no config.json; is this a saved VPL reward model?")
     try:
-        model = VPLRewardModel.from_pretrained(path)
+        folder = local_model_folder(path)  # a Hub repo id: its cached snapshot, tokenizer files included
+        model = VPLRewardModel.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as error:
-        where = "" if folder.exists() else " (no such directory, and not on the Hugging Face Hub)"
+        where = "" if Path(path).exists() else " (no such directory, and not on the Hugging Face Hub)"
         raise RewardModelError(f"reward model {path} cannot be loaded{where}: {_one_line(error)}") from error
+    # the tokenizer saved with the reward model, else (a model saved without one) its backbone's
     tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else resolve_model_name_or_path(
         model.config.backbone_name_or_path
     )

@@ -3,10 +3,18 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_vpl import REWARD_TYPES, VPLConfig
-from .modeling_vpl import UserContextEncoder, VPLRewardModel, VPLRewardOutput, load_backbone
+from .modeling_vpl import UserContextEncoder, VPLRewardModel, VPLRewardOutput, load_backbone, local_model_folder
 
 # saved folders load with the Auto classes too (AutoTokenizer reads config.json to find the model type)
 AutoConfig.register(VPLConfig.model_type, VPLConfig)
 AutoModel.register(VPLConfig, VPLRewardModel)
 
-__all__ = ["REWARD_TYPES", "UserContextEncoder", "VPLConfig", "VPLRewardModel", "VPLRewardOutput", "load_backbone"]
+__all__ = [
+    "REWARD_TYPES",
+    "UserContextEncoder",
+    "VPLConfig",
+    "VPLRewardModel",
+    "VPLRewardOutput",
+    "load_backbone",
+    "local_model_folder",
+]

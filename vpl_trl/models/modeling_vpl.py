@@ -117,6 +117,16 @@ def _keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def local_model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A saved model's folder: the path itself, or the downloaded (and cached) snapshot of a Hub repo id."""
+    folder = Path(name_or_path)
+    if folder.exists():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path)))
+
+
 class VPLRewardModel(PreTrainedModel):
     """r(x, z): a backbone LLM's response embedding, concatenated with a user latent `z` inferred from the
     user's context pairs, through an MLP decoder. The `base`, `mean_and_variance` and `categorical` reward
@@ -358,11 +368,7 @@ class VPLRewardModel(PreTrainedModel):
     ) -> "VPLRewardModel":
         """Load a saved VPL model; its backbone is loaded from `config.backbone_name_or_path` unless `backbone`
         (a model or a hub id/folder) is given, and must match the backbone the model was trained on."""
-        folder = Path(pretrained_model_name_or_path)
-        if not (folder / "config.json").exists() and not folder.exists():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        folder = local_model_folder(pretrained_model_name_or_path)
         config_file = folder / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{folder}: no config.json; is this a saved VPL reward model?")
