@@ -132,3 +132,15 @@ def test_training_data_without_chosen_is_refused(tiny_backbone, pets_data, tmp_p
     broken = pets_data["train"].select(range(8)).remove_columns("chosen")
     with pytest.raises(PreferenceDataError, match=r"missing column\(s\) \['chosen'\]"):
         VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path), train_dataset=broken)
+
+
+def test_a_model_built_from_a_backbone_name_follows_the_seed(tiny_backbone, pets_data, tmp_path):
+    """Runs are reproducible from their seed, whatever the process did before (tests, other models)."""
+    train = pets_data["train"].select(range(16))
+    first = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path), train_dataset=train).model
+    torch.rand(1000)  # other work consumes the global RNG
+    second = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path), train_dataset=train).model
+    expected = first.trainable_state_dict()
+    assert expected and all(torch.equal(w, expected[n]) for n, w in second.trainable_state_dict().items())
+    other = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, seed=7), train_dataset=train).model
+    assert not all(torch.equal(w, expected[n]) for n, w in other.trainable_state_dict().items())

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 from transformers.data.data_collator import DataCollatorMixin
 from trl import RewardTrainer
 from trl.trainer.utils import pad
@@ -126,6 +126,7 @@ class VPLRewardTrainer(RewardTrainer):
     ):
         args = args or VPLRewardConfig(output_dir="vpl-reward-model")
         if isinstance(model, str):
+            set_seed(args.seed)  # the heads' initialization follows the run's seed, not the process's RNG history
             model = VPLRewardModel.from_backbone(model, **args.model_config_kwargs(), **(model_init_kwargs or {}))
         if not isinstance(model, VPLRewardModel):
             raise TypeError(f"VPLRewardTrainer trains a VPLRewardModel (or a backbone name), got {type(model).__name__}.")
