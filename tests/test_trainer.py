@@ -153,6 +153,22 @@ def test_training_data_without_chosen_is_refused(tiny_backbone, pets_data, tmp_p
         VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path), train_dataset=broken)
 
 
+def test_vae_on_data_without_users_says_what_to_do(tiny_backbone, pets_data, tmp_path):
+    from vpl_trl.data import PreferenceDataError
+    from vpl_trl.data.format import rename_columns
+    from vpl_trl.data.registry import parse_column_mapping
+
+    anonymous = pets_data["train"].select(range(16)).remove_columns("user_id")
+    with pytest.raises(PreferenceDataError, match=r"train dataset: model_type='vae' .* no `user_id` column") as error:
+        VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, model_type="vae"), train_dataset=anonymous)
+    assert "--column_mapping 'annotator=user_id'" in str(error.value) and "model_type='base'" in str(error.value)
+    # Both ways out work: the Bradley-Terry model needs no users, and the suggested mapping names them.
+    VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, model_type="base"), train_dataset=anonymous)
+    annotated = pets_data["train"].select(range(16)).rename_column("user_id", "annotator")
+    mapped = rename_columns(annotated, parse_column_mapping("annotator=user_id"))
+    VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, model_type="vae"), train_dataset=mapped)
+
+
 def test_a_model_built_from_a_backbone_name_follows_the_seed(tiny_backbone, pets_data, tmp_path):
     """Runs are reproducible from their seed, whatever the process did before (tests, other models)."""
     train = pets_data["train"].select(range(16))
