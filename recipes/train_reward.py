@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import vpl_trl  # noqa: F401  (before transformers and trl: it imports peft without bitsandbytes)
 import datasets
 import transformers
 from transformers import set_seed

@@ -1,9 +1,12 @@
 """Cached, batched, resumable embedding precomputation."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from vpl_trl import embeddings
 from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
 from vpl_trl.models import VPLRewardModel
 
@@ -74,3 +77,35 @@ def test_chat_messages_are_rendered_with_the_chat_template(model_and_tokenizer):
     assert render_text(tokenizer, None, chat) == "<user>Hi<eos><assistant>Hello<eos>"
     assert render_text(tokenizer, "Hi", [{"role": "assistant", "content": "Hello"}]) == "<user>Hi<eos><assistant>Hello<eos>"
     assert render_text(tokenizer, "Q: ", "A") == "Q: A"
+
+
+@pytest.mark.parametrize("damaged", ["safetensors", "json"])
+def test_unreadable_shard_is_skipped_with_a_warning_and_embedded_again(damaged, model_and_tokenizer, tmp_path,
+                                                                        monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    texts = [f"Cats nap in the sun, take {i}." for i in range(12)]
+    first = compute_embeddings(model, tokenizer, texts, EmbeddingCache(tmp_path), batch_size=4, save_every=4)
+    shards = sorted(tmp_path.glob("shard-*.safetensors"))
+    assert len(shards) == 3 and not list(tmp_path.glob(".*.tmp"))  # temporary files were renamed into place
+    victim = shards[1].with_suffix(f".{damaged}")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # as a crash mid-write would leave it
+
+    wrapped, calls = counting(model)
+    monkeypatch.setattr(model, "embed", wrapped)
+    with pytest.warns(UserWarning, match=shards[1].name):
+        again = compute_embeddings(model, tokenizer, texts, EmbeddingCache(tmp_path), batch_size=4, save_every=4)
+    assert calls["sequences"] == 4  # only the damaged shard's texts
+    torch.testing.assert_close(again, first)
+
+
+def test_shard_is_written_atomically(model_and_tokenizer, tmp_path, monkeypatch):
+    def killed_mid_write(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise Killed
+
+    model, tokenizer = model_and_tokenizer
+    texts = ["A goldfish circles its bowl.", "A parrot repeats a word."]
+    monkeypatch.setattr(embeddings, "save_file", killed_mid_write)
+    with pytest.raises(Killed):
+        compute_embeddings(model, tokenizer, texts, EmbeddingCache(tmp_path), batch_size=2)
+    assert not list(tmp_path.iterdir())  # neither a partial shard nor a leftover temporary file

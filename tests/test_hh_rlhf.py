@@ -13,7 +13,8 @@ from vpl_trl.data import read_jsonl, write_jsonl
 from vpl_trl.data.__main__ import main
 from vpl_trl.data.hh_rlhf import build_hh_relabeled
 
-SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "relabeled_hh_rlhf"
+# 300 rows of the public relabeled test split, with both of its pairs with identical responses (see tests/data).
+REAL_SAMPLE = Path(__file__).resolve().parent / "data" / "relabeled_hh_rlhf"
 
 
 def hh_row(n: int, objective: str, label: int, responses: tuple[str, str] | None = None, **extra) -> dict:
@@ -111,15 +112,20 @@ def test_refuses_to_overwrite_and_reports_bad_rows(folder, tmp_path):
 
 
 def test_real_relabeled_sample(tmp_path, capsys):
-    assert SHARED_SAMPLE.is_dir(), f"the relabeled HH-RLHF sample is missing at {SHARED_SAMPLE}"
-    raw = read_jsonl(SHARED_SAMPLE / "both" / "test.jsonl.gz")
-    assert Counter(row["objective"] for row in raw) == {"helpful": 2157, "harmless": 1886}
+    raw = [row for objective in ("helpful", "harmless") for row in read_jsonl(REAL_SAMPLE / objective / "test.jsonl.gz")]
+    assert Counter(row["objective"] for row in raw) == {"helpful": 150, "harmless": 150}
     usable = Counter(row["objective"] for row in raw if row["chosen"] != row["rejected"])
-    main(["hh-relabeled", "--source", str(SHARED_SAMPLE), "--output", str(tmp_path / "out")])
-    assert "skipped 2 rows with identical chosen and rejected responses" in capsys.readouterr().out
+    main(["hh-relabeled", "--source", str(REAL_SAMPLE), "--output", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "skipped 2 rows with identical chosen and rejected responses" in out
+    assert "no pair labelled under both objectives" in out  # each pair of the public sample has one objective
     rows = {split: read_jsonl(tmp_path / "out" / f"{split}.jsonl") for split in ("train", "test")}
     assert Counter(row["user_id"] for split in rows.values() for row in split) == usable
-    assert len(rows["test"]) == pytest.approx(0.1 * sum(usable.values()), abs=5)
-    dialogues = {row["chosen"] for row in raw}
-    assert all(row["prompt"] + row["chosen"] in dialogues for split in rows.values() for row in split)
-    assert all(row["prompt"].endswith("\n\nAssistant:") for split in rows.values() for row in split)
+    assert len(rows["test"]) == round(0.1 * sum(usable.values()))
+    sources = {(row["objective"], row["Index"]): row for row in raw}
+    for row in rows["train"] + rows["test"]:
+        source = sources[row["user_id"], row["source_index"]]
+        assert row["prompt"].endswith("\n\nAssistant:")
+        assert (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]) == (source["chosen"], source["rejected"])
+        assert row["chosen"] == " " + source["responses"][row["label"]]
+        assert row["controversial"] is None and row["satisfied_users"] is None

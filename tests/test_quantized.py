@@ -1,6 +1,9 @@
 """QLoRA-style training on a bitsandbytes-quantized backbone (the recipe's `--load_in_4bit` / `--load_in_8bit`),
 on CPU: bitsandbytes >= 0.49 runs 4-bit and 8-bit layers, forward and backward, on its CPU backend."""
 
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,25 @@ from vpl_trl.embeddings import _tokenize, render_text
 from vpl_trl.models.modeling_vpl import load_backbone
 
 QUANTIZED_LAYER = {"load_in_4bit": Linear4bit, "load_in_8bit": Linear8bitLt}
+
+# In a fresh interpreter: the reward recipe, vpl_trl and a command's --help leave bitsandbytes unimported; a
+# quantized backbone imports it then, and peft still wraps its 4-bit layers with LoRA.
+LAZY_BITSANDBYTES = """
+import contextlib, io, runpy, sys
+import torch
+runpy.run_path("recipes/train_reward.py")
+import vpl_trl
+from vpl_trl.data.__main__ import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(["--help"])
+assert "bitsandbytes" not in sys.modules, "bitsandbytes imported by the recipe, vpl_trl or the data CLI"
+from transformers import BitsAndBytesConfig
+quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+model = vpl_trl.VPLRewardModel.from_backbone(sys.argv[1], dtype=torch.bfloat16, embedding_mode="lora", latent_dim=4,
+                                             hidden_dim=8, backbone_kwargs={"quantization_config": quantization})
+from bitsandbytes.nn import Linear4bit
+assert isinstance(model.backbone.get_base_model().layers[0].self_attn.q_proj.base_layer, Linear4bit)
+"""
 
 
 
@@ -77,3 +99,9 @@ def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_back
         context = [row for row in pets_data["train"].select(range(40)) if row["user_id"] == "helpful"][:4]
         expected = rewards(model, tokenizer, pairs, context)
         torch.testing.assert_close(rewards(reloaded, tokenizer, pairs, context), expected)
+
+
+def test_bitsandbytes_is_imported_only_for_a_quantized_backbone(tiny_backbone):
+    run = subprocess.run([sys.executable, "-c", LAZY_BITSANDBYTES, tiny_backbone], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]

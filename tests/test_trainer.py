@@ -86,6 +86,25 @@ def test_lora_mode_trains_the_adapter_and_reloads(tiny_backbone, pets_data, tmp_
     assert trainer.predict_preferences(sample)["reward_chosen"] == expected["reward_chosen"]
 
 
+def test_lora_mode_trains_with_gradient_checkpointing(tiny_backbone, pets_data, tmp_path):
+    train = pets_data["train"].select(range(32))
+    args = config(tmp_path, model_type="vae", embedding_mode="lora", gradient_checkpointing=True, max_steps=2,
+                  per_device_train_batch_size=8, num_context="2", logging_steps=1)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
+    lora_before = {n: p.clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    layers = trainer.model.backbone.get_base_model().layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    # Gradients reach the adapter through the checkpointed layers.
+    assert all(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if n in lora_before)
+
+    trainer.model.gradient_checkpointing_disable()
+    trainer.model.gradient_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)  # as transformers passes
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+
+
 def test_saved_model_gives_identical_rewards(trained_vae, pets_data, tmp_path):
     sample = pets_data["test"].select(range(8))
     expected = trained_vae.predict_preferences(sample)
@@ -132,6 +151,22 @@ def test_training_data_without_chosen_is_refused(tiny_backbone, pets_data, tmp_p
     broken = pets_data["train"].select(range(8)).remove_columns("chosen")
     with pytest.raises(PreferenceDataError, match=r"missing column\(s\) \['chosen'\]"):
         VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path), train_dataset=broken)
+
+
+def test_vae_on_data_without_users_says_what_to_do(tiny_backbone, pets_data, tmp_path):
+    from vpl_trl.data import PreferenceDataError
+    from vpl_trl.data.format import rename_columns
+    from vpl_trl.data.registry import parse_column_mapping
+
+    anonymous = pets_data["train"].select(range(16)).remove_columns("user_id")
+    with pytest.raises(PreferenceDataError, match=r"train dataset: model_type='vae' .* no `user_id` column") as error:
+        VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, model_type="vae"), train_dataset=anonymous)
+    assert "--column_mapping 'annotator=user_id'" in str(error.value) and "model_type='base'" in str(error.value)
+    # Both ways out work: the Bradley-Terry model needs no users, and the suggested mapping names them.
+    VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, model_type="base"), train_dataset=anonymous)
+    annotated = pets_data["train"].select(range(16)).rename_column("user_id", "annotator")
+    mapped = rename_columns(annotated, parse_column_mapping("annotator=user_id"))
+    VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, model_type="vae"), train_dataset=mapped)
 
 
 def test_a_model_built_from_a_backbone_name_follows_the_seed(tiny_backbone, pets_data, tmp_path):

@@ -12,7 +12,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,19 @@ class EmbeddingCache:
             keys_file = shard.with_suffix(".json")
             if shard.name in self._loaded or not keys_file.exists():
                 continue  # seen already, or incomplete: a shard's key list is written last
-            self._vectors.update(zip(json.loads(keys_file.read_text()), load_file(str(shard))["embeddings"]))
-            self._loaded.add(shard.name)
+            self._loaded.add(shard.name)  # an unreadable shard is reported once, its texts embedded again
+            try:
+                keys, vectors = json.loads(keys_file.read_text()), load_file(str(shard))["embeddings"]
+                if not isinstance(keys, list) or len(keys) != len(vectors):
+                    raise ValueError(f"expected a list of {len(vectors)} keys in {keys_file.name}")
+            except Exception as error:  # truncated or corrupt files (safetensors raises its own error types)
+                warnings.warn(
+                    f"Skipping the unreadable embedding cache shard {shard} (keys: {keys_file.name}): {error}. "
+                    "Its texts are embedded again.",
+                    stacklevel=2,
+                )
+                continue
+            self._vectors.update(zip(keys, vectors))
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -92,10 +104,20 @@ class EmbeddingCache:
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
             shard = self.directory / f"shard-{time.time_ns()}-{os.getpid()}.safetensors"
-            save_file({"embeddings": vectors.contiguous()}, str(shard))
+            _write_atomically(shard, lambda path: save_file({"embeddings": vectors.contiguous()}, str(path)))
             # The key list is written last: a shard is complete only once it exists.
-            shard.with_suffix(".json").write_text(json.dumps(keys))
+            _write_atomically(shard.with_suffix(".json"), lambda path: path.write_text(json.dumps(keys)))
             self._loaded.add(shard.name)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(temporary)` in `path`'s folder, then rename onto `path`: readers never see a partial file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # shard names are unique per process already
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def default_embedding_cache_dir(model, pooling: str, max_length: int | None) -> Path:

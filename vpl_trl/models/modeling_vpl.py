@@ -324,13 +324,26 @@ class VPLRewardModel(PreTrainedModel):
 
     # ----- gradient checkpointing (the backbone's) -------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        if self.config.embedding_mode == "lora":
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-            self.backbone.enable_input_require_grads()
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint the backbone's activations (lora mode; a frozen backbone runs without gradients). `kwargs`
+        are what the installed transformers passes along (e.g. `every_n_layers`, `offload`)."""
+        if self.config.embedding_mode != "lora":
+            return
+        # transformers >= 5.x names it activation checkpointing; the old name is a deprecated alias there.
+        if hasattr(self.backbone, "activation_checkpointing_enable"):
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                          **kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                        **kwargs)
+        self.backbone.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
-        if self.config.embedding_mode == "lora":
+        if self.config.embedding_mode != "lora":
+            return
+        if hasattr(self.backbone, "activation_checkpointing_disable"):
+            self.backbone.activation_checkpointing_disable()
+        else:
             self.backbone.gradient_checkpointing_disable()
 
     # ----- saving and loading: config, heads and adapter, never the backbone -----------------------------

@@ -175,6 +175,8 @@ class VPLRewardTrainer(RewardTrainer):
         missing = [c for c in ("chosen", "rejected") if c not in columns]
         if missing:
             raise PreferenceDataError(f"{dataset_name} dataset: missing column(s) {missing}; it has {columns}.")
+        if model_config.use_latent:
+            _check_users(dataset, dataset_name)
         with args.main_process_first(desc=f"preparing the {dataset_name} dataset"):
             if model_config.use_latent:
                 # The first dataset prepared is the training set: later ones draw contexts from its pool.
@@ -350,6 +352,20 @@ def check_checkpoint_matches(checkpoint: str | Path, config) -> None:
                 f"{saved.get('backbone_name_or_path')!r}), but this run has {key}={getattr(config, key)!r} (backbone "
                 f"{config.backbone_name_or_path!r}): resume with the same model and settings, or start a new run."
             )
+
+
+def _check_users(dataset: Dataset, dataset_name: str) -> None:
+    """A `vae` model draws each example's context from its user's other pairs: data without users is refused
+    with what to do about it."""
+    columns = dataset.column_names
+    if "user_id" in columns or ("context" in columns and None not in dataset["context"]):
+        return
+    raise PreferenceDataError(
+        f"{dataset_name} dataset: model_type='vae' infers each user from other pairs that user labelled, but the data "
+        f"has no `user_id` column (it has {columns}). Name the column that says who labelled each pair with a column "
+        "mapping (the recipe's --column_mapping 'annotator=user_id', or Dataset.rename_column), give every example "
+        "a `context`, or train a model without users: model_type='base'."
+    )
 
 
 def _render_example(example: dict[str, Any], tokenizer) -> dict[str, Any]:
