@@ -1,15 +1,20 @@
-"""Personalized policy optimization on Pets: train with `recipes/ppo_personalized.py` in each mode, then write
-one results file.
+"""Personalized policy optimization on Pets: one policy per user against one conditioned policy for every user,
+each trained for the same wall-time budget; one results file and `summary.json`.
 
-    python benchmarks/policy_pets.py --reward_model outputs/demo/vae-controversial --modes per_user conditioned \
-        --output_dir outputs/policy-pets --results benchmarks/results/policy_pets.md [-- RECIPE FLAGS]
+    python benchmarks/policy_pets.py --output_dir DIR [--full] [--budget_seconds 1200] [--reward_model DIR]
+        [--results benchmarks/results/policy_pets.md] [-- RECIPE FLAGS]
 
-Each mode runs the recipe's `main` with `recipes/configs/ppo_pets.yaml` (50 steps per policy; the one conditioned
-policy, serving both users, gets `--conditioned_max_steps`, 100; flags after `--` are added), unless
-`--reuse` is given and its `eval_results.json` exists. The results file gives, per mode: steps and time, each
-user's own reward before and after, the cross-user matrices, whether the matrix after training is diagonal-
-dominant (each user's reward is highest on their own policy's answers), how often the answers name each kind of
-pet before and after, and an example answer per user; the heatmaps are copied beside it.
+Without `--reward_model`, it first trains the VPL reward model on Pets controversial (`pets_demo.yaml`, frozen
+SmolLM2). Then each mode runs `recipes/ppo_personalized.py` with `recipes/configs/ppo_pets.yaml` and
+`--max_train_seconds BUDGET` (both users together): `per_user` (GRPO, one adapter per user) and the recipe's
+default conditioned mode (latent conditioning, best-of-n distillation). `--full` adds the other conditioned
+combinations (text conditioning; GRPO), on the same budget. A finished mode is reused with `--reuse`.
+
+`DIR/summary.json`: `{"modes": {NAME: {"default", "train_seconds", "seconds_per_step", "users": {USER:
+{"own_before", "own_after", "margin", "margin_ci95"}}}}, "seconds"}`, where `margin` is the user's own reward minus
+the other user's policy's reward under this user's reward, after training, with its 95% bootstrap interval over
+the evaluation samples. The results file adds the matrices, the learning curves (`*_curves.png`), the share of
+answers naming each kind of pet and each policy's best answer.
 """
 
 from __future__ import annotations
@@ -29,6 +34,17 @@ from recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "ppo_pets.yaml"
+REWARD_CONFIG = ROOT / "recipes" / "configs" / "pets_demo.yaml"
+# name: (recipe flags, whether it is the recipe's default conditioned mode)
+MODES = {
+    "per_user": (["--mode", "per_user", "--signal", "grpo"], False),
+    "conditioned_latent_bon_sft": (["--mode", "conditioned", "--conditioning", "latent", "--signal", "bon_sft"], True),
+}
+FULL_MODES = {
+    "conditioned_text_bon_sft": (["--mode", "conditioned", "--conditioning", "text", "--signal", "bon_sft"], False),
+    "conditioned_latent_grpo": (["--mode", "conditioned", "--conditioning", "latent", "--signal", "grpo"], False),
+    "conditioned_text_grpo": (["--mode", "conditioned", "--conditioning", "text", "--signal", "grpo"], False),
+}
 KIND_WORDS = {
     "dog": r"\b(dogs?|pupp(y|ies)|retrievers?|terriers?|beagles?|poodles?|spaniels?)\b",
     "cat": r"\b(cats?|kittens?|kitty|feline)\b",
@@ -45,12 +61,6 @@ def kind_rates(records: list[dict]) -> dict[str, float]:
     return {kind: counts[kind] / len(records) for kind in KIND_WORDS}
 
 
-def diagonal_dominant(matrix: dict[str, dict[str, float]]) -> bool:
-    """Whether each user's reward is highest on the answers of the policy for that user."""
-    users = list(matrix)
-    return all(matrix[u][u] > matrix[v][u] for u in users for v in users if v != u)
-
-
 def matrix_table(matrix: dict[str, dict[str, float]]) -> list[str]:
     users = list(matrix)
     lines = ["| policy for \\ reward of | " + " | ".join(users) + " |", "|---|" + "---|" * len(users)]
@@ -58,39 +68,84 @@ def matrix_table(matrix: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def run_section(title: str, run_dir: Path, results_dir: Path, stem: str) -> list[str]:
-    """The tables of one finished recipe run (completions' details when it wrote `eval_completions.jsonl`)."""
+def mode_summary(results: dict, default: bool) -> dict:
+    runs = results["runs"].values()
+    steps = sum(run["steps"] for run in runs)
+    seconds = {key: sum(run["seconds"][key] for run in runs) for key in ("generation", "scoring", "update")}
+    margins, intervals = results["personalization_margin_after"], results["personalization_margin_ci95_after"]
+    return {
+        "default": default,
+        "signal": results["signal"],
+        "conditioning": results["conditioning"]["kind"],
+        "train_seconds": results["train_seconds"],
+        "steps": steps,
+        "seconds_per_step": {key: value / max(steps, 1) for key, value in seconds.items()},
+        "users": {
+            user: {"own_before": own["before"], "own_after": own["after"], "gain": own["gain"],
+                   "margin": margins[user], "margin_ci95": list(intervals[user])}
+            for user, own in results["own_reward"].items()
+        },
+    }
+
+
+def curves(results: dict) -> dict[str, list[tuple[float, float]]]:
+    """Each user's on-policy reward against training seconds (steps scaled by the run's seconds per step)."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for run in results["runs"].values():
+        per_step = run["train_seconds"] / max(run["steps"], 1)
+        for point in run.get("curve", []):
+            for key, value in point.items():
+                if key.startswith("reward/"):
+                    points.setdefault(key.removeprefix("reward/"), []).append((point["step"] * per_step, value))
+    return points
+
+
+def plot_curves(all_results: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    users = sorted({u for results in all_results.values() for u in results["users"]})
+    figure, axes = plt.subplots(1, len(users), figsize=(5.5 * len(users), 4), constrained_layout=True, squeeze=False)
+    for axis, user in zip(axes[0], users):
+        for name, results in all_results.items():
+            xs_ys = sorted(curves(results).get(user, []))
+            if xs_ys:
+                axis.plot([x / 60 for x, _ in xs_ys], [y for _, y in xs_ys], marker=".", label=name)
+        axis.set_title(f"{user}: VPL reward of the policy's own samples")
+        axis.set_xlabel("training minutes")
+        axis.set_ylabel(f"reward under {user}'s z")
+        axis.legend(fontsize=7)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def mode_section(name: str, run_dir: Path, summary: dict, results_dir: Path, stem: str) -> list[str]:
     results = json.loads((run_dir / "eval_results.json").read_text())
-    completions = run_dir / "eval_completions.jsonl"
-    records = [json.loads(line) for line in completions.read_text().splitlines()] if completions.exists() else []
+    records = [json.loads(line) for line in (run_dir / "eval_completions.jsonl").read_text().splitlines()]
     users = results["users"]
-    steps = sum(run["steps"] for run in results["runs"].values())
-    seconds = sum(run["train_seconds"] for run in results["runs"].values())
-    png = results_dir / f"{stem}_{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}_matrix.png"
+    png = results_dir / f"{stem}_{name}_matrix.png"
     shutil.copyfile(run_dir / "eval_matrix.png", png)
+    per_step = summary["seconds_per_step"]
     lines = [
-        f"## {title}", "",
-        f"Run folder `{run_dir}`, mode `{results['mode']}`, reward model `{results['reward_model']}`.", "",
-        f"{steps} GRPO steps in {seconds / 60:.1f} min ({seconds / steps:.1f} s/step; "
-        + ", ".join(f"{name}: {run['steps']} in {run['train_seconds']:.0f} s" for name, run in results["runs"].items())
-        + f"); evaluated on {results['eval_prompts']} held-out prompts x {results['eval_samples_per_prompt']} "
-        f"samples per user (prompts held out: {results['eval_prompts_held_out']}"
-        + (f", preambles from held-out pairs: {results['eval_preambles_held_out']}"
-           if "eval_preambles_held_out" in results else "")
-        + ").", "",
-        "| user | own reward before | after | gain | margin over the other policy, after |", "|---|---|---|---|---|",
+        f"## `{name}`{' (the recipe default)' if summary['default'] else ''}", "",
+        f"Signal `{results['signal']}`, conditioning `{results['conditioning']['kind']}`; {summary['steps']} steps "
+        f"in {summary['train_seconds'] / 60:.1f} min of training (" + ", ".join(
+            f"{run_name}: {run['steps']} steps in {run['train_seconds']:.0f} s" for run_name, run in results["runs"].items()
+        ) + f"). Per step: generation {per_step['generation']:.1f} s, reward scoring {per_step['scoring']:.1f} s, "
+        f"update {per_step['update']:.1f} s. Evaluated on {results['eval_prompts']} held-out prompts x "
+        f"{results['eval_samples_per_prompt']} samples per user"
+        + (", each user conditioned on pairs from the test split (as a new user)" if results.get("eval_contexts_held_out")
+           else "") + ".", "",
+        "| user | own reward before | after | gain | margin after | margin 95% CI |", "|---|---|---|---|---|---|",
     ]
-    margins = results.get("personalization_margin_after", {})
-    for user in users:
-        own = results["own_reward"][user]
-        cells = [own["before"], own["after"], own["gain"], margins.get(user, 0.0)]
-        lines.append(f"| {user} | " + " | ".join(f"{value:+.2f}" for value in cells) + " |")
-    lines += ["", "Cross-user matrix before training:", "", *matrix_table(results["matrix_before"]), ""]
-    lines += ["Cross-user matrix after training:", "", *matrix_table(results["matrix_after"]), ""]
-    lines += [f"Diagonal-dominant after training: **{diagonal_dominant(results['matrix_after'])}** "
-              f"(before: {diagonal_dominant(results['matrix_before'])}).", ""]
-    if not records:
-        return lines + [f"![cross-user matrix]({png.name})", ""]
+    for user, values in summary["users"].items():
+        low, high = values["margin_ci95"]
+        lines.append(f"| {user} | {values['own_before']:+.2f} | {values['own_after']:+.2f} | {values['gain']:+.2f} | "
+                     f"{values['margin']:+.2f} | [{low:+.2f}, {high:+.2f}] |")
+    lines += ["", "Cross-user matrix after training:", "", *matrix_table(results["matrix_after"]), ""]
     lines += ["Share of answers naming each kind of pet:", "",
               "| policy for | stage | " + " | ".join(KIND_WORDS) + " |", "|---|---|" + "---|" * len(KIND_WORDS)]
     for user in users:
@@ -102,8 +157,28 @@ def run_section(title: str, run_dir: Path, results_dir: Path, stem: str) -> list
         after = [r for r in records if r["policy_for"] == user and r["stage"] == "after"]
         best = max(after, key=lambda r: r["rewards"][user])
         lines.append(f"- **{user}** ({best['rewards'][user]:+.2f}): {' '.join(best['completion'].split())!r}")
-    lines += ["", f"![cross-user matrix]({png.name})", ""]
+    return lines + ["", f"![cross-user matrix]({png.name})", ""]
+
+
+def comparison_table(summary: dict) -> list[str]:
+    lines = ["| mode | default | train min | " + " | ".join(
+        f"{u} gain | {u} margin [95% CI]" for u in next(iter(summary.values()))["users"]) + " |"]
+    lines.append("|---|---|---|" + "---|---|" * len(next(iter(summary.values()))["users"]))
+    for name, mode in summary.items():
+        cells = []
+        for values in mode["users"].values():
+            low, high = values["margin_ci95"]
+            cells += [f"{values['gain']:+.2f}", f"{values['margin']:+.2f} [{low:+.2f}, {high:+.2f}]"]
+        lines.append(f"| `{name}` | {'yes' if mode['default'] else ''} | {mode['train_seconds'] / 60:.1f} | "
+                     + " | ".join(cells) + " |")
     return lines
+
+
+def train_reward_model(folder: Path) -> str:
+    if not (folder / "config.json").exists():
+        load_recipe("train_reward").main(["--config", str(REWARD_CONFIG), "--model_type", "vae", "--dataset",
+                                          "pets_controversial", "--output_dir", str(folder), "--overwrite_output_dir"])
+    return str(folder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,41 +186,56 @@ def main(argv: list[str] | None = None) -> None:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reward_model", "--reward-model", required=True)
-    parser.add_argument("--modes", nargs="*", default=["per_user", "conditioned"], choices=["per_user", "conditioned"])
     parser.add_argument("--output_dir", "--output-dir", default="outputs/policy-pets")
+    parser.add_argument("--reward_model", "--reward-model", default=None,
+                        help="A trained Pets-controversial VPL reward model (default: train one into OUTPUT_DIR).")
+    parser.add_argument("--budget_seconds", "--budget-seconds", type=float, default=1200,
+                        help="Training wall time of each mode, both users together (default: 20 min).")
+    parser.add_argument("--full", action="store_true", help="Also the other conditioning/signal combinations.")
+    parser.add_argument("--modes", nargs="*", default=None, help="Only these modes.")
     parser.add_argument("--results", default="benchmarks/results/policy_pets.md")
-    parser.add_argument("--conditioned_max_steps", type=int, default=100,
-                        help="Steps of the one conditioned policy: the per-user runs' 50 steps times two users.")
-    parser.add_argument("--reuse", action="store_true", help="Summarize existing runs instead of training again.")
-    parser.add_argument("--also", nargs="*", default=[], metavar="TITLE=DIR",
-                        help="Finished recipe runs to summarize too (not trained here), e.g. on another reward model.")
+    parser.add_argument("--reuse", action="store_true", help="Summarize finished modes instead of training again.")
     args = parser.parse_args(argv)
 
+    start = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    reward_model = args.reward_model or train_reward_model(output_dir / "reward-vae-controversial")
+    modes = {**MODES, **(FULL_MODES if args.full else {})}
+    if args.modes:
+        modes = {name: modes[name] for name in args.modes}
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe("ppo_personalized")
+    all_results, summary = {}, {}
+    for name, (flags, default) in modes.items():
+        run_dir = output_dir / name
+        if not (args.reuse and (run_dir / "eval_results.json").exists()):
+            recipe.main(["--config", str(CONFIG), "--reward_model", reward_model, *flags, "--max_steps", "100000",
+                         "--max_train_seconds", str(args.budget_seconds), "--output_dir", str(run_dir), *extra])
+        all_results[name] = json.loads((run_dir / "eval_results.json").read_text())
+        summary[name] = mode_summary(all_results[name], default)
+    seconds = time.perf_counter() - start
+    (output_dir / "summary.json").write_text(json.dumps({"modes": summary, "seconds": seconds}, indent=2))
+
+    curve_png = plot_curves(all_results, results_path.parent / f"{results_path.stem}_curves.png")
     lines = [
         "# Personalized policy optimization on Pets", "",
-        f"Reward model `{args.reward_model}`; policy: the embedded SmolLM2-135M-Instruct with a LoRA adapter; "
-        f"recipe config `{CONFIG.relative_to(ROOT)}`{' plus ' + ' '.join(extra) if extra else ''}. "
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
-        f"{time.strftime('%Y-%m-%d')}.", "",
+        f"`python benchmarks/policy_pets.py --output_dir {args.output_dir}"
+        + (" --full" if args.full else "") + f"` ({seconds / 60:.0f} min in all). Reward model `{reward_model}` "
+        f"(VPL on Pets controversial, frozen SmolLM2); policy: the embedded SmolLM2-135M-Instruct with a LoRA adapter; "
+        f"recipe config `{CONFIG.relative_to(ROOT)}`{' plus ' + ' '.join(extra) if extra else ''}; each mode trains "
+        f"for {args.budget_seconds / 60:.0f} min of wall time, both users together. Machine: {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; {time.strftime('%Y-%m-%d')}.",
+        "", "`margin`: the user's own reward minus the other user's policy's reward under this user's reward, after "
+        "training, with a 95% bootstrap interval over the evaluation samples.", "",
+        *comparison_table(summary), "", f"![learning curves]({curve_png.name})", "",
     ]
-    recipe = None
-    for mode in args.modes:
-        run_dir = Path(args.output_dir) / mode
-        if not (args.reuse and (run_dir / "eval_results.json").exists()):
-            recipe = recipe or load_recipe("ppo_personalized")
-            steps = ["--max_steps", str(args.conditioned_max_steps)] if mode == "conditioned" else []
-            recipe.main(["--config", str(CONFIG), "--reward_model", args.reward_model, "--mode", mode,
-                         "--output_dir", str(run_dir), *steps, *extra])
-        lines += run_section(f"`{mode}`", run_dir, results_path.parent, results_path.stem)
-    for item in args.also:
-        title, _, folder = item.rpartition("=")
-        lines += run_section(title or folder, Path(folder), results_path.parent, results_path.stem)
+    for name in modes:
+        lines += mode_section(name, output_dir / name, summary[name], results_path.parent, results_path.stem)
     results_path.write_text("\n".join(lines))
-    print(f"Wrote {results_path}")
+    print("\n".join(comparison_table(summary)))
+    print(f"Wrote {output_dir / 'summary.json'} and {results_path}")
 
 
 if __name__ == "__main__":

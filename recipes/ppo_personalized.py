@@ -1,45 +1,64 @@
-"""Optimize a policy against a personalized (VPL) reward with TRL's GRPO (PPO's clipped surrogate, several
-passes per generated batch with `--num_iterations`, KL to the reference with `--beta`).
+"""Optimize a policy against a personalized (VPL) reward, one policy for every user or one per user.
 
     accelerate launch recipes/ppo_personalized.py --reward_model outputs/vpl-pets --user_contexts pets \
         --mode {conditioned,per_user} --output_dir outputs/ppo-pets [--config recipe.yaml] [any GRPOConfig flag]
 
 Each user's latent `z` comes from their context pairs (`--num_context` pairs drawn from their labelled pairs in a
-dataset folder, or a JSON mapping user -> context file). Every completion is scored under the latent of the user
-its prompt belongs to.
+dataset folder, or a JSON mapping user -> context file) through the reward model's encoder, once per user. Every
+completion is scored under the latent of the user it was written for.
 
-- `conditioned`: one LoRA policy for every user; its prompt starts with a preamble listing the user's choices,
-  so it serves a new user given only their pairs. The adapter is saved to `output_dir`.
-- `per_user`: one LoRA adapter per user, trained on the bare prompts against that user's reward, saved to
-  `output_dir/adapters/<user>`.
+- `conditioned`: one LoRA policy for every user, a new one included, given only their pairs. `--conditioning`:
+  `latent` (default: `z` of a fresh draw of the user's pairs becomes `--latent_tokens` soft-prompt vectors, a
+  small module trained with the adapter) or `text` (`--preamble_pairs` of the user's pairs in a system message).
+  `--signal`: `bon_sft` (default: conditioned best-of-n distillation with TRL's `SFTTrainer`, `--bon_n`
+  candidates per user and prompt, the best `--bon_keep` distilled, a new round every `--bon_epochs_per_round`
+  epochs) or `grpo` (TRL's `GRPOTrainer`). Saved to `output_dir` with `vpl_policy.json`, which
+  `python -m vpl_trl.sample --policy DIR --user-context FILE` reads.
+- `per_user`: one LoRA adapter per user, trained on the bare prompts against that user's reward (default signal
+  `grpo`), saved to `output_dir/adapters/<user>`.
+
+`--max_train_seconds` caps each mode's training wall time (per_user: split equally among the users).
 
 Before and after training, the policy for each user answers held-out prompts (`--eval_prompts`; a conditioned
-policy sees a preamble drawn from the user's test-split pairs, which no training prompt showed, as a new user's
-would be) and every user's reward scores the answers: `output_dir/eval_results.json`, a printed table,
-`output_dir/eval_matrix.png` and every scored completion in `output_dir/eval_completions.jsonl`.
+policy sees pairs drawn from the user's test split, which no training prompt showed, as a new user's would be)
+and every user's reward scores the answers: `output_dir/eval_results.json` (with each user's margin over the
+other users' policies and its 95% bootstrap interval, and the seconds spent in generation, scoring and updates),
+a printed table, `output_dir/eval_matrix.png` and every scored completion in `output_dir/eval_completions.jsonl`.
+Under DeepSpeed (ZeRO-2 or ZeRO-3) every process takes part in generation and evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import AutoTokenizer, TrainingArguments
+from trl import GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
+from trl.models import unwrap_model_for_generation
 
 from vpl_trl.data.format import PreferenceDataError
-from vpl_trl.distributed import cpu_launch_defaults
+from vpl_trl.distributed import cpu_launch_defaults, gathered_parameters, replicated_loading
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-from vpl_trl.generation import GenerationSettings, PersonalizedRewardScorer, load_policy
+from vpl_trl.generation import GenerationSettings, PersonalizedRewardScorer
 from vpl_trl.policy import (
+    BestOfNDistillationTrainer,
+    ConditionedGRPOTrainer,
+    DistillationSettings,
     PersonalizedRewardFunction,
+    PolicyConditioning,
+    TimeBudgetCallback,
+    build_policy,
     build_policy_dataset,
     draw_context,
     format_results,
@@ -47,14 +66,16 @@ from vpl_trl.policy import (
     load_prompt_list,
     load_user_pairs,
     mean_rewards,
-    policy_prompt,
     resolve_data_source,
     score_completions,
     summarize,
+    write_policy_config,
     write_results,
 )
 
 MODES = ("conditioned", "per_user")
+SIGNALS = ("bon_sft", "grpo")
+DEFAULT_SIGNAL = {"conditioned": "bon_sft", "per_user": "grpo"}
 
 
 @dataclass
@@ -74,13 +95,33 @@ class ScriptArguments:
                                         "test split of the prompts' dataset, else the training prompts."}
     )
     mode: str = field(default="conditioned", metadata={"help": "conditioned or per_user.", "choices": list(MODES)})
+    conditioning: str = field(
+        default="latent", metadata={"help": "How the conditioned policy is told its user: `latent` (z as a soft "
+                                            "prompt) or `text` (pairs in the prompt).", "choices": ["latent", "text"]}
+    )
+    signal: str | None = field(
+        default=None, metadata={"help": "Training signal: `bon_sft` (best-of-n distillation) or `grpo`; default: "
+                                        "bon_sft for conditioned, grpo for per_user.", "choices": list(SIGNALS)}
+    )
     users: list[str] | None = field(default=None, metadata={"help": "Only these users (default: all)."})
     num_context: int = field(default=8, metadata={"help": "Context pairs per user that define their latent z."})
-    preamble_pairs: int = field(default=4, metadata={"help": "Pairs shown in a conditioned policy's prompt."})
-    rows_per_user: int = field(default=64, metadata={"help": "Training prompts per user (prompts cycled)."})
+    preamble_pairs: int = field(default=2, metadata={"help": "Pairs shown in a text-conditioned policy's prompt."})
+    latent_tokens: int = field(default=4, metadata={"help": "Soft-prompt vectors of a latent-conditioned policy."})
+    rows_per_user: int = field(default=64, metadata={"help": "Training prompts per user (prompts cycled), each "
+                                                             "with its own draw of the user's pairs."})
+    bon_n: int = field(default=16, metadata={"help": "bon_sft: candidates per user and prompt."})
+    bon_keep: int = field(default=2, metadata={"help": "bon_sft: best candidates distilled per user and prompt."})
+    bon_epochs_per_round: int = field(default=6, metadata={"help": "bon_sft: SFT epochs before new candidates."})
+    bon_learning_rate: float | None = field(
+        default=None, metadata={"help": "bon_sft: the SFT learning rate (default: --learning_rate)."}
+    )
+    max_train_seconds: float | None = field(
+        default=None, metadata={"help": "Training wall-time budget of the mode (per_user: split among users)."}
+    )
     eval_samples: int = field(default=4, metadata={"help": "Completions per held-out prompt and user."})
     max_eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts evaluated."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per batch in evaluation."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Sequences per batch in generation (evaluation "
+                                                               "and bon_sft candidates)."})
     data_dir: str = field(default="data", metadata={"help": "Where `pets` is generated."})
 
 
@@ -90,7 +131,8 @@ class PersonalizedGRPOConfig(GRPOConfig):
     [`~trl.GRPOConfig`] with defaults for short LoRA runs against a personalized reward: PPO-style updates
     (`num_iterations=2` passes per generated batch, clipping `epsilon=0.2`), a KL penalty to the reference
     policy (`beta=0.04`; with LoRA the reference is the base model, adapter disabled), 4 generations per
-    prompt, short completions, no activation checkpointing and bf16 only on a bf16-capable GPU.
+    prompt, short completions, no activation checkpointing and bf16 only on a bf16-capable GPU. Its
+    `TrainingArguments` also drive the SFT of best-of-n distillation.
     """
 
     learning_rate: float = field(default=5e-5, metadata={"help": "The initial learning rate for AdamW."})
@@ -119,6 +161,14 @@ def lora_config(model_args: ModelConfig):
     return get_peft_config(model_args)
 
 
+def sft_config(args: TrainingArguments) -> SFTConfig:
+    """An `SFTConfig` with the same `TrainingArguments` (best-of-n distillation trains with TRL's SFTTrainer)."""
+    names = {f.name for f in fields(TrainingArguments) if f.init}
+    values = {k: v for k, v in args.to_dict().items() if k in names}
+    values["gradient_checkpointing"] = bool(values.get("gradient_checkpointing"))  # SFTConfig's default is True
+    return SFTConfig(**values)
+
+
 def select_users(pairs: Mapping[str, list], users: Sequence[str] | None) -> dict[str, list]:
     if not users:
         return dict(sorted(pairs.items()))
@@ -142,7 +192,7 @@ def load_prompts(script_args: ScriptArguments, source: Path) -> tuple[list[Any],
     return train, (held_out or train)[: script_args.max_eval_prompts], distinct
 
 
-def held_out_preambles(
+def held_out_contexts(
     source: Path, pairs: Mapping[str, list], k: int, rng: random.Random
 ) -> tuple[dict[str, list], bool]:
     """Contexts that a conditioned policy is evaluated with: drawn from each user's test-split pairs, which no
@@ -165,39 +215,84 @@ def evaluate(
     latents: Mapping[str, torch.Tensor],
     users: Sequence[str],
     eval_prompts: Sequence[Any],
-    prompts_for: Callable[[str], list[Any]],
+    conditioning_for: Callable[[str], tuple[list[Any], torch.Tensor | None]],
     samples: int,
     settings: GenerationSettings,
     stage: str,
 ) -> tuple[Matrix, list[dict[str, Any]]]:
     """Rows of the cross-user matrix for `users`, and every scored completion (tagged with `stage` and the user
-    the policy served); users whose policy prompts coincide share one generation."""
-    rows: Matrix = {}
-    records: list[dict[str, Any]] = []
-    by_prompts: dict[str, list[dict[str, Any]]] = {}
+    the policy served). Users whose policy inputs coincide share one generation; the generations are shared out
+    among the processes, which must all call this together."""
+    jobs: dict[str, tuple[list[Any], torch.Tensor | None]] = {}
+    key_of = {}
     for user in users:
-        policy_prompts = prompts_for(user)
-        key = json.dumps(policy_prompts, sort_keys=True, default=str)
-        if key not in by_prompts:
-            completions = generate_for_user(model, tokenizer, eval_prompts, policy_prompts, samples, settings)
-            by_prompts[key] = score_completions(scorer, completions, latents)
-        rows[user] = mean_rewards(by_prompts[key])
-        records += [{"stage": stage, "policy_for": user, **record} for record in by_prompts[key]]
+        prompts, latent = conditioning_for(user)
+        key = json.dumps([prompts, None if latent is None else latent.tolist()], sort_keys=True, default=str)
+        key_of[user] = key
+        jobs.setdefault(key, (prompts, latent))
+    state = PartialState()
+    mine = {}
+    for key in list(jobs)[state.process_index :: state.num_processes]:
+        prompts, latent = jobs[key]
+        completions = generate_for_user(model, tokenizer, eval_prompts, prompts, samples, settings, latent)
+        mine[key] = score_completions(scorer, completions, latents)
+    scored = {key: records for part in gather_object([mine]) for key, records in part.items()}
+    rows: Matrix = {user: mean_rewards(scored[key_of[user]]) for user in users}
+    records = [{"stage": stage, "policy_for": user, **record} for user in users for record in scored[key_of[user]]]
     return rows, records
 
 
+@contextlib.contextmanager
+def generation_model(trainer=None, model=None):
+    """The policy with its full weights on every process: a trainer's model (unwrapped from DDP or DeepSpeed), or a
+    plain model (its ZeRO-3 partitions gathered)."""
+    if trainer is not None:
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
+            yield unwrapped
+        return
+    with gathered_parameters(model):
+        yield model
+
+
 def train_policy(
-    policy_path: str, dataset, reward: PersonalizedRewardFunction, args: GRPOConfig, model_args: ModelConfig
-) -> tuple[GRPOTrainer, float]:
-    """Train one LoRA policy with GRPO; returns the trainer (adapter saved to `args.output_dir`) and seconds."""
-    trainer = GRPOTrainer(
-        model=policy_path, reward_funcs=reward, args=args, train_dataset=dataset, peft_config=lora_config(model_args)
-    )
+    model, tokenizer, dataset, reward: PersonalizedRewardFunction, args: GRPOConfig, script_args: ScriptArguments,
+    signal: str, settings: GenerationSettings, budget: float | None,
+):
+    """Train one LoRA policy with `signal`; returns the trainer (policy saved to `args.output_dir`) and the wall
+    time, the first best-of-n round included."""
     start = time.perf_counter()
+    callbacks = [TimeBudgetCallback(budget, start)] if budget else None
+    if signal == "grpo":
+        trainer = ConditionedGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                                         processing_class=tokenizer, callbacks=callbacks)
+    else:
+        distillation = DistillationSettings(script_args.bon_n, script_args.bon_keep, script_args.bon_epochs_per_round,
+                                            generation=settings)
+        sft_args = sft_config(args)
+        sft_args.learning_rate = script_args.bon_learning_rate or args.learning_rate
+        trainer = BestOfNDistillationTrainer(model, sft_args, dataset, reward, distillation, tokenizer,
+                                             callbacks=callbacks, deadline=start + budget if budget else None)
     trainer.train()
     elapsed = time.perf_counter() - start
     trainer.save_model(args.output_dir)
     return trainer, elapsed
+
+
+def run_record(trainer, seconds: float, output_dir: str) -> dict[str, Any]:
+    steps = trainer.state.global_step
+    timings = dict(trainer.timings)
+    timings["update"] = max(seconds - timings["generation"] - timings["scoring"], 0.0)
+    record = {"steps": steps, "train_seconds": seconds, "adapter": output_dir, "seconds": timings,
+              "seconds_per_step": {k: v / max(steps, 1) for k, v in timings.items()}}
+    # the on-policy reward of each user over training: GRPO's logged batch means, or each best-of-n round's mean
+    points = trainer.rounds if hasattr(trainer, "rounds") else trainer.state.log_history
+    record["curve"] = [
+        {"step": point.get("step", 0), **{k: v for k, v in point.items() if k.startswith("reward/")}}
+        for point in points if any(k.startswith("reward/") for k in point)
+    ]
+    if hasattr(trainer, "rounds"):
+        record["rounds"] = trainer.rounds
+    return record
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -206,9 +301,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
     output_dir = Path(args.output_dir)
     conditioned = script_args.mode == "conditioned"
+    signal = script_args.signal or DEFAULT_SIGNAL[script_args.mode]
+    conditioning = PolicyConditioning(script_args.conditioning if conditioned else "none",
+                                      script_args.preamble_pairs, script_args.latent_tokens)
     is_main = args.process_index == 0
 
-    scorer = PersonalizedRewardScorer.from_pretrained(script_args.reward_model, device=args.device)
+    with replicated_loading():  # a frozen reward model: whole on every process, also under ZeRO-3
+        scorer = PersonalizedRewardScorer.from_pretrained(script_args.reward_model, device=args.device)
+    if conditioned and not scorer.uses_latent:
+        raise SystemExit(
+            f"error: {script_args.reward_model} is a `{scorer.model.config.reward_type}` reward model, with no user "
+            "latent: every user gets the same reward, so a conditioned policy has nothing to learn. Train a `vae` "
+            "reward model (recipes/train_reward.py --model_type vae), or use --mode per_user."
+        )
+    latent_dim = scorer.model.config.latent_dim if scorer.uses_latent else 0
     source = resolve_data_source(script_args.user_contexts, script_args.data_dir)
     pairs = select_users(load_user_pairs(source), script_args.users)
     rng = random.Random(args.seed)
@@ -217,70 +323,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_prompts, eval_prompts, held_out = load_prompts(script_args, source)
 
     policy_path = resolve_model_name_or_path(model_args.model_name_or_path or DEFAULT_MODEL)
-    base_policy, tokenizer = load_policy(policy_path, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     chat = bool(getattr(tokenizer, "chat_template", None))
 
-    preambles, preambles_held_out = {}, False
+    eval_contexts, contexts_held_out = {}, False
     if conditioned:
-        preambles, preambles_held_out = held_out_preambles(source, pairs, script_args.num_context, rng)
+        eval_contexts, contexts_held_out = held_out_contexts(source, pairs, script_args.num_context, rng)
 
-    def prompts_for(user: str) -> list[Any]:
-        context = (preambles.get(user) or contexts[user]) if conditioned else None
-        return [policy_prompt(p, context, chat, script_args.preamble_pairs) for p in eval_prompts]
+    def conditioning_for(user: str) -> tuple[list[Any], torch.Tensor | None]:
+        context = eval_contexts.get(user) or contexts[user]
+        prompts = [conditioning.prompt(p, context, chat) for p in eval_prompts]
+        return prompts, scorer.user_latent(context) if conditioning.uses_latent else None
 
     settings = GenerationSettings(
         args.max_completion_length, args.temperature, args.top_p, script_args.eval_batch_size, args.seed
     )
-    eval_kwargs = {"scorer": scorer, "latents": latents, "eval_prompts": eval_prompts, "prompts_for": prompts_for,
-                   "samples": script_args.eval_samples, "settings": settings}
+    eval_kwargs = {"scorer": scorer, "latents": latents, "eval_prompts": eval_prompts,
+                   "conditioning_for": conditioning_for, "samples": script_args.eval_samples, "settings": settings}
     users = list(pairs)
-    before: Matrix = {}
-    completions: list[dict[str, Any]] = []
-    if is_main:
-        before, completions = evaluate(base_policy, tokenizer, users=users, stage="before", **eval_kwargs)
-    del base_policy
-
     reward = PersonalizedRewardFunction(scorer, latents)
+    lora = lora_config(model_args)
+
+    def policy_dataset(user_pairs: Mapping[str, list]):
+        return build_policy_dataset(train_prompts, user_pairs, conditioning, chat, script_args.rows_per_user,
+                                    script_args.num_context, args.seed, user_latent=scorer.user_latent)
+
+    budget = script_args.max_train_seconds
+    policy = build_policy(policy_path, tokenizer, conditioning, latent_dim, lora)
+    with generation_model(model=policy):  # untrained: the base model (LoRA starts at zero)
+        before, completions = evaluate(policy, tokenizer, users=users, stage="before", **eval_kwargs)
+
     after: Matrix = {}
     runs = {}
-    if conditioned:
-        dataset = build_policy_dataset(train_prompts, pairs, True, chat, script_args.rows_per_user,
-                                       script_args.preamble_pairs, args.seed)
-        trainer, seconds = train_policy(policy_path, dataset, reward, args, model_args)
-        runs["all"] = {"steps": trainer.state.global_step, "train_seconds": seconds, "adapter": str(output_dir)}
-        if is_main:
-            after, records = evaluate(trainer.model, tokenizer, users=users, stage="after", **eval_kwargs)
-            completions += records
-    else:
-        for user in users:
-            user_args = copy.deepcopy(args)
-            user_args.output_dir = str(output_dir / "adapters" / user)
-            dataset = build_policy_dataset(train_prompts, {user: pairs[user]}, False, chat, script_args.rows_per_user,
-                                           seed=args.seed)
-            trainer, seconds = train_policy(policy_path, dataset, reward, user_args, model_args)
-            runs[user] = {"steps": trainer.state.global_step, "train_seconds": seconds, "adapter": user_args.output_dir}
-            if is_main:
-                row, records = evaluate(trainer.model, tokenizer, users=[user], stage="after", **eval_kwargs)
-                after.update(row)
-                completions += records
-            del trainer
+    training = [("all", users, args)] if conditioned else [
+        (user, [user], _with_output_dir(args, output_dir / "adapters" / user)) for user in users
+    ]
+    for name, run_users, run_args in training:
+        if policy is None:
+            policy = build_policy(policy_path, tokenizer, conditioning, latent_dim, lora)
+        dataset = policy_dataset({user: pairs[user] for user in run_users})
+        run_budget = budget / len(training) if budget else None
+        trainer, seconds = train_policy(policy, tokenizer, dataset, reward, run_args, script_args, signal, settings,
+                                        run_budget)
+        runs[name] = run_record(trainer, seconds, run_args.output_dir)
+        if is_main and conditioned:
+            write_policy_config(run_args.output_dir, conditioning, latent_dim, script_args.reward_model, policy_path,
+                                signal=signal)
+        with generation_model(trainer=trainer) as model:
+            row, records = evaluate(model, tokenizer, users=users if conditioned else run_users, stage="after",
+                                    **eval_kwargs)
+        after.update(row)
+        completions += records
+        policy = None
+        del trainer
 
     if not is_main:
         return {}
     results = summarize(
-        before, after, mode=script_args.mode, policy=policy_path, reward_model=script_args.reward_model,
-        eval_prompts=len(eval_prompts), eval_samples_per_prompt=script_args.eval_samples,
-        eval_prompts_held_out=held_out, runs=runs,
-        **({"eval_preambles_held_out": preambles_held_out} if conditioned else {}),
+        before, after, completions, mode=script_args.mode, signal=signal, conditioning=conditioning.to_dict(),
+        policy=policy_path, reward_model=script_args.reward_model, eval_prompts=len(eval_prompts),
+        eval_samples_per_prompt=script_args.eval_samples, eval_prompts_held_out=held_out, runs=runs,
+        train_seconds=sum(run["train_seconds"] for run in runs.values()),
+        **({"eval_contexts_held_out": contexts_held_out} if conditioned else {}),
     )
     paths = write_results(results, output_dir, completions)
     (output_dir / "users.json").write_text(json.dumps(
-        {"mode": script_args.mode, "preamble_pairs": script_args.preamble_pairs, "contexts": contexts,
-         "eval_preambles": preambles}, indent=2
+        {"mode": script_args.mode, "conditioning": conditioning.to_dict(), "contexts": contexts,
+         "eval_contexts": eval_contexts}, indent=2
     ))
     print(format_results(results))
     print(f"Wrote {paths['json']}, {paths['png']} and {paths['completions']}")
     return results
+
+
+def _with_output_dir(args, folder: Path):
+    user_args = copy.deepcopy(args)
+    user_args.output_dir = str(folder)
+    return user_args
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from vpl_trl.embeddings import _tokenize, render_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_reward.py"
+POLICY_RECIPE = ROOT / "recipes" / "ppo_personalized.py"
 # A 2-process run sums the same per-example gradients in another order than one process (differences ~1e-6 in the
 # logged losses); Adam's normalized steps carry such differences into the weights: 1e-4 to 2e-3 seen in the final
 # rewards. A wrong save or reload differs by the rewards' own order (about 1).
@@ -74,15 +75,16 @@ def launch_env() -> dict:
     return env
 
 
-def launch(config: str, args: list[str], env: dict, cache: Path) -> str:
-    """`accelerate launch --config_file deepspeed_configs/CONFIG.yaml --num_processes 2 recipes/train_reward.py ARGS`
-    from the repository root (the ZeRO-3 configs name their JSON relative to it); returns the combined output."""
+def launch(config: str, args: list[str], env: dict, cache: Path, recipe: Path = RECIPE) -> str:
+    """`accelerate launch --config_file deepspeed_configs/CONFIG.yaml --num_processes 2 RECIPE ARGS` (default:
+    recipes/train_reward.py) from the repository root (the ZeRO-3 configs name their JSON relative to it); returns
+    the combined output."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", f"deepspeed_configs/{config}.yaml",
         "--num_processes", "2",
         "--main_process_port", "0",  # a free port: other runs may be using the default one
-        str(RECIPE), *args,
+        str(recipe), *args,
     ]
     run = subprocess.run(
         command, cwd=ROOT, env={**env, "VPL_TRL_CACHE": str(cache)}, capture_output=True, text=True, timeout=420
@@ -228,6 +230,36 @@ def test_zero3_bf16_partition_has_one_dtype(tiny_backbone, launch_env):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     loaded = json.loads(run.stdout.strip().splitlines()[-1])
     assert loaded == {"partitioned": True, "dtypes": ["torch.bfloat16"]}
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_conditioned_policy_recipe_under_deepspeed(config, tiny_reward_model, tiny_backbone, launch_env, tmp_path):
+    """The default conditioned recipe (latent soft prompt, best-of-n distillation) for 2 steps on 2 processes: every
+    process generates, trains and evaluates together; the saved policy reloads in one process."""
+    from vpl_trl.data import build_pets
+    from vpl_trl.policy import conditioned_on, load_conditioned_policy
+
+    data = tmp_path / "pets"
+    build_pets(data, n_train_per_user=12, n_test_per_user=4, seed=0)
+    output_dir = tmp_path / "policy"
+    launch(config, [
+        "--reward_model", tiny_reward_model, "--user_contexts", str(data), "--model_name_or_path", tiny_backbone,
+        "--mode", "conditioned", "--max_steps", "2", "--max_completion_length", "6", "--num_context", "3",
+        "--rows_per_user", "4", "--bon_n", "3", "--per_device_train_batch_size", "2", "--eval_samples", "2",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(output_dir),
+    ], launch_env, tmp_path / "cache", recipe=POLICY_RECIPE)
+
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["signal"] == "bon_sft" and results["conditioning"]["kind"] == "latent"
+    assert results["runs"]["all"]["steps"] == 2
+    records = [json.loads(line) for line in (output_dir / "eval_completions.jsonl").read_text().splitlines()]
+    # both processes' generations were gathered: every user's policy answered every sample, before and after
+    assert len(records) == 2 * 2 * results["eval_prompts"] * results["eval_samples_per_prompt"]
+    model, tokenizer, conditioning, _ = load_conditioned_policy(output_dir, device="cpu")
+    ids = tokenizer.apply_chat_template(conditioning.prompt("A pet?", None, chat=True), add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad(), conditioned_on(model, torch.ones(1, 8)):
+        assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
 def test_cpu_launch_defaults(monkeypatch):

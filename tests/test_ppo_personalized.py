@@ -14,6 +14,7 @@ from vpl_trl.data.pets import PROMPT
 from vpl_trl.generation import PersonalizedRewardScorer, dialogue_messages
 from vpl_trl.policy import (
     PersonalizedRewardFunction,
+    PolicyConditioning,
     build_policy_dataset,
     context_preamble,
     load_user_pairs,
@@ -75,16 +76,26 @@ def check_results(output_dir: Path, mode: str) -> dict:
     return results
 
 
-def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys):
+@pytest.mark.parametrize("conditioning,signal", [("latent", "bon_sft"), ("latent", "grpo"), ("text", "bon_sft"),
+                                                 ("text", "grpo")])
+def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys,
+                                 conditioning, signal):
     output_dir = tmp_path / "conditioned"
-    ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned"))
+    ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned",
+                                "--conditioning", conditioning, "--signal", signal, "--bon_n", "3"))
     check_adapter(output_dir)
+    assert (output_dir / "latent_prompt.safetensors").exists() == (conditioning == "latent")
+    policy_config = json.loads((output_dir / "vpl_policy.json").read_text())
+    assert policy_config["conditioning"]["kind"] == conditioning and policy_config["signal"] == signal
     results = check_results(output_dir, "conditioned")
     assert results["runs"]["all"]["steps"] == 2
+    assert set(results["personalization_margin_ci95_after"]) == set(USERS)
+    seconds = results["runs"]["all"]["seconds"]
+    assert seconds["generation"] > 0 and seconds["scoring"] > 0 and seconds["update"] >= 0
     assert results["eval_prompts_held_out"] is False  # Pets has one prompt: evaluated on the training prompt
-    # evaluated as new users: preambles drawn from test pairs, which no training prompt showed
-    assert results["eval_preambles_held_out"] is True
-    preambles = json.loads((output_dir / "users.json").read_text())["eval_preambles"]
+    # evaluated as new users: contexts drawn from test pairs, which no training prompt showed
+    assert results["eval_contexts_held_out"] is True
+    preambles = json.loads((output_dir / "users.json").read_text())["eval_contexts"]
     test_answers = {r["chosen"] for r in load_user_pairs(small_pets, "test")["helpful"]}
     assert preambles["helpful"] and all(pair["chosen"] in test_answers for pair in preambles["helpful"])
     assert "| policy for \\ reward of | harmless | helpful |" in capsys.readouterr().out
@@ -102,7 +113,7 @@ def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, ti
         check_adapter(output_dir / "adapters" / user)
     results = check_results(output_dir, "per_user")
     assert results["eval_prompts_held_out"] is True and results["eval_prompts"] == 2
-    assert "eval_preambles_held_out" not in results  # per-user policies see no preamble
+    assert "eval_contexts_held_out" not in results  # per-user policies see no user context
     assert {u: r["steps"] for u, r in results["runs"].items()} == {u: 2 for u in USERS}
 
 
@@ -132,9 +143,9 @@ def test_conditioning_preamble_and_dataset():
     assert policy_prompt("Hi there", None, chat=True) == [{"role": "user", "content": "Hi there"}]
     chat_prompt = [{"role": "user", "content": "hi"}]
     assert policy_prompt(chat_prompt, context, chat=True, max_pairs=2) == [{"role": "system", "content": preamble}] + chat_prompt
-    dataset = build_policy_dataset(["p1", "p2"], {"a": context, "b": context}, conditioned=True, chat=False,
-                                   rows_per_user=3, preamble_pairs=1)
-    assert len(dataset) == 6 and set(dataset.column_names) == {"prompt", "raw_prompt", "user_id"}
+    dataset = build_policy_dataset(["p1", "p2"], {"a": context, "b": context}, PolicyConditioning("text", 1),
+                                   chat=False, rows_per_user=3)
+    assert len(dataset) == 6 and set(dataset.column_names) == {"prompt", "raw_prompt", "bare_prompt", "user_id"}
     assert all(row["prompt"].endswith(row["raw_prompt"]) and "preferred:" in row["prompt"] for row in dataset)
 
 
@@ -163,3 +174,19 @@ def test_config_defaults_suit_cpu(ppo_recipe, tmp_path):
     assert args.bf16 == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert not args.use_vllm and args.num_generations >= 2
     assert args.per_device_train_batch_size % args.num_generations == 0
+
+
+def test_margin_interval_brackets_the_margin():
+    from vpl_trl.policy import margin_interval
+
+    def record(policy_for, own, other):
+        return {"stage": "after", "policy_for": policy_for, "rewards": {"a": own, "b": other}}
+
+    exact = [record("a", 3.0, 0.0)] * 4 + [record("b", 1.0, 5.0)] * 4
+    assert margin_interval(exact, "a") == pytest.approx((2.0, 2.0))  # 3 (own) - 1 (b's policy under a's reward)
+    noisy = [record("a", 3.0 + 0.5 * (-1) ** i, 0.0) for i in range(16)] + [record("b", 1.0, 5.0)] * 16
+    low, high = margin_interval(noisy, "a")
+    assert low < 2.0 < high and high - low < 1.0
+    overlapping = [record("a", float(i % 5), 0.0) for i in range(8)] + [record("b", float(i % 5), 0.0) for i in range(8)]
+    low, high = margin_interval(overlapping, "a")
+    assert low < 0.0 < high

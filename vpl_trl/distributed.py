@@ -77,6 +77,20 @@ def gathered_parameters(module: torch.nn.Module, params: list[torch.nn.Parameter
         yield
 
 
+@contextlib.contextmanager
+def replicated_loading() -> Iterator[None]:
+    """Load models whole on every process inside, also under ZeRO-3 (which would partition them as they load):
+    for frozen models that every process runs on its own, such as a reward model scoring its own completions."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = config
+
+
 def union_across_processes(items: list[str]) -> list[str]:
     """The sorted union of every process's `items`: the same list on every process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .distributed import is_main_process
 from .embedded_model import cache_dir
+from .precision import inference_autocast, inference_bf16
 
 
 def is_chat(value: Any) -> bool:
@@ -121,7 +122,9 @@ def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def default_embedding_cache_dir(model, pooling: str, max_length: int | None) -> Path:
-    return cache_dir() / "embeddings" / backbone_fingerprint(model, pooling, max_length)
+    """The cache of one backbone's embeddings, per pooling, maximum length and precision (bf16 ones apart)."""
+    precision = "-bf16" if inference_bf16(next(model.parameters()).device) else ""
+    return cache_dir() / "embeddings" / (backbone_fingerprint(model, pooling, max_length) + precision)
 
 
 @torch.no_grad()
@@ -153,7 +156,8 @@ def compute_embeddings(
         for begin in range(0, len(todo), batch_size):
             batch = todo[begin : begin + batch_size]
             encoded = _tokenize(tokenizer, batch, max_length).to(device)
-            vectors = model.embed(encoded["input_ids"], encoded["attention_mask"], use_adapter=use_adapter)
+            with inference_autocast(device):
+                vectors = model.embed(encoded["input_ids"], encoded["attention_mask"], use_adapter=use_adapter)
             pending_texts += batch
             pending_vectors.append(vectors.float().cpu())
             bar.update(len(batch))

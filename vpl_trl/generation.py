@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.format import PreferenceDataError, read_jsonl, validate_example
+from .distributed import is_main_process
+from .precision import inference_autocast
 from .embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from .embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, is_chat, render_text
 from .models import VPLRewardModel, local_model_folder
@@ -344,9 +347,18 @@ def generate_candidates(
     prompts: Sequence[Any],
     n: int,
     settings: GenerationSettings | None = None,
+    latents: torch.Tensor | None = None,
+    progress: str | None = None,
 ) -> list[list[str]]:
-    """`n` sampled completions for each prompt, generated `settings.batch_size` sequences at a time."""
+    """`n` sampled completions for each prompt, generated `settings.batch_size` sequences at a time. A policy
+    conditioned on users' latents gets `latents`: one row per prompt, or one row for all. `progress`: the
+    description of a progress bar (none by default)."""
+    from .policy.latent_prompt import conditioned_on
+
     settings = settings or GenerationSettings()
+    if latents is not None and latents.size(0) not in (1, len(prompts)):
+        raise ValueError(f"{latents.size(0)} latents for {len(prompts)} prompts.")
+    row_latents = latents if latents is None or latents.size(0) == 1 else latents.repeat_interleave(n, dim=0)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     templated = bool(getattr(tokenizer, "chat_template", None))
@@ -354,24 +366,31 @@ def generate_candidates(
     outputs: list[str] = []
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    bar = tqdm(total=len(inputs), desc=progress, unit="seq", disable=progress is None or not is_main_process())
     try:
         for begin in range(0, len(inputs), settings.batch_size):
             batch = tokenizer(
                 inputs[begin : begin + settings.batch_size], return_tensors="pt", padding=True,
                 add_special_tokens=not templated,
             ).to(device)
-            generated = model.generate(
-                **batch,
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=settings.temperature > 0,
-                temperature=settings.temperature if settings.temperature > 0 else None,
-                top_p=settings.top_p if settings.temperature > 0 else None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            batch_latents = row_latents
+            if row_latents is not None and row_latents.size(0) > 1:
+                batch_latents = row_latents[begin : begin + settings.batch_size]
+            with conditioned_on(model, batch_latents), inference_autocast(device):
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=settings.temperature > 0,
+                    temperature=settings.temperature if settings.temperature > 0 else None,
+                    top_p=settings.top_p if settings.temperature > 0 else None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             outputs += [t.strip() if templated else t for t in texts]
+            bar.update(len(texts))
     finally:
         tokenizer.padding_side = padding_side
+        bar.close()
     return [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
@@ -409,7 +428,8 @@ def rank_candidates(prompt: Any, texts: Sequence[str], rewards: Sequence[float])
 
 
 class PersonalizedBestOfN:
-    """Best-of-n sampling for a user: n candidates from the policy, ranked by r(x, z_user).
+    """Best-of-n sampling for a user: n candidates from the policy, ranked by r(x, z_user). A user-conditioned
+    policy (`conditioning`) is itself conditioned on the user's pairs or latent.
 
     Users are given by their context pairs (`context`), by a `user_id` whose latent is cached (give the
     context with it once), or neither (the prior mean user). Latents are cached by the scorer.
@@ -421,9 +441,11 @@ class PersonalizedBestOfN:
         policy_tokenizer: PreTrainedTokenizerBase,
         scorer: PersonalizedRewardScorer,
         settings: GenerationSettings | None = None,
+        conditioning: Any = None,
     ):
         self.policy, self.policy_tokenizer, self.scorer = policy, policy_tokenizer, scorer
         self.settings = settings or GenerationSettings()
+        self.conditioning = conditioning  # a `vpl_trl.policy.PolicyConditioning` for a user-conditioned policy
 
     @classmethod
     def from_pretrained(
@@ -449,7 +471,13 @@ class PersonalizedBestOfN:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}.")
         latent = self.scorer.user_latent(context, user_id)
-        candidates = generate_candidates(self.policy, self.policy_tokenizer, prompts, n, self.settings)
+        policy_prompts, policy_latent = prompts, None
+        if self.conditioning is not None:  # the policy itself serves the user: shown their pairs, or their z
+            chat = bool(getattr(self.policy_tokenizer, "chat_template", None))
+            policy_prompts = [self.conditioning.prompt(p, context, chat) for p in prompts]
+            policy_latent = latent if self.conditioning.uses_latent else None
+        candidates = generate_candidates(self.policy, self.policy_tokenizer, policy_prompts, n, self.settings,
+                                         latents=policy_latent)
         flat_prompts = [p for p, texts in zip(prompts, candidates) for _ in texts]
         rewards = self.scorer.score(flat_prompts, [t for texts in candidates for t in texts], latent)
         return [

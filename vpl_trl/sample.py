@@ -2,6 +2,11 @@
 
     python -m vpl_trl.sample --reward_model DIR --user_context FILE --prompt TEXT [--n 8] [--json]
     python -m vpl_trl.sample --reward-model DIR --prompts prompts.jsonl --policy MODEL ...
+    python -m vpl_trl.sample --policy CONDITIONED_POLICY_DIR --user-context FILE --prompt TEXT [--n 1]
+
+A conditioned policy (saved by recipes/ppo_personalized.py --mode conditioned) is itself conditioned on the user,
+as it was trained: shown their pairs, or given their latent z from the reward model it was trained with (the
+default --reward_model); with --n 1 its own sample is returned.
 
 The user's context pairs (JSON list or JSONL of `{prompt?, chosen, rejected}`) are encoded into `z` once;
 n candidates per prompt are sampled from the policy (default: the embedded SmolLM2 instruct model) and
@@ -15,6 +20,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
@@ -22,6 +28,7 @@ from transformers.utils import logging as transformers_logging
 
 from .data.format import PreferenceDataError
 from .embedded_model import DEFAULT_MODEL
+from .policy.conditioned_policy import PolicyError, check_reward_fits, load_conditioned_policy, read_policy_config
 from .generation import (
     GenerationSettings,
     PersonalizedBestOfN,
@@ -36,14 +43,18 @@ from .generation import (
 
 @dataclass
 class SampleArguments:
-    reward_model: str = field(metadata={"help": "Folder of a saved VPL reward model."})
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Folder of a saved VPL reward model (default: the one a conditioned "
+                                        "--policy was trained with)."}
+    )
     user_context: str | None = field(
         default=None, metadata={"help": "The user's labelled pairs: JSON list or JSONL of {prompt?, chosen, rejected}."}
     )
     prompt: str | None = field(default=None, metadata={"help": "One prompt."})
     prompts: str | None = field(default=None, metadata={"help": "A file of prompts: one per line, or JSONL with `prompt`."})
     n: int = field(default=8, metadata={"help": "Candidates per prompt."})
-    policy: str = field(default=DEFAULT_MODEL, metadata={"help": "The policy LLM (hub id or folder)."})
+    policy: str = field(default=DEFAULT_MODEL, metadata={"help": "The policy LLM (hub id or folder), or a conditioned "
+                                                                "policy saved by recipes/ppo_personalized.py."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens per candidate."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (0: greedy)."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
@@ -82,18 +93,28 @@ def build_best_of_n(args: SampleArguments) -> tuple[PersonalizedBestOfN, list[di
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}.")
     context = load_user_context(args.user_context) if args.user_context else None
-    scorer = PersonalizedRewardScorer.from_pretrained(args.reward_model, device=args.device, batch_size=args.batch_size)
+    policy_config = read_policy_config(args.policy) if Path(args.policy).is_dir() else None
+    reward_model = args.reward_model or (policy_config or {}).get("reward_model")
+    if not reward_model:
+        raise UsageError("--reward_model is required (the policy is not a conditioned policy that records one).")
+    scorer = PersonalizedRewardScorer.from_pretrained(reward_model, device=args.device, batch_size=args.batch_size)
     if not scorer.uses_latent:
         print(f"note: {args.reward_model} is a {scorer.model.config.reward_type!r} reward model without a user latent; "
               "every user gets the same ranking.", file=sys.stderr)
     elif context is None:
         print("note: no --user_context given: ranking for the prior mean user (z = prior mean).", file=sys.stderr)
+    conditioning = None
     try:
-        policy, tokenizer = load_policy(args.policy, device=args.device)
+        if policy_config is not None:
+            check_reward_fits(policy_config, scorer.model.config.latent_dim if scorer.uses_latent else 0,
+                              f"policy {args.policy} with reward model {reward_model}")
+            policy, tokenizer, conditioning, _ = load_conditioned_policy(args.policy, device=args.device)
+        else:
+            policy, tokenizer = load_policy(args.policy, device=args.device)
     except OSError as error:
         raise UsageError(f"policy {args.policy} cannot be loaded: {' '.join(str(error).split())}") from error
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed)
-    return PersonalizedBestOfN(policy, tokenizer, scorer, settings), context
+    return PersonalizedBestOfN(policy, tokenizer, scorer, settings, conditioning), context
 
 
 def run(args: SampleArguments) -> list[Ranking]:
@@ -114,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_transformers():
             run(args)
-    except (UsageError, PreferenceDataError, RewardModelError) as error:
+    except (UsageError, PreferenceDataError, RewardModelError, PolicyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,21 @@
 """Policy optimization against personalized rewards: user conditioning, the reward function, evaluation."""
 
-from .conditioning import build_policy_dataset, context_preamble, policy_prompt
+from .conditioned_policy import (
+    POLICY_CONFIG,
+    PolicyError,
+    build_policy,
+    check_reward_fits,
+    load_conditioned_policy,
+    read_policy_config,
+    write_policy_config,
+)
+from .conditioning import PolicyConditioning, build_policy_dataset, context_preamble, policy_prompt
+from .distillation import BestOfNDistillationTrainer, DistillationSettings
+from .latent_prompt import LATENT_TOKEN, LatentConditionedEmbedding, LatentPrompt, add_latent_prompt, conditioned_on
 from .evaluation import (
     format_results,
     generate_for_user,
+    margin_interval,
     mean_rewards,
     plot_matrices,
     score_completions,
@@ -11,9 +23,29 @@ from .evaluation import (
     write_results,
 )
 from .reward import PersonalizedRewardFunction
+from .trainers import ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
 from .users import draw_context, load_prompt_list, load_user_pairs, resolve_data_source
 
 __all__ = [
+    "LATENT_TOKEN",
+    "POLICY_CONFIG",
+    "BestOfNDistillationTrainer",
+    "ConditionedGRPOTrainer",
+    "ConditionedSFTTrainer",
+    "DistillationSettings",
+    "LatentConditionedEmbedding",
+    "LatentPrompt",
+    "PolicyConditioning",
+    "PolicyError",
+    "TimeBudgetCallback",
+    "add_latent_prompt",
+    "build_policy",
+    "check_reward_fits",
+    "conditioned_on",
+    "load_conditioned_policy",
+    "margin_interval",
+    "read_policy_config",
+    "write_policy_config",
     "PersonalizedRewardFunction",
     "build_policy_dataset",
     "context_preamble",

@@ -1,19 +1,24 @@
-"""Conditioning a policy on a user: their context pairs rendered into the prompt, and the GRPO prompt dataset.
+"""Conditioning a policy on a user: their context pairs rendered into the prompt, or their latent `z` as a soft
+prompt; and the dataset of policy prompts.
 
-One policy trained on prompts that carry each user's preamble serves any user, a new one included,
-given only their labelled pairs; per-user policies (one adapter each) see the bare prompt.
+One conditioned policy serves any user, a new one included, given only their labelled pairs; per-user policies
+(one adapter each) see the bare prompt.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from datasets import Dataset
 
+from ..data.format import PreferenceDataError
 from ..embeddings import is_chat
 from ..generation import completion_text, dialogue_messages
+from .latent_prompt import LATENT_TOKEN
 from .users import draw_context
 
 PREAMBLE_HEADER = "Here are answers this user preferred, each over another answer:"
@@ -49,26 +54,81 @@ def policy_prompt(prompt: Any, context: Sequence[Mapping[str, Any]] | None, chat
     return ([{"role": "system", "content": preamble}] if preamble else []) + messages
 
 
+@dataclass
+class PolicyConditioning:
+    """How one policy is told which user it serves.
+
+    - `text`: the user's pairs rendered into the prompt (a system message for chat policies); runs on any
+      serving stack.
+    - `latent`: `num_tokens` placeholder tokens that the policy's input embedding replaces with a soft prompt
+      computed from the user's latent `z` (`vpl_trl.policy.latent_prompt`); compact and exact.
+    - `none`: the bare prompt (per-user policies, one adapter each).
+    """
+
+    kind: str = "latent"
+    preamble_pairs: int = 2
+    latent_tokens: int = 4
+
+    def __post_init__(self):
+        if self.kind not in CONDITIONING_KINDS:
+            raise ValueError(f"conditioning must be one of {CONDITIONING_KINDS}, got {self.kind!r}.")
+
+    @property
+    def uses_latent(self) -> bool:
+        return self.kind == "latent"
+
+    def prompt(self, raw_prompt: Any, context: Sequence[Mapping[str, Any]] | None, chat: bool) -> Any:
+        """The prompt the policy sees for a user with these context pairs."""
+        if self.kind == "text":
+            return policy_prompt(raw_prompt, context, chat, self.preamble_pairs)
+        if self.kind == "none":
+            return policy_prompt(raw_prompt, None, chat)
+        placeholders = LATENT_TOKEN * self.latent_tokens
+        if not chat and not is_chat(raw_prompt):
+            return f"{placeholders}\n\n{raw_prompt}"
+        return [{"role": "system", "content": placeholders}] + policy_prompt(raw_prompt, None, True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "preamble_pairs": self.preamble_pairs, "latent_tokens": self.latent_tokens}
+
+
+CONDITIONING_KINDS = ("latent", "text", "none")
+LatentFn = Callable[[Sequence[Mapping[str, Any]]], torch.Tensor]
+
+
 def build_policy_dataset(
     prompts: Sequence[Any],
     user_pairs: Mapping[str, Sequence[Mapping[str, Any]]],
-    conditioned: bool,
+    conditioning: PolicyConditioning,
     chat: bool,
     rows_per_user: int,
-    preamble_pairs: int = 4,
+    num_context: int = 8,
     seed: int = 0,
+    user_latent: LatentFn | None = None,
 ) -> Dataset:
-    """GRPO prompts: `rows_per_user` rows per user cycling through `prompts`, with `prompt` (what the policy sees),
-    `raw_prompt` (what the reward scores) and `user_id`. Conditioned rows show a fresh draw of the user's pairs
-    each, so the policy learns to read a preamble rather than memorize one."""
+    """Policy prompts: `rows_per_user` rows per user cycling through `prompts`, with `prompt` (what the policy
+    sees), `raw_prompt` (what the reward scores), `bare_prompt` (the prompt without the user's conditioning),
+    `user_id` and, for latent conditioning, `user_latent` (the
+    latent of the row's context, from `user_latent(pairs)`). Each conditioned row shows a fresh draw of the
+    user's pairs (`preamble_pairs` in a preamble, `num_context` encoded into `z`), so the policy learns to read
+    a user's pairs rather than memorize one draw."""
     if not prompts:
         raise ValueError("no prompts to optimize the policy on.")
+    if conditioning.uses_latent and user_latent is None:
+        raise ValueError("latent conditioning needs `user_latent`, the reward model's encoder of a user's pairs.")
     rng = random.Random(f"policy-dataset-{seed}")
     rows = []
     for user, pairs in user_pairs.items():
+        if not pairs:
+            raise PreferenceDataError(f"user {user!r}: no labelled pairs to condition the policy on.")
         for index in range(rows_per_user):
             raw = prompts[index % len(prompts)]
-            context = draw_context(pairs, preamble_pairs, rng) if conditioned else None
-            rows.append({"prompt": policy_prompt(raw, context, chat, preamble_pairs), "raw_prompt": raw, "user_id": user})
+            size = num_context if conditioning.uses_latent else conditioning.preamble_pairs
+            context = draw_context(pairs, size, rng) if conditioning.kind != "none" else None
+            row = {"prompt": conditioning.prompt(raw, context, chat), "raw_prompt": raw, "user_id": user,
+                   "bare_prompt": policy_prompt(raw, None, chat)}
+            if conditioning.uses_latent:
+                row["user_latent"] = user_latent(context).reshape(-1).float().cpu().tolist()
+            rows.append(row)
     rng.shuffle(rows)
     return Dataset.from_list(rows)

@@ -26,10 +26,15 @@ def generate_for_user(
     policy_prompts: Sequence[Any],
     samples: int,
     settings: GenerationSettings,
+    latent: torch.Tensor | None = None,
 ) -> list[tuple[Any, str]]:
-    """`samples` completions per prompt, as (raw prompt, completion) pairs ready to be scored."""
+    """`samples` completions per prompt, as (raw prompt, completion) pairs ready to be scored (`latent`: the user's,
+    for a latent-conditioned policy)."""
+    was_training = model.training
     model.eval()
-    candidates = generate_candidates(model, tokenizer, policy_prompts, samples, settings)
+    candidates = generate_candidates(model, tokenizer, policy_prompts, samples, settings, latents=latent,
+                                     progress="Evaluation samples")
+    model.train(was_training)
     return [(raw, text) for raw, texts in zip(raw_prompts, candidates) for text in texts]
 
 
@@ -49,8 +54,25 @@ def mean_rewards(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return {user: sum(r["rewards"][user] for r in records) / len(records) for user in records[0]["rewards"]}
 
 
-def summarize(before: Matrix, after: Matrix, **extra: Any) -> dict[str, Any]:
-    """Own-reward before/after per user, both matrices, and how much more each policy suits its own user."""
+def margin_interval(
+    records: Sequence[Mapping[str, Any]], user: str, stage: str = "after", resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A 95% bootstrap interval of `user`'s margin: the mean reward, under `user`'s reward, of the completions of the
+    policy for `user` minus that of the other users' policies (each side resampled over its completions)."""
+    own = torch.tensor([r["rewards"][user] for r in records if r["stage"] == stage and r["policy_for"] == user])
+    other = torch.tensor([r["rewards"][user] for r in records if r["stage"] == stage and r["policy_for"] != user])
+    generator = torch.Generator().manual_seed(seed)
+    own_means = own[torch.randint(len(own), (resamples, len(own)), generator=generator)].mean(dim=1)
+    other_means = other[torch.randint(len(other), (resamples, len(other)), generator=generator)].mean(dim=1)
+    low, high = torch.quantile(own_means - other_means, torch.tensor([0.025, 0.975], dtype=own_means.dtype))
+    return float(low), float(high)
+
+
+def summarize(
+    before: Matrix, after: Matrix, completions: Sequence[Mapping[str, Any]] = (), **extra: Any
+) -> dict[str, Any]:
+    """Own-reward before/after per user, both matrices, and how much more each policy suits its own user (with a
+    95% bootstrap interval over the scored `completions`, when given)."""
     users = list(after)
     results: dict[str, Any] = dict(extra)
     results["users"] = users
@@ -63,16 +85,22 @@ def summarize(before: Matrix, after: Matrix, **extra: Any) -> dict[str, Any]:
         results["personalization_margin_after"] = {
             u: after[u][u] - sum(after[v][u] for v in users if v != u) / (len(users) - 1) for u in users
         }
+        if completions:
+            results["personalization_margin_ci95_after"] = {u: margin_interval(completions, u) for u in users}
     return results
 
 
 def format_results(results: Mapping[str, Any]) -> str:
     """A table of each user's own reward before and after, then the cross-user matrix after training."""
     users = results["users"]
-    lines = ["| user | reward before | reward after | gain |", "|---|---|---|---|"]
+    margins = results.get("personalization_margin_after", {})
+    intervals = results.get("personalization_margin_ci95_after", {})
+    lines = ["| user | reward before | reward after | gain | margin after | margin 95% CI |", "|---|---|---|---|---|---|"]
     for user in users:
         own = results["own_reward"][user]
-        lines.append(f"| {user} | {own['before']:+.4f} | {own['after']:+.4f} | {own['gain']:+.4f} |")
+        margin = f"{margins[user]:+.4f}" if user in margins else "-"
+        interval = "[{:+.2f}, {:+.2f}]".format(*intervals[user]) if user in intervals else "-"
+        lines.append(f"| {user} | {own['before']:+.4f} | {own['after']:+.4f} | {own['gain']:+.4f} | {margin} | {interval} |")
     lines += ["", "Cross-user rewards after training (rows: policy for user; columns: reward of user)", ""]
     lines.append("| policy for \\ reward of | " + " | ".join(users) + " |")
     lines.append("|---|" + "---|" * len(users))

@@ -1,0 +1,171 @@
+"""One policy for every user: latent (soft-prompt) and text conditioning, saving and serving, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoTokenizer
+
+from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+from vpl_trl.data import build_pets
+from vpl_trl.data.format import PreferenceDataError
+from vpl_trl.data.pets import PROMPT
+from vpl_trl.generation import PersonalizedRewardScorer, policy_input_text
+from vpl_trl.policy import (
+    LATENT_TOKEN,
+    PolicyConditioning,
+    build_policy,
+    build_policy_dataset,
+    conditioned_on,
+    load_conditioned_policy,
+    load_user_pairs,
+    write_policy_config,
+)
+from vpl_trl.policy.latent_prompt import save_latent_prompt
+from vpl_trl.sample import main as sample_main
+
+USERS = ("harmless", "helpful")
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def pairs_of(pets_data, user: str, k: int = 4) -> list[dict]:
+    rows = [r for r in pets_data["train"] if r["user_id"] == user][:k]
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_reward_model) -> PersonalizedRewardScorer:
+    return PersonalizedRewardScorer.from_pretrained(tiny_reward_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_pets(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("small-pets")
+    build_pets(folder, n_train_per_user=12, n_test_per_user=4, seed=0)
+    return folder
+
+
+def train_tiny_reward(folder: Path, backbone: str, pets_data, **config) -> str:
+    args = VPLRewardConfig(output_dir=str(folder / "run"), hidden_dim=32, num_train_epochs=1, num_context="4",
+                           per_device_train_batch_size=16, report_to="none", save_strategy="no", disable_tqdm=True,
+                           **config)
+    trainer = VPLRewardTrainer(model=backbone, args=args, train_dataset=pets_data["train"].select(range(64)))
+    trainer.train()
+    trainer.save_model(str(folder / "model"))
+    return str(folder / "model")
+
+
+def completion_logprob(model, tokenizer, prompt, completion: str, latent: torch.Tensor | None) -> float:
+    """log p(completion | prompt) under the policy, conditioned on `latent`."""
+    text = policy_input_text(tokenizer, prompt)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), conditioned_on(model, latent):
+        logits = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    targets = ids[0, 1:]
+    return float(logits[len(prompt_ids) - 1 :].gather(-1, targets[len(prompt_ids) - 1 :, None]).sum())
+
+
+def test_two_users_latents_give_different_logprobs(tiny_backbone, scorer, pets_data):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=3)
+    model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA).eval()
+    prompt = conditioning.prompt(PROMPT, None, chat=True)
+    assert tokenizer.apply_chat_template(prompt, tokenize=False).count(LATENT_TOKEN) == 3
+    latents = {user: scorer.user_latent(pairs_of(pets_data, user)) for user in USERS}
+    assert not torch.allclose(latents["harmless"], latents["helpful"])
+    logprobs = {user: completion_logprob(model, tokenizer, prompt, " Dogs are great.", latents[user]) for user in USERS}
+    assert abs(logprobs["harmless"] - logprobs["helpful"]) > 1e-4
+    # the soft prompt, not the placeholder's (out-of-vocabulary) embedding, is what the model reads
+    assert completion_logprob(model, tokenizer, prompt, " Dogs are great.", latents["helpful"]) == logprobs["helpful"]
+    with pytest.raises(RuntimeError, match="no user latent is set"):
+        completion_logprob(model, tokenizer, prompt, " Dogs.", None)
+    # the module trains with the adapter
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert any("prompt.net" in name for name in trainable) and any("lora_" in name for name in trainable)
+
+
+def test_text_conditioning_shows_the_users_pairs(pets_data):
+    pairs = pairs_of(pets_data, "helpful")
+    prompt = PolicyConditioning("text", preamble_pairs=2).prompt(PROMPT, pairs, chat=True)
+    assert prompt[0]["role"] == "system" and prompt[0]["content"].count("- preferred:") == 2
+    assert PolicyConditioning("none").prompt(PROMPT, pairs, chat=True) == prompt[1:]
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        PolicyConditioning("telepathy")
+
+
+def test_saved_latent_policy_reloads_and_serves_a_new_user(tiny_backbone, tiny_reward_model, scorer, pets_data,
+                                                           tmp_path, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    latent_dim = scorer.model.config.latent_dim
+    model = build_policy(tiny_backbone, tokenizer, conditioning, latent_dim, LORA).eval()
+    with torch.no_grad():  # as if trained: the adapter and the soft-prompt module moved from their initialization
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "prompt.net.0" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    folder = tmp_path / "policy"
+    model.save_pretrained(folder)
+    save_latent_prompt(model, folder)
+    tokenizer.save_pretrained(folder)
+    write_policy_config(folder, conditioning, latent_dim, tiny_reward_model, tiny_backbone)
+
+    reloaded, reloaded_tokenizer, reloaded_conditioning, _ = load_conditioned_policy(folder, device="cpu")
+    assert reloaded_conditioning == conditioning
+    prompt = conditioning.prompt(PROMPT, None, chat=True)
+    new_user = pairs_of(pets_data, "harmless", k=3)
+    latent = scorer.user_latent(new_user)
+    original = completion_logprob(model, tokenizer, prompt, " Cats are calm.", latent)
+    assert completion_logprob(reloaded, reloaded_tokenizer, prompt, " Cats are calm.", latent) == pytest.approx(original, abs=1e-5)
+
+    context_file = tmp_path / "new_user.json"
+    context_file.write_text(json.dumps(new_user))
+    code = sample_main(["--policy", str(folder), "--user-context", str(context_file), "--prompt", PROMPT, "--n", "2",
+                        "--max_new_tokens", "5", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["candidates"]) == 2
+
+
+def test_policy_errors(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, capsys):
+    # a latent policy given a reward model of another latent size
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+    folder = tmp_path / "policy"
+    model.save_pretrained(folder)
+    save_latent_prompt(model, folder)
+    tokenizer.save_pretrained(folder)
+    write_policy_config(folder, conditioning, scorer.model.config.latent_dim, tiny_reward_model, tiny_backbone)
+    other_reward = train_tiny_reward(tmp_path / "reward4", tiny_backbone, pets_data, model_type="vae", latent_dim=4)
+    assert sample_main(["--policy", str(folder), "--reward_model", other_reward, "--prompt", "x"]) == 2
+    error = capsys.readouterr().err
+    assert "latents of size 8" in error and "has size 4" in error
+
+    # a context file of the wrong shape
+    bad = tmp_path / "context.json"
+    bad.write_text(json.dumps({"pairs": [{"chosen": "a", "rejected": "b"}]}))
+    assert sample_main(["--policy", str(folder), "--user-context", str(bad), "--prompt", "x"]) == 2
+    assert "expected a JSON list" in capsys.readouterr().err
+
+    # a user with no pairs
+    mapping = tmp_path / "users.json"
+    mapping.write_text(json.dumps({"ann": [], "ben": pairs_of(pets_data, "helpful")}))
+    with pytest.raises(PreferenceDataError, match="user 'ann'"):
+        load_user_pairs(mapping)
+    with pytest.raises(PreferenceDataError, match="user 'ann': no labelled pairs"):
+        build_policy_dataset([PROMPT], {"ann": [], "ben": pairs_of(pets_data, "helpful")}, conditioning, True, 2,
+                             user_latent=scorer.user_latent)
+
+
+def test_conditioned_mode_refuses_a_reward_model_without_latent(ppo_recipe, tiny_backbone, pets_data, small_pets,
+                                                                 tmp_path):
+    base_reward = train_tiny_reward(tmp_path / "base", tiny_backbone, pets_data, model_type="base")
+    with pytest.raises(SystemExit, match="no user latent.*--mode per_user"):
+        ppo_recipe.main(["--reward_model", base_reward, "--user_contexts", str(small_pets), "--model_name_or_path",
+                         tiny_backbone, "--output_dir", str(tmp_path / "out"), "--mode", "conditioned",
+                         "--report_to", "none"])

@@ -1,0 +1,164 @@
+"""TRL trainers for a policy conditioned on users' latents (`vpl_trl.policy.latent_prompt`).
+
+Each batch row carries its user's latent (`user_latent`, a dataset column); the trainers set the latents
+around every forward and generation of the policy, so the soft prompt trains with the LoRA adapter. With text
+conditioning (no latent column) they behave exactly as TRL's.
+
+- `ConditionedGRPOTrainer`: `trl.GRPOTrainer` (PPO's clipped surrogate with group-relative advantages).
+- `ConditionedSFTTrainer`: `trl.SFTTrainer`, the base of best-of-n distillation (`vpl_trl.policy.distillation`).
+- `TimeBudgetCallback`: stops training after a wall-time budget, on every process together.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast_object_list
+from transformers import TrainerCallback
+from trl import GRPOTrainer, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from .latent_prompt import conditioned_on, save_latent_prompt
+
+LATENT_COLUMN = "user_latent"
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stop training once `seconds` of wall time have passed since `start` (default: when training began), checked
+    after each step; the main process decides, so that every process stops at the same step."""
+
+    def __init__(self, seconds: float | None, start: float | None = None):
+        self.seconds, self.start = seconds, start  # `start`: a `time.perf_counter()` taken before training began
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.seconds:
+            return
+        stop = [time.perf_counter() - self.start >= self.seconds]
+        if args.world_size > 1:
+            broadcast_object_list(stop)
+        if stop[0]:
+            control.should_training_stop = True
+
+
+def _save_with_latent_prompt(trainer, output_dir: str | None) -> None:
+    """Save the soft-prompt module beside the adapter (every process takes part in gathering it under ZeRO-3)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    save_latent_prompt(model, output_dir or trainer.args.output_dir, write=trainer.args.should_save)
+
+
+class ConditionedGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` for a latent-conditioned policy: the rows' `user_latent` condition generation, the old
+    and reference log-probabilities and the loss. The soft-prompt module is saved with the adapter."""
+
+    _latents: torch.Tensor | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timings = {"generation": 0.0, "scoring": 0.0}
+
+    def _generate(self, prompts):
+        start = time.perf_counter()
+        try:
+            return super()._generate(prompts)
+        finally:
+            self.timings["generation"] += time.perf_counter() - start
+
+    def _calculate_rewards(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super()._calculate_rewards(*args, **kwargs)
+        finally:
+            self.timings["scoring"] += time.perf_counter() - start
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if LATENT_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if LATENT_COLUMN not in inputs[0]:
+            return super()._generate_and_score_completions(inputs)
+        latents = torch.tensor([row[LATENT_COLUMN] for row in inputs], device=self.accelerator.device)
+        self._latents = latents
+        try:
+            with conditioned_on(self.model, latents):
+                output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._latents = None
+        output[LATENT_COLUMN] = latents  # shuffled and split with the batch's other tensors
+        return output
+
+    def _compute_loss(self, model, inputs):
+        self._latents = inputs.get(LATENT_COLUMN)
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._latents = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           **kwargs):
+        latents = self._latents
+        if latents is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs
+            )
+        # TRL computes these in chunks of `batch_size` rows: each chunk gets its rows' latents
+        batch_size = batch_size or input_ids.size(0)
+        chunks = []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = start + batch_size
+            with conditioned_on(model, latents[start:end]):
+                chunks.append(super()._get_per_token_logps_and_entropies(
+                    model, input_ids[start:end], attention_mask[start:end], logits_to_keep, batch_size, **kwargs
+                ))
+        logps = torch.cat([c[0] for c in chunks])
+        entropies = torch.cat([c[1] for c in chunks]) if chunks[0][1] is not None else None
+        aux = torch.stack([c[2] for c in chunks]).mean() if chunks[0][2] is not None else None
+        return logps, entropies, aux
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        _save_with_latent_prompt(self, output_dir)
+
+
+class LatentDataCollator(DataCollatorForLanguageModeling):
+    """TRL's language-modeling collator, passing each example's `user_latent` through as a (batch, d) tensor."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if LATENT_COLUMN in examples[0]:
+            output[LATENT_COLUMN] = torch.tensor([example[LATENT_COLUMN] for example in examples], dtype=torch.float32)
+        return output
+
+
+class ConditionedSFTTrainer(SFTTrainer):
+    """`trl.SFTTrainer` for a latent-conditioned policy: each example's `user_latent` conditions its forward."""
+
+    def __init__(self, *args, data_collator=None, **kwargs):
+        super().__init__(*args, data_collator=data_collator, **kwargs)
+        if data_collator is None and type(self.data_collator) is DataCollatorForLanguageModeling:
+            collator = self.data_collator
+            self.data_collator = LatentDataCollator(
+                pad_token_id=collator.pad_token_id, padding_free=collator.padding_free,
+                return_position_ids=collator.return_position_ids, pad_to_multiple_of=collator.pad_to_multiple_of,
+            )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if LATENT_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        latents = inputs.pop(LATENT_COLUMN, None)
+        with conditioned_on(model, latents):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        _save_with_latent_prompt(self, output_dir)
