@@ -84,25 +84,25 @@ STYLES = (
     Style("brief", "Answer in one short sentence. Be extremely brief.",
           ("In short,", "Simply put,", ""), max_new_tokens=24),
     Style("list", "Always answer with a numbered list of short points.",
-          ("Here are a few steps:\n\n1.", "Some ideas:\n\n1.", "1."), max_new_tokens=96),
+          ("Here are a few steps:\n\n1.", "Some ideas:\n\n1.", "1."), max_new_tokens=80),
     Style("enthusiastic", "You are extremely enthusiastic and excited! Use lots of exclamation marks!",
-          ("Oh, what a wonderful question!", "Wow, I love this!", "Great question!!"), max_new_tokens=72),
+          ("Oh, what a wonderful question!", "Wow, I love this!", "Great question!!"), max_new_tokens=64),
     Style("cautious", "You are very cautious. Add safety warnings and suggest consulting a professional.",
           ("Please be careful here.", "Before anything else, a word of caution:", "It is important to stay safe."),
-          max_new_tokens=80),
+          max_new_tokens=72),
     Style("formal", "You write in a formal, academic register. Avoid contractions and casual words.",
           ("Certainly.", "The matter may be addressed as follows.", "With respect to your inquiry,"),
-          max_new_tokens=80),
+          max_new_tokens=72),
     Style("facts", "Always give specific numbers, quantities, percentages and facts.",
-          ("Here are the key facts and figures:", "In numbers:", "According to the data,"), max_new_tokens=80),
+          ("Here are the key facts and figures:", "In numbers:", "According to the data,"), max_new_tokens=72),
     Style("question", "Ask the user a clarifying question about their situation before answering.",
           ("Could you tell me a bit more about", "Before I answer, may I ask", "That depends. Do you"),
-          max_new_tokens=64),
+          max_new_tokens=56),
     Style("hedging", "You are unsure. Hedge with words like maybe, perhaps, it might depend.",
           ("I'm not entirely sure, but perhaps", "It might depend, but maybe", "Hmm, possibly"),
-          max_new_tokens=72),
+          max_new_tokens=64),
     Style("casual", "Talk like a relaxed friend: casual, short sentences, contractions, a bit of slang.",
-          ("Honestly?", "Okay so,", "Yeah,"), max_new_tokens=64),
+          ("Honestly?", "Okay so,", "Yeah,"), max_new_tokens=56),
 )
 
 _SENTENCE_END = re.compile(r"[.!?:)](?=\s|$)|\n")
@@ -117,33 +117,57 @@ def trim_to_sentence(text: str) -> str:
     return re.sub(r"\n\s*\d+\.?\s*$", "", text).strip()  # a list item left with only its number
 
 
+def _jobs(tokenizer, prompts, styles, samples: int) -> list[tuple]:
+    """(prompt_id, prompt, style, opening, input text, sample), ordered by sample first: the first `len(prompts) *
+    len(styles)` jobs answer every prompt in every style once."""
+    from ..generation import policy_input_text
+
+    jobs = []
+    for sample in range(samples):
+        for prompt_id, prompt in enumerate(prompts):
+            for style in styles:
+                messages = [{"role": "system", "content": style.system}, {"role": "user", "content": prompt}]
+                opening = style.openings[(prompt_id + sample) % len(style.openings)]
+                jobs.append((prompt_id, prompt, style, opening, policy_input_text(tokenizer, messages) + opening, sample))
+    return jobs
+
+
 def generate_pool(policy: str | None = None, samples: int = 2, seed: int = 0, batch_size: int = 16,
                   temperature: float = 0.8, repetition_penalty: float = 1.15,
-                  prompts: tuple[str, ...] = PROMPTS, styles: tuple[Style, ...] = STYLES) -> list[dict]:
-    """Generate the pool: `samples` answers per (prompt, style), deterministically from `seed`."""
+                  prompts: tuple[str, ...] = PROMPTS, styles: tuple[Style, ...] = STYLES,
+                  partial: str | Path | None = None, time_limit: float | None = None) -> list[dict]:
+    """Generate the pool: `samples` answers per (prompt, style), deterministically from `seed`.
+
+    Finished batches are appended to `partial` (JSONL), from which an interrupted run resumes. Past
+    `time_limit` seconds the run stops after its current batch and returns what is done: every prompt and
+    style is answered once before any is answered twice.
+    """
+    import time
+
     import torch
     from tqdm.auto import tqdm
 
     from ..embedded_model import DEFAULT_MODEL
-    from ..generation import load_policy, policy_input_text
+    from ..generation import load_policy
 
     model, tokenizer = load_policy(policy or DEFAULT_MODEL)
     device = next(model.parameters()).device
-    jobs = []  # (prompt_id, prompt, style, opening, input text)
-    for prompt_id, prompt in enumerate(prompts):
-        for style in styles:
-            messages = [{"role": "system", "content": style.system}, {"role": "user", "content": prompt}]
-            base = policy_input_text(tokenizer, messages)
-            for sample in range(samples):
-                opening = style.openings[(prompt_id + sample) % len(style.openings)]
-                jobs.append((prompt_id, prompt, style, opening, base + opening))
-    rows: list[dict] = [None] * len(jobs)  # type: ignore[list-item]
+    jobs = _jobs(tokenizer, prompts, styles, samples)
+    done: dict[int, dict] = {}
+    if partial and Path(partial).exists():
+        done = {row["id"]: row for row in map(json.loads, Path(partial).read_text(encoding="utf-8").splitlines())}
+    # within a sample, batches of one style share a length budget; the seed is reset per batch (reproducible)
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][5], jobs[i][2].max_new_tokens, i))
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    started = time.perf_counter()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        # batches of one style share a length budget; the seed is reset per batch so a batch is reproducible
-        order = sorted(range(len(jobs)), key=lambda i: (jobs[i][2].max_new_tokens, i))
-        batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
         for number, batch in enumerate(tqdm(batches, desc="Generating the response pool")):
+            if all(i in done for i in batch):
+                continue
+            if time_limit is not None and time.perf_counter() - started > time_limit:
+                print(f"time limit reached: {len(done)} of {len(jobs)} answers generated", flush=True)
+                break
             torch.manual_seed(seed * 100_003 + number)
             encoded = tokenizer([jobs[i][4] for i in batch], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
@@ -154,14 +178,19 @@ def generate_pool(policy: str | None = None, samples: int = 2, seed: int = 0, ba
                     pad_token_id=tokenizer.pad_token_id,
                 )
             start = encoded["input_ids"].shape[1]
+            finished = []
             for i, tokens in zip(batch, generated[:, start:]):
-                prompt_id, prompt, style, opening, _ = jobs[i]
+                prompt_id, prompt, style, opening, _, _ = jobs[i]
                 text = tokenizer.decode(tokens[: style.max_new_tokens], skip_special_tokens=True)
-                rows[i] = {"id": i, "prompt_id": prompt_id, "prompt": prompt, "style": style.name,
-                           "response": trim_to_sentence(opening + text)}
+                finished.append({"id": i, "prompt_id": prompt_id, "prompt": prompt, "style": style.name,
+                                 "response": trim_to_sentence(opening + text)})
+            done.update((row["id"], row) for row in finished)
+            if partial:
+                with open(partial, "a", encoding="utf-8") as handle:
+                    handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in finished)
     finally:
         tokenizer.padding_side = padding_side
-    return rows
+    return [done[i] for i in sorted(done)]
 
 
 def write_pool(rows: list[dict], path: str | Path) -> None:
@@ -182,14 +211,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--time_limit_minutes", "--time-limit-minutes", type=float, default=None,
+                        help="stop after this long and write what is done (rerun to resume from OUTPUT.partial.jsonl)")
     parser.add_argument("--limit_prompts", "--limit-prompts", type=int, default=None,
                         help="only the first N prompts (a quick look)")
     args = parser.parse_args(argv)
     prompts = PROMPTS[: args.limit_prompts] if args.limit_prompts else PROMPTS
+    partial = Path(f"{args.output}.partial.jsonl")
     rows = generate_pool(args.policy, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                         temperature=args.temperature, prompts=prompts)
+                         temperature=args.temperature, prompts=prompts, partial=partial,
+                         time_limit=args.time_limit_minutes * 60 if args.time_limit_minutes else None)
     write_pool(rows, args.output)
-    print(f"wrote {len(rows)} responses ({len(prompts)} prompts x {len(STYLES)} styles x {args.samples}) to {args.output}")
+    if len(rows) == len(prompts) * len(STYLES) * args.samples:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {len(rows)} responses ({len(prompts)} prompts x {len(STYLES)} styles x up to {args.samples}) "
+          f"to {args.output}")
 
 
 if __name__ == "__main__":
