@@ -195,5 +195,6 @@ def test_pairs_are_two_answers_to_one_prompt(tmp_path, pool_file):
     pool = {r["id"]: r for r in load_pool(pool_file)}
     for row in itertools.chain(*(read_jsonl(tmp_path / f"{s}.jsonl") for s in ("train", "test", "new_users"))):
         chosen, rejected = pool[row["chosen_id"]], pool[row["rejected_id"]]
-        assert chosen["id"] != rejected["id"] and chosen["prompt"] == rejected["prompt"] == row["prompt"]
-        assert (chosen["response"], rejected["response"]) == (row["chosen"], row["rejected"])
+        assert chosen["id"] != rejected["id"] and chosen["prompt"] == rejected["prompt"]
+        assert row["prompt"] == f"Human: {chosen['prompt']}\n\nAssistant:"
+        assert (" " + chosen["response"], " " + rejected["response"]) == (row["chosen"], row["rejected"])

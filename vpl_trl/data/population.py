@@ -16,7 +16,8 @@ label is drawn Bradley-Terry: P(a preferred to b) = sigmoid((u(a) - u(b)) / temp
   groups of users before any label is drawn.
 - `users.json`: attribute names, the pool standardization, every user's true weights and the settings.
 
-Every row has `prompt`, `chosen`, `rejected`, `user_id`, `controversial` (the training users' true
+Prompts are written as `Human: ...\n\nAssistant:` and answers with a leading space, as in Pets and HH-RLHF
+(`dialogue_prompt`). Every row has `prompt`, `chosen`, `rejected`, `user_id`, `controversial` (the training users' true
 preference on the pair is split at least 25/75), `true_margin` (u(chosen) - u(rejected) under the user's
 true weights: positive when the noisy label agrees with the true preference) and the answers' pool ids.
 
@@ -41,6 +42,7 @@ import numpy as np
 from .format import PreferenceDataError, iter_jsonl, write_jsonl
 
 POOL_FILE = "population_pool.jsonl.gz"
+PROMPT_TEMPLATE = "Human: {prompt}\n\nAssistant:"
 OUTPUT_FILES = ("train.jsonl", "test.jsonl", "new_users.jsonl", "users.json")
 Z_CLIP = 3.0
 CONTROVERSY = 0.25  # a pair is controversial when at least this fraction of users is on each side
@@ -336,6 +338,11 @@ def parse_shared_weights(value: str | None) -> dict[str, float] | None:
         raise PreferenceDataError(f"--shared_weights must look like 'length=1,hedging=-0.5', got {value!r}.") from None
 
 
+def dialogue_prompt(prompt: str) -> str:
+    """A pool prompt as the data sets' dialogue prompt (answers follow it after a space)."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
 def _split_pairs(pool: list[dict], fraction: float, rng: np.random.Generator) -> tuple[list, list]:
     """All unordered answer pairs of each prompt, split into the training users' and the new users' pairs."""
     by_prompt: dict[Any, list[int]] = {}
@@ -396,9 +403,9 @@ def build_population(output: str | os.PathLike, config: PopulationConfig | None 
     def make_row(u: int, pair: tuple[int, int], rng: np.random.Generator) -> dict[str, Any]:
         chosen, rejected = _label(rng, utilities[u], pair, config.temperature)
         return {
-            "prompt": rows[chosen]["prompt"],
-            "chosen": rows[chosen]["response"],
-            "rejected": rows[rejected]["response"],
+            "prompt": dialogue_prompt(rows[chosen]["prompt"]),
+            "chosen": " " + rows[chosen]["response"],
+            "rejected": " " + rows[rejected]["response"],
             "user_id": user_ids[u],
             "controversial": controversial(chosen, rejected),
             "true_margin": round(float(utilities[u, chosen] - utilities[u, rejected]), 6),
