@@ -18,6 +18,7 @@ embedding, and how far one pooled Bradley-Terry reward sits below the users' own
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -30,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vpl_trl.data.format import read_jsonl  # noqa: E402
 from vpl_trl.data.population import (  # noqa: E402
+    ATTRIBUTES,
     Population,
     PopulationConfig,
     Standardization,
     build_population,
     dialogue_prompt,
     load_pool,
+    parse_attributes,
     raw_attributes,
 )
 
@@ -109,7 +112,7 @@ def accuracy(margins: np.ndarray, truth: np.ndarray) -> float:
 
 
 def user_experiments(pool: list[dict], scores: np.ndarray, predicted: np.ndarray, embeddings: np.ndarray,
-                     config: PopulationConfig) -> dict:
+                     config: PopulationConfig, predicted_seen: np.ndarray | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         stats = build_population(folder, config, pool=pool)
         train, test, new = (read_jsonl(Path(folder) / f"{s}.jsonl") for s in ("train", "test", "new_users"))
@@ -149,6 +152,9 @@ def user_experiments(pool: list[dict], scores: np.ndarray, predicted: np.ndarray
 
     # embedding space: true weights on the probes' predictions, and pooled Bradley-Terry on embeddings
     result["embedding_oracle"] = accuracy(np.einsum("nd,nd->n", predicted[new_a] - predicted[new_b], weights), truth)
+    if predicted_seen is not None:
+        result["embedding_oracle_seen_prompts"] = accuracy(
+            np.einsum("nd,nd->n", predicted_seen[new_a] - predicted_seen[new_b], weights), truth)
     scale = embeddings.std(0) + 1e-8
     features = (embeddings[first] - embeddings[second]) / scale
     test_a, test_b = pair_indices(test, index_of)
@@ -161,6 +167,11 @@ def user_experiments(pool: list[dict], scores: np.ndarray, predicted: np.ndarray
             best = (held_out, l2, w)
     result["embedding_btl_l2"] = best[1]
     result["embedding_btl"] = accuracy(((embeddings[new_a] - embeddings[new_b]) / scale) @ best[2], truth)
+    result["agreement_by_temperature"] = {}
+    for temperature in (0.25, 0.5, 1.0, 2.0):
+        with tempfile.TemporaryDirectory() as folder:
+            stats = build_population(folder, dataclasses.replace(config, temperature=temperature), pool=pool)
+        result["agreement_by_temperature"][temperature] = stats["new_users"]["label_agreement"]
     return result
 
 
@@ -171,24 +182,27 @@ def correlations(scores: np.ndarray, names: list[str]) -> list[str]:
     return lines
 
 
-def report(pool, names, r2, alphas, scores, users, config, seconds) -> str:
+def report(pool, names, r2, alphas, r2_seen, scores, users, config, seconds) -> str:
+    chosen = set(config.attributes)
     styles = sorted({r["style"] for r in pool})
     lines = [
         "# The simulated population: attributes and their learnability",
         "",
         f"Pool: {len(pool)} answers by the embedded SmolLM2-135M-Instruct to {len({r['prompt'] for r in pool})} "
         f"prompts in {len(styles)} styles ({', '.join(styles)}); `benchmarks/population_attributes.py`, "
-        f"{seconds:.0f} s on 2 CPU cores.",
+        f"{seconds:.0f} s on 2 CPU cores with the pool's embeddings cached (embedding it takes about 3.5 min once).",
         "",
         "## Linear-probe R² of each attribute from the frozen SmolLM2 embedding",
         "",
         "Ridge regression from the last-token embedding of `Human: prompt\\n\\nAssistant: answer` (as the reward "
-        "trainer embeds it) to the standardized attribute; 5-fold cross-validation grouped by prompt.",
+        "trainer embeds it) to the standardized attribute; 5-fold cross-validation grouped by prompt (the probe "
+        "never saw the prompt), and, in the last column, by answer (it saw other answers to the same prompts).",
         "",
-        "| attribute | R² | ridge alpha |",
-        "|---|---|---|",
+        "| attribute | R² (new prompts) | ridge alpha | weighed by users | R² (seen prompts) |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {v:.3f} | {a:g} |" for n, v, a in zip(names, r2, alphas)]
+    lines += [f"| {n} | {v:.3f} | {a:g} | {'yes' if n in chosen else 'no'} | {w:.3f} |"
+              for n, v, a, w in zip(names, r2, alphas, r2_seen)]
     lines += ["", "Correlations between the standardized attributes over the pool:", ""]
     lines += correlations(scores, names)
     u = users
@@ -196,7 +210,8 @@ def report(pool, names, r2, alphas, scores, users, config, seconds) -> str:
         "",
         "## Users: one pooled reward against each user's own preference",
         "",
-        f"Defaults: {config.train_users} training users x {config.pairs_per_user} pairs, {config.new_users} new "
+        f"Attributes: {', '.join(config.attributes)}. "
+        f"{config.train_users} training users x {config.pairs_per_user} pairs, {config.new_users} new "
         f"users with {config.context_pairs} context and {config.new_test_pairs} test pairs, temperature "
         f"{config.temperature}, shared scale {config.shared_scale}, spread {config.spread}, seed {config.seed}. "
         "Accuracies on the new users' test pairs against their true preference.",
@@ -204,11 +219,17 @@ def report(pool, names, r2, alphas, scores, users, config, seconds) -> str:
         "| | accuracy |",
         "|---|---|",
         f"| label agreement (the labels themselves; the ceiling against labels) | {u['label_agreement']:.1%} |",
-        f"| true weights (attribute oracle) | 100% |",
+        "| true weights (attribute oracle) | 100% |",
         f"| pooled Bradley-Terry on attribute differences | {u['attributes_btl']:.1%} |",
         f"| one reward = the mean training user | {u['mean_user']:.1%} |",
-        f"| embedding oracle: true weights on probe-predicted attributes | {u['embedding_oracle']:.1%} |",
+        f"| embedding oracle: true weights on probe-predicted attributes (new prompts) | {u['embedding_oracle']:.1%} |",
+        f"| embedding oracle, probes that saw other answers to the prompt | {u['embedding_oracle_seen_prompts']:.1%} |",
         f"| pooled Bradley-Terry on embedding differences (L2 {u['embedding_btl_l2']:g}) | {u['embedding_btl']:.1%} |",
+        "",
+        f"Gap between the embedding oracle and pooled Bradley-Terry on embeddings: "
+        f"{100 * (u['embedding_oracle'] - u['embedding_btl']):.1f} points. The probes here never saw the answers "
+        "they score; in the data set the new users' answers also appear in training users' pairs (only the pairs "
+        "are disjoint), so a decoder trained on them may do somewhat better than this oracle.",
         "",
         "Each new user's weights fitted by logistic regression on the attribute differences of their first K "
         "context pairs (perfect features; a reference for what K noisy labels can tell):",
@@ -216,6 +237,12 @@ def report(pool, names, r2, alphas, scores, users, config, seconds) -> str:
         "| K | " + " | ".join(u["attributes_per_user_fit"]) + " |",
         "|---" * (len(u["attributes_per_user_fit"]) + 1) + "|",
         "| accuracy | " + " | ".join(f"{v:.1%}" for v in u["attributes_per_user_fit"].values()) + " |",
+        "",
+        "Label noise: label agreement with the true preference (new users) by `--temperature`:",
+        "",
+        "| temperature | " + " | ".join(f"{t:g}" for t in u["agreement_by_temperature"]) + " |",
+        "|---" * (len(u["agreement_by_temperature"]) + 1) + "|",
+        "| label agreement | " + " | ".join(f"{v:.1%}" for v in u["agreement_by_temperature"].values()) + " |",
         "",
     ]
     return "\n".join(lines)
@@ -227,18 +254,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="benchmarks/results/population_attributes.md")
     parser.add_argument("--temperature", type=float, default=PopulationConfig.temperature)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attributes", default=None, help="attributes users weigh (default: the data set's)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(0)
     pool = load_pool(args.pool)
-    names = list(PopulationConfig().attributes)
+    names = list(ATTRIBUTES)
     raw = raw_attributes([r["response"] for r in pool], names)
     scores = Standardization.fit(raw).apply(raw)
     embeddings = embed_pool(pool)
     r2, alphas, predicted = ridge_probe(embeddings, scores, np.array([r["prompt"] for r in pool]))
-    config = PopulationConfig(temperature=args.temperature, seed=args.seed)
-    users = user_experiments(pool, scores, predicted, embeddings, config)
-    text = report(pool, names, r2, alphas, scores, users, config, time.perf_counter() - start)
+    config = PopulationConfig(temperature=args.temperature, seed=args.seed, attributes=parse_attributes(args.attributes))
+    columns = [names.index(n) for n in config.attributes]
+    r2_seen, _, predicted_seen = ridge_probe(embeddings, scores, np.arange(len(pool)))
+    users = user_experiments(pool, scores[:, columns], predicted[:, columns], embeddings, config,
+                             predicted_seen[:, columns])
+    text = report(pool, names, r2, alphas, r2_seen, scores, users, config, time.perf_counter() - start)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(text)

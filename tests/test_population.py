@@ -96,7 +96,7 @@ def test_a_user_who_weighs_one_attribute_prefers_more_of_it(tmp_path, pool_file)
     assert differ.sum() >= 50
     assert (chosen > rejected)[differ].mean() > 0.8
     population = Population.load(tmp_path / "users.json")
-    assert population.weights("user_000")[column] > 2.5
+    assert population.weights("user_000")[population.attributes.index("enthusiasm")] > 2.5
 
 
 def test_new_users_share_no_pair_and_no_id_with_training_users(tmp_path, pool_file):
@@ -136,7 +136,7 @@ def test_true_utility_matches_the_written_margins(tmp_path, pool_file):
 def test_malformed_users_file_and_wrong_weights_give_clear_errors(tmp_path, pool_file):
     build_population(tmp_path, PopulationConfig(**SMALL, seed=0), pool=pool_file)
     users = tmp_path / "users.json"
-    n = len(ATTRIBUTES)
+    n = len(PopulationConfig().attributes)
     with pytest.raises(ValueError, match=f"vector of {n} numbers.*got shape \\(3,\\)"):
         utility_from_weights(["Hello."], [1.0, 2.0, 3.0], users)
     with pytest.raises(KeyError, match="no user 'nobody'"):
@@ -158,6 +158,14 @@ def test_malformed_users_file_and_wrong_weights_give_clear_errors(tmp_path, pool
         Population.load(tmp_path / "missing.json")
 
 
+def test_attribute_choice(tmp_path, pool_file):
+    build_population(tmp_path, PopulationConfig(**SMALL, attributes=("hedging", "caution")), pool=pool_file)
+    population = Population.load(tmp_path / "users.json")
+    assert population.attributes == ["hedging", "caution"] and population.weights("new_000").shape == (2,)
+    with pytest.raises(SystemExit, match="--attributes must name"):
+        main(["population", "--output", str(tmp_path / "x"), "--attributes", "length,kindness"])
+
+
 def test_cli_builds_and_refuses_to_overwrite(tmp_path, pool_file, capsys):
     args = ["population", "--output", str(tmp_path / "out"), "--pool", str(pool_file), "--train_users", "4",
             "--new-users", "2", "--pairs_per_user", "6", "--test_pairs_per_user", "2", "--context_pairs", "4",
@@ -176,12 +184,15 @@ def test_pool_too_small_is_reported(tmp_path, pool_file):
         build_population(tmp_path, PopulationConfig(train_users=2, new_users=1, pairs_per_user=500), pool=pool_file)
 
 
-def test_shipped_pool_is_readable_and_varied():
+def test_shipped_pool_is_varied_and_builds_a_population(tmp_path):
     rows = load_pool()
     assert len(rows) >= 600
     assert len({r["prompt"] for r in rows}) >= 40 and len({r["style"] for r in rows}) >= 8
     scores = raw_attributes([r["response"] for r in rows])
     assert (scores.std(axis=0) > 0).all()
+    stats = build_population(tmp_path, PopulationConfig(train_users=5, new_users=3, seed=0))
+    assert stats["rows"] == {"train": 5 * 32, "test": 5 * 8, "new_users": 3 * 16}
+    assert len(read_jsonl(tmp_path / "new_users.jsonl")[0]["context"]) == 32
 
 
 def test_trim_to_sentence():

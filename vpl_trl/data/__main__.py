@@ -54,7 +54,14 @@ def _hh_relabeled(args: argparse.Namespace) -> None:
 
 
 def _population(args: argparse.Namespace) -> None:
-    from .population import OUTPUT_FILES, PopulationConfig, build_population, parse_shared_weights, summarize
+    from .population import (
+        OUTPUT_FILES,
+        PopulationConfig,
+        build_population,
+        parse_attributes,
+        parse_shared_weights,
+        summarize,
+    )
 
     output = Path(args.output)
     _refuse_overwrite(output, args.overwrite, OUTPUT_FILES)
@@ -63,7 +70,7 @@ def _population(args: argparse.Namespace) -> None:
         test_pairs_per_user=args.test_pairs_per_user, context_pairs=args.context_pairs,
         new_test_pairs=args.new_test_pairs, temperature=args.temperature, shared_scale=args.shared_scale,
         spread=args.spread, new_pair_fraction=args.new_pair_fraction, seed=args.seed,
-        shared_weights=parse_shared_weights(args.shared_weights),
+        shared_weights=parse_shared_weights(args.shared_weights), attributes=parse_attributes(args.attributes),
     )
     stats = build_population(output, config, pool=args.pool)
     print("\n".join(summarize(stats, output)))
@@ -92,6 +99,9 @@ def _add_population(commands) -> None:
               help="norm of the component of the weights shared by all users")
     _add_flag(parser, "spread", type=float, default=defaults.spread,
               help="expected norm of each user's individual variation")
+    _add_flag(parser, "attributes", default=None,
+              help=f"comma-separated attributes users weigh (default {','.join(defaults.attributes)}; "
+                   "also hedging, caution)")
     _add_flag(parser, "shared_weights", default=None,
               help="the shared component by attribute, e.g. 'specifics=1,hedging=-0.5' (default: drawn from seed)")
     _add_flag(parser, "new_pair_fraction", type=float, default=defaults.new_pair_fraction,

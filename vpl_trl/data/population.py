@@ -128,6 +128,10 @@ def caution(text: str) -> float:
 ATTRIBUTES: dict[str, Callable[[str], float]] = {
     f.__name__: f for f in (length, structure, enthusiasm, hedging, formality, specifics, questions, caution)
 }
+# Users weigh these by default: hedging and caution are the two the frozen SmolLM2 embedding predicts worst
+# (linear-probe R^2 about 0.2; benchmarks/results/population_attributes.md), which would leave even an oracle
+# on that backbone little above one pooled reward.
+DEFAULT_ATTRIBUTES = ("length", "structure", "enthusiasm", "formality", "specifics", "questions")
 
 
 def raw_attributes(texts: Sequence[str], names: Sequence[str] = tuple(ATTRIBUTES)) -> np.ndarray:
@@ -302,10 +306,10 @@ class PopulationConfig:
     new_test_pairs: int = 16
     temperature: float = 0.5
     shared_scale: float = 1.0
-    spread: float = 1.0
+    spread: float = 1.5
     new_pair_fraction: float = 0.3
     seed: int = 0
-    attributes: tuple[str, ...] = tuple(ATTRIBUTES)
+    attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
     shared_weights: dict[str, float] | None = None  # the shared component by attribute; default: drawn from seed
 
 
@@ -326,6 +330,17 @@ def shared_component(config: PopulationConfig, rng: np.random.Generator) -> np.n
         return np.array([float(config.shared_weights.get(n, 0.0)) for n in names])
     direction = rng.normal(size=len(names))
     return config.shared_scale * direction / np.linalg.norm(direction)
+
+
+def parse_attributes(value: str | None) -> tuple[str, ...]:
+    """`"length,hedging"` -> ("length", "hedging"); None -> the default set."""
+    if not value:
+        return DEFAULT_ATTRIBUTES
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [n for n in names if n not in ATTRIBUTES]
+    if unknown or len(set(names)) != len(names) or not names:
+        raise PreferenceDataError(f"--attributes must name distinct attributes from {list(ATTRIBUTES)}, got {value!r}.")
+    return names
 
 
 def parse_shared_weights(value: str | None) -> dict[str, float] | None:
