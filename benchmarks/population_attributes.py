@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     scores = Standardization.fit(raw).apply(raw)
     embeddings = embed_pool(pool)
     r2, alphas, predicted = ridge_probe(embeddings, scores, np.array([r["prompt"] for r in pool]))
-    config = PopulationConfig(temperature=args.temperature, seed=args.seed, attributes=parse_attributes(args.attributes))
+    config = PopulationConfig(temperature=args.temperature, seed=args.seed,
+                              attributes=parse_attributes(args.attributes))
     columns = [names.index(n) for n in config.attributes]
     r2_seen, _, predicted_seen = ridge_probe(embeddings, scores, np.arange(len(pool)))
     users = user_experiments(pool, scores[:, columns], predicted[:, columns], embeddings, config,

@@ -17,17 +17,17 @@ label is drawn Bradley-Terry: P(a preferred to b) = sigmoid((u(a) - u(b)) / temp
 - `users.json`: attribute names, the pool standardization, every user's true weights and the settings.
 
 Prompts are written as `Human: ...\n\nAssistant:` and answers with a leading space, as in Pets and HH-RLHF
-(`dialogue_prompt`). Every row has `prompt`, `chosen`, `rejected`, `user_id`, `controversial` (the training users' true
-preference on the pair is split at least 25/75), `true_margin` (u(chosen) - u(rejected) under the user's
-true weights: positive when the noisy label agrees with the true preference) and the answers' pool ids.
+(`dialogue_prompt`). Every row has `prompt`, `chosen`, `rejected`, `user_id`, `controversial` (the training
+users' true preference on the pair is split at least 25/75), `true_margin` (u(chosen) - u(rejected) under
+the user's true weights: positive when the noisy label agrees with the true preference) and the answers'
+pool ids (`chosen_id`, `rejected_id`).
 
 `true_utility(texts, user, users_file)` and `utility_from_weights(texts, weights, users_file)` score any
-answers (a policy's outputs) under the ground truth.
+answers (a policy's outputs, without their prompt) under the ground truth, standardized as the pool was.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -139,7 +139,8 @@ def raw_attributes(texts: Sequence[str], names: Sequence[str] = tuple(ATTRIBUTES
     unknown = [n for n in names if n not in ATTRIBUTES]
     if unknown:
         raise PreferenceDataError(f"unknown attribute(s) {unknown}; known: {list(ATTRIBUTES)}.")
-    return np.array([[ATTRIBUTES[n](t) for n in names] for t in texts], dtype=np.float64).reshape(len(texts), len(names))
+    scores = [[ATTRIBUTES[n](t) for n in names] for t in texts]
+    return np.array(scores, dtype=np.float64).reshape(len(texts), len(names))
 
 
 @dataclass

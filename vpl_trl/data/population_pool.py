@@ -128,7 +128,8 @@ def _jobs(tokenizer, prompts, styles, samples: int) -> list[tuple]:
             for style in styles:
                 messages = [{"role": "system", "content": style.system}, {"role": "user", "content": prompt}]
                 opening = style.openings[(prompt_id + sample) % len(style.openings)]
-                jobs.append((prompt_id, prompt, style, opening, policy_input_text(tokenizer, messages) + opening, sample))
+                text = policy_input_text(tokenizer, messages) + opening
+                jobs.append((prompt_id, prompt, style, opening, text, sample))
     return jobs
 
 
