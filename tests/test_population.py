@@ -209,3 +209,15 @@ def test_pairs_are_two_answers_to_one_prompt(tmp_path, pool_file):
         assert chosen["id"] != rejected["id"] and chosen["prompt"] == rejected["prompt"]
         assert row["prompt"] == f"Human: {chosen['prompt']}\n\nAssistant:"
         assert (" " + chosen["response"], " " + rejected["response"]) == (row["chosen"], row["rejected"])
+
+
+def test_population_is_a_builtin_dataset_name(tmp_path, monkeypatch):
+    import vpl_trl.data.population as population
+    from vpl_trl.data.registry import load_named_dataset
+
+    build = population.build_population
+    monkeypatch.setattr(population, "build_population",
+                        lambda folder: build(folder, PopulationConfig(train_users=3, new_users=2)))
+    splits = load_named_dataset("population", data_dir=tmp_path)
+    assert len(splits["train"]) == 3 * 32 and len(splits["test"]) == 3 * 8
+    assert (tmp_path / "population" / "new_users.jsonl").exists()
