@@ -12,19 +12,24 @@ from .format import (
 )
 from .hh_rlhf import build_hh_relabeled
 from .pets import build_pets
+from .population import Population, build_population, true_utility, utility_from_weights
 from .ultrafeedback import build_ultrafeedback, iter_source_rows
 
 __all__ = [
+    "Population",
     "PreferenceDataError",
     "attach_contexts",
     "build_hh_relabeled",
     "build_pets",
+    "build_population",
     "build_ultrafeedback",
     "iter_source_rows",
     "load_preference_file",
     "load_preference_splits",
     "parse_num_context",
     "read_jsonl",
+    "true_utility",
+    "utility_from_weights",
     "validate_context",
     "validate_example",
     "write_jsonl",

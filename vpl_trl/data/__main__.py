@@ -1,4 +1,4 @@
-"""Dataset builders: `python -m vpl_trl.data {pets,uf-p2,uf-p4,hh-relabeled} --output DIR`."""
+"""Dataset builders: `python -m vpl_trl.data {pets,uf-p2,uf-p4,hh-relabeled,population} --output DIR`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,64 @@ def _hh_relabeled(args: argparse.Namespace) -> None:
     print("\n".join(summarize(stats)))
 
 
+def _population(args: argparse.Namespace) -> None:
+    from .population import (
+        OUTPUT_FILES,
+        PopulationConfig,
+        build_population,
+        parse_attributes,
+        parse_shared_weights,
+        summarize,
+    )
+
+    output = Path(args.output)
+    _refuse_overwrite(output, args.overwrite, OUTPUT_FILES)
+    config = PopulationConfig(
+        train_users=args.train_users, new_users=args.new_users, pairs_per_user=args.pairs_per_user,
+        test_pairs_per_user=args.test_pairs_per_user, context_pairs=args.context_pairs,
+        new_test_pairs=args.new_test_pairs, temperature=args.temperature, shared_scale=args.shared_scale,
+        spread=args.spread, new_pair_fraction=args.new_pair_fraction, seed=args.seed,
+        shared_weights=parse_shared_weights(args.shared_weights), attributes=parse_attributes(args.attributes),
+    )
+    stats = build_population(output, config, pool=args.pool)
+    print("\n".join(summarize(stats, output)))
+
+
+def _add_population(commands) -> None:
+    from .population import PopulationConfig
+
+    defaults = PopulationConfig()
+    parser = commands.add_parser("population", help="simulated users with true weights over attributes of real "
+                                                     "LLM answers (offline, from the shipped response pool)")
+    _add_flag(parser, "output", required=True, help="folder for train/test/new_users.jsonl and users.json")
+    _add_flag(parser, "pool", default=None, help="response pool (default: data/population_pool.jsonl.gz)")
+    _add_flag(parser, "train_users", type=int, default=defaults.train_users)
+    _add_flag(parser, "new_users", type=int, default=defaults.new_users, help="users never seen in training")
+    _add_flag(parser, "pairs_per_user", type=int, default=defaults.pairs_per_user,
+              help="training pairs of each training user")
+    _add_flag(parser, "test_pairs_per_user", type=int, default=defaults.test_pairs_per_user,
+              help="held-out pairs of each training user (test.jsonl)")
+    _add_flag(parser, "context_pairs", type=int, default=defaults.context_pairs,
+              help="labelled context pairs of each new user (the largest K)")
+    _add_flag(parser, "new_test_pairs", type=int, default=defaults.new_test_pairs, help="test pairs of each new user")
+    _add_flag(parser, "temperature", type=float, default=defaults.temperature,
+              help="Bradley-Terry label noise: P(a > b) = sigmoid((u(a) - u(b)) / T)")
+    _add_flag(parser, "shared_scale", type=float, default=defaults.shared_scale,
+              help="norm of the component of the weights shared by all users")
+    _add_flag(parser, "spread", type=float, default=defaults.spread,
+              help="expected norm of each user's individual variation")
+    _add_flag(parser, "attributes", default=None,
+              help=f"comma-separated attributes users weigh (default {','.join(defaults.attributes)}; "
+                   "also hedging, caution)")
+    _add_flag(parser, "shared_weights", default=None,
+              help="the shared component by attribute, e.g. 'specifics=1,hedging=-0.5' (default: drawn from seed)")
+    _add_flag(parser, "new_pair_fraction", type=float, default=defaults.new_pair_fraction,
+              help="fraction of each prompt's answer pairs reserved for new users")
+    _add_flag(parser, "seed", type=int, default=defaults.seed)
+    _add_flag(parser, "overwrite", action="store_true", help="replace existing files in --output")
+    parser.set_defaults(func=_population)
+
+
 def _add_ultrafeedback(commands, variant: str) -> None:
     from .ultrafeedback import VARIANTS
 
@@ -101,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flag(hh, "test_fraction", type=float, default=0.1, help="held out as test when the source has one split")
     _add_flag(hh, "overwrite", action="store_true", help="replace existing files in --output")
     hh.set_defaults(func=_hh_relabeled)
+
+    _add_population(commands)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Dataset names the recipes accept: the built-in Pets variants, a folder or file in our format, or a hub id."""
+"""Dataset names the recipes accept: the built-in Pets variants and simulated population, a folder or file in
+our format, or a hub id."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from datasets import DatasetDict
 from .format import load_preference_splits
 from .pets import build_pets
 
-BUILTIN = {"pets": "full", "pets_controversial": "controversial"}
+BUILTIN = {"pets": "full", "pets_controversial": "controversial", "population": None}
 
 
 def parse_column_mapping(value: str | dict | None) -> dict[str, str] | None:
@@ -27,12 +28,17 @@ def parse_column_mapping(value: str | dict | None) -> dict[str, str] | None:
 
 
 def builtin_dataset_folder(name: str, data_dir: str | Path = "data") -> Path:
-    """The folder of a built-in dataset (`pets`, `pets_controversial`), generated into `data_dir/NAME` on first
-    use, always with the same data seed (0), as `python -m vpl_trl.data pets` does, so every run sees the same
-    benchmark."""
+    """The folder of a built-in dataset (`pets`, `pets_controversial`, `population`), generated into
+    `data_dir/NAME` on first use, always with the same data seed (0), as `python -m vpl_trl.data pets` (or
+    `population`) does, so every run sees the same benchmark."""
     folder = Path(data_dir) / name
     if not (folder / "train.jsonl").exists():
-        counts = build_pets(folder, variant=BUILTIN[name])
+        if name == "population":
+            from .population import build_population
+
+            counts = build_population(folder)["rows"]
+        else:
+            counts = build_pets(folder, variant=BUILTIN[name])
         print(f"Generated {name}: {counts['train']} train / {counts['test']} test rows in {folder}")
     return folder
 
