@@ -89,14 +89,15 @@ def mode_summary(results: dict, default: bool) -> dict:
 
 
 def curves(results: dict) -> dict[str, list[tuple[float, float]]]:
-    """Each user's on-policy reward against training seconds (steps scaled by the run's seconds per step)."""
+    """Each user's on-policy reward against training seconds."""
     points: dict[str, list[tuple[float, float]]] = {}
     for run in results["runs"].values():
         per_step = run["train_seconds"] / max(run["steps"], 1)
         for point in run.get("curve", []):
+            seconds = point.get("seconds", point["step"] * per_step)
             for key, value in point.items():
                 if key.startswith("reward/"):
-                    points.setdefault(key.removeprefix("reward/"), []).append((point["step"] * per_step, value))
+                    points.setdefault(key.removeprefix("reward/"), []).append((seconds, value))
     return points
 
 
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="*", default=None, help="Only these modes.")
     parser.add_argument("--results", default="benchmarks/results/policy_pets.md")
     parser.add_argument("--reuse", action="store_true", help="Summarize finished modes instead of training again.")
+    parser.add_argument("--note", default="", help="A paragraph on the run's conditions, written under the title.")
     args = parser.parse_args(argv)
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    command = " ".join(["python benchmarks/policy_pets.py", *shown, *(["--", *extra] if extra else [])])
 
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
@@ -206,10 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe("ppo_personalized")
-    all_results, summary = {}, {}
+    all_results, summary, trained = {}, {}, False
     for name, (flags, default) in modes.items():
         run_dir = output_dir / name
         if not (args.reuse and (run_dir / "eval_results.json").exists()):
+            trained = True
             recipe.main(["--config", str(CONFIG), "--reward_model", reward_model, *flags, "--max_steps", "100000",
                          "--max_train_seconds", str(args.budget_seconds), "--output_dir", str(run_dir), *extra])
         all_results[name] = json.loads((run_dir / "eval_results.json").read_text())
@@ -220,13 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     curve_png = plot_curves(all_results, results_path.parent / f"{results_path.stem}_curves.png")
     lines = [
         "# Personalized policy optimization on Pets", "",
-        f"`python benchmarks/policy_pets.py --output_dir {args.output_dir}"
-        + (" --full" if args.full else "") + f"` ({seconds / 60:.0f} min in all). Reward model `{reward_model}` "
+        f"`{command}` ({f'{seconds / 60:.0f} min in all' if trained else 'summarizing finished runs'}). "
+        f"Reward model `{reward_model}` "
         f"(VPL on Pets controversial, frozen SmolLM2); policy: the embedded SmolLM2-135M-Instruct with a LoRA adapter; "
         f"recipe config `{CONFIG.relative_to(ROOT)}`{' plus ' + ' '.join(extra) if extra else ''}; each mode trains "
         f"for {args.budget_seconds / 60:.0f} min of wall time, both users together. Machine: {platform.machine()}, "
         f"{torch.get_num_threads()} threads, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; {time.strftime('%Y-%m-%d')}.",
+        *(["", args.note] if args.note else []),
         "", "`margin`: the user's own reward minus the other user's policy's reward under this user's reward, after "
         "training, with a 95% bootstrap interval over the evaluation samples.", "",
         *comparison_table(summary), "", f"![learning curves]({curve_png.name})", "",

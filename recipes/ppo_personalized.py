@@ -284,10 +284,13 @@ def run_record(trainer, seconds: float, output_dir: str) -> dict[str, Any]:
     timings["update"] = max(seconds - timings["generation"] - timings["scoring"], 0.0)
     record = {"steps": steps, "train_seconds": seconds, "adapter": output_dir, "seconds": timings,
               "seconds_per_step": {k: v / max(steps, 1) for k, v in timings.items()}}
-    # the on-policy reward of each user over training: GRPO's logged batch means, or each best-of-n round's mean
+    # the on-policy reward of each user over training (seconds: a round's start, or steps times the mean step time):
+    # GRPO's logged batch means, or each best-of-n round's mean
     points = trainer.rounds if hasattr(trainer, "rounds") else trainer.state.log_history
+    per_step = seconds / max(steps, 1)
     record["curve"] = [
-        {"step": point.get("step", 0), **{k: v for k, v in point.items() if k.startswith("reward/")}}
+        {"step": point.get("step", 0), "seconds": point.get("elapsed", point.get("step", 0) * per_step),
+         **{k: v for k, v in point.items() if k.startswith("reward/")}}
         for point in points if any(k.startswith("reward/") for k in point)
     ]
     if hasattr(trainer, "rounds"):
@@ -296,6 +299,7 @@ def run_record(trainer, seconds: float, output_dir: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    wall_start = time.perf_counter()
     parser = TrlParser((ScriptArguments, PersonalizedGRPOConfig, ModelConfig))
     parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
@@ -385,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         policy=policy_path, reward_model=script_args.reward_model, eval_prompts=len(eval_prompts),
         eval_samples_per_prompt=script_args.eval_samples, eval_prompts_held_out=held_out, runs=runs,
         train_seconds=sum(run["train_seconds"] for run in runs.values()),
+        wall_seconds=time.perf_counter() - wall_start,
         **({"eval_contexts_held_out": contexts_held_out} if conditioned else {}),
     )
     paths = write_results(results, output_dir, completions)

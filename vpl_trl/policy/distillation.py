@@ -86,7 +86,8 @@ class BestOfNDistillationTrainer(ConditionedSFTTrainer):
         model: the policy (a PEFT model; latent-conditioned or not).
         args: an `SFTConfig`.
         prompt_dataset: rows with `prompt` (what the policy sees), `raw_prompt` (what the reward scores),
-            `user_id` and, for latent conditioning, `user_latent`.
+            `bare_prompt` (the prompt without conditioning, for the shared first round), `user_id` and, for latent
+            conditioning, `user_latent` (`vpl_trl.policy.build_policy_dataset` makes them).
         reward_function: TRL's reward-function signature, `f(prompts, completions, user_id, raw_prompt) -> list`.
         settings: [`DistillationSettings`].
         deadline: a `time.perf_counter()` value past which no new round starts (a wall-time budget).
@@ -103,14 +104,13 @@ class BestOfNDistillationTrainer(ConditionedSFTTrainer):
         callbacks=None,
         deadline: float | None = None,
     ):
-        self.prompt_rows, self.deadline = list(prompt_dataset), deadline
+        self.prompt_rows, self.deadline, self._start = list(prompt_dataset), deadline, time.perf_counter()
         self.reward_function, self.settings = reward_function, settings
         self._groups = list(_group_rows(self.prompt_rows).values())
         self._best: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
         self.rounds: list[dict[str, Any]] = []
         self.timings = {"generation": 0.0, "scoring": 0.0}
         self._tokenizer, self._seed = processing_class, args.seed
-        args.dataset_kwargs = {**(args.dataset_kwargs or {})}
         first = self._distill(model, None)  # before any engine wraps the model
         super().__init__(model=model, args=args, train_dataset=first, processing_class=processing_class,
                          callbacks=callbacks)
@@ -163,7 +163,7 @@ class BestOfNDistillationTrainer(ConditionedSFTTrainer):
         examples = [example for group in sorted(self._best) for _, example in self._best[group]]
         self.timings["generation"] += generation_seconds
         self.timings["scoring"] += time.perf_counter() - start - generation_seconds
-        self._record_round(stats, generation_seconds, time.perf_counter() - start)
+        self._record_round(stats, generation_seconds, time.perf_counter() - start, start - self._start)
         return Dataset.from_list(examples)
 
     def _sample(self, policy, rows: list[dict[str, Any]], shared: bool) -> list[list[str]]:
@@ -199,17 +199,20 @@ class BestOfNDistillationTrainer(ConditionedSFTTrainer):
         with unwrap_model_for_generation(model, accelerator) as unwrapped:
             yield unwrapped
 
-    def _record_round(self, stats: list[dict[str, Any]], generation_seconds: float, seconds: float) -> None:
+    def _record_round(self, stats: list[dict[str, Any]], generation_seconds: float, seconds: float,
+                      elapsed: float) -> None:
+        """The round's mean reward of the candidates and of the kept examples per user (the policy's on-policy
+        reward when the round began, `elapsed` seconds into training)."""
         users = sorted({s["user_id"] for s in stats})
         record = {"round": len(self.rounds), "step": self.state.global_step if hasattr(self, "state") else 0,
-                  "generation_seconds": generation_seconds, "seconds": seconds}
+                  "elapsed": elapsed, "generation_seconds": generation_seconds, "seconds": seconds}
         for user in users:
             mine = [s for s in stats if s["user_id"] == user]
             record[f"reward/{user}"] = sum(s["mean"] for s in mine) / len(mine)
             record[f"kept_reward/{user}"] = sum(s["kept"] for s in mine) / len(mine)
         self.rounds.append(record)
         if hasattr(self, "state"):
-            self.log({k: v for k, v in record.items() if k not in ("round", "step")})
+            self.log({k: v for k, v in record.items() if k not in ("round", "step", "elapsed")})
 
 
 def _group_rows(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
