@@ -35,10 +35,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .data.format import PreferenceDataError, read_jsonl, validate_example
 from .distributed import is_main_process
-from .precision import inference_autocast
 from .embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from .embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, is_chat, render_text
 from .models import VPLRewardModel, local_model_folder
+from .precision import inference_autocast
 
 Pair = Mapping[str, Any]
 Device = str | torch.device | None
@@ -353,7 +353,7 @@ def generate_candidates(
     """`n` sampled completions for each prompt, generated `settings.batch_size` sequences at a time. A policy
     conditioned on users' latents gets `latents`: one row per prompt, or one row for all. `progress`: the
     description of a progress bar (none by default)."""
-    from .policy.latent_prompt import conditioned_on
+    from .policy.latent_prompt import conditioned_on  # here: vpl_trl.policy imports this module
 
     settings = settings or GenerationSettings()
     if latents is not None and latents.size(0) not in (1, len(prompts)):

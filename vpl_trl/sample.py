@@ -28,7 +28,6 @@ from transformers.utils import logging as transformers_logging
 
 from .data.format import PreferenceDataError
 from .embedded_model import DEFAULT_MODEL
-from .policy.conditioned_policy import PolicyError, check_reward_fits, load_conditioned_policy, read_policy_config
 from .generation import (
     GenerationSettings,
     PersonalizedBestOfN,
@@ -39,6 +38,7 @@ from .generation import (
     load_user_context,
     read_prompts,
 )
+from .policy.conditioned_policy import PolicyError, check_reward_fits, load_conditioned_policy, read_policy_config
 
 
 @dataclass
