@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import RewardTrainer
-from accelerate.utils import is_peft_model
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -35,8 +35,7 @@ from ..embeddings import (
 )
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
-from ..models.modeling_vpl import load_backbone
-from ..models.modeling_vpl import WEIGHTS_NAME
+from ..models.modeling_vpl import WEIGHTS_NAME, load_backbone
 from .vpl_reward_config import VPLRewardConfig
 
 # Columns the trainer builds and the collator reads
@@ -302,7 +301,7 @@ class VPLRewardTrainer(RewardTrainer):
         texts = []
         for chosen, rejected in zip(dataset["context_chosen_text"], dataset["context_rejected_text"]):
             texts += list(chosen) + list(rejected)
-        self._embed_texts(texts, args, desc=f"Embedding {dataset_name} contexts")
+        self._embed_texts(texts, args, desc=f"Embedding {dataset_name} texts")
         with args.main_process_first(desc=f"indexing the {dataset_name} contexts"):
             return dataset.map(
                 _index_columns,
