@@ -94,7 +94,7 @@ def test_lora_mode_trains_with_gradient_checkpointing(tiny_backbone, pets_data, 
     trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
     lora_before = {n: p.clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
-    layers = trainer.model.backbone.get_base_model().layers
+    layers = trainer.model.backbone.layers
     assert all(layer.gradient_checkpointing for layer in layers)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -202,24 +202,44 @@ def test_without_peft_config_the_backbone_is_fine_tuned_and_saved_with_the_heads
     assert trainer.predict_preferences(sample)["reward_chosen"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_peft_config_trains_a_lora_adapter_and_a_peft_model_keeps_its_own(tiny_backbone, pets_data, tmp_path):
+def test_peft_config_trains_a_lora_adapter_and_the_heads_and_reloads(tiny_backbone, pets_data, tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    train = pets_data["train"].select(range(16))
+    args = config(tmp_path, model_type="vae", embedding_mode=None, max_steps=3, per_device_train_batch_size=8)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train, peft_config=LoraConfig(r=4))
+    assert isinstance(trainer.model, PeftModel)  # wrapped as trl.RewardTrainer wraps its models
+    model = trainer.model.get_base_model()
+    assert model.config.embedding_mode == "lora" and model.config.peft_config["r"] == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("model.")} == {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert {"decoder.0.weight", "encoder.mean_head.weight"} <= trainable
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "decoder.0.weight" in changed and any("lora_A" in n for n in changed)
+    assert all(n in trainable for n in changed)  # the backbone's own weights stay as they were
+
+    trainer.save_model(tmp_path / "saved")
+    sample = train.select(range(4))
+    expected = trainer.predict_preferences(sample)["reward_chosen"]
+    trainer.model = VPLRewardModel.from_pretrained(tmp_path / "saved")
+    assert trainer.predict_preferences(sample)["reward_chosen"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_peft_model_trains_its_own_adapter(tiny_backbone, pets_data, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     train = pets_data["train"].select(range(16))
     args = config(tmp_path, model_type="base", embedding_mode=None, max_steps=1, per_device_train_batch_size=8)
-    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train, peft_config=LoraConfig(r=4))
-    assert trainer.model.config.embedding_mode == "lora" and trainer.model.config.peft_config["r"] == 4
-    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad and n.startswith("backbone.")} == {
-        n for n, _ in trainer.model.named_parameters() if "lora_" in n
-    }
-
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=1)
     peft_model = get_peft_model(classifier, LoraConfig(r=2, init_lora_weights=False))
     adapter = {n.replace("base_model.model.model.", ""): p.clone() for n, p in peft_model.named_parameters() if "lora_" in n}
     trainer = VPLRewardTrainer(model=peft_model, args=args, train_dataset=train)
-    carried = {n.replace("backbone.base_model.model.", ""): p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    carried = {n.replace("base_model.model.model.", ""): p for n, p in trainer.model.named_parameters() if "lora_" in n}
     assert carried.keys() == adapter.keys() and all(torch.equal(carried[n], adapter[n]) for n in adapter)
+    assert trainer.model.get_base_model().config.peft_config["r"] == 2
     with pytest.raises(ValueError, match="PeftModel.*peft_config"):
         VPLRewardTrainer(model=peft_model, args=args, train_dataset=train, peft_config=LoraConfig())
 

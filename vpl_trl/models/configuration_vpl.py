@@ -79,7 +79,7 @@ class VPLConfig(PretrainedConfig):
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
         self.lora_target_modules = lora_target_modules
-        self.peft_config = _backbone_peft_config(peft_config)
+        self.peft_config = peft_config_to_dict(peft_config)
 
     @property
     def use_latent(self) -> bool:
@@ -95,7 +95,7 @@ class VPLConfig(PretrainedConfig):
         return {"vae": 1, "base": 1, "mean_and_variance": 2, "categorical": self.num_atoms}[self.reward_type]
 
 
-def _backbone_peft_config(peft_config) -> dict | None:
+def peft_config_to_dict(peft_config) -> dict | None:
     """A PEFT configuration as a JSON-ready dict for the backbone: the heads are always trained and saved, so the
     task type and `modules_to_save` (which name a classification head) do not apply."""
     if peft_config is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -132,6 +133,14 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path:
     return Path(snapshot_download(str(name_or_path)))
 
 
+def _current_key(key: str) -> str:
+    """A weight's name in this version: the backbone was `backbone` (its adapter in a PEFT wrapper) before."""
+    for old in ("backbone.base_model.model.", "backbone."):
+        if key.startswith(old):
+            return "model." + key[len(old):]
+    return key
+
+
 class VPLRewardModel(PreTrainedModel):
     """r(x, z): a backbone LLM's response embedding, concatenated with a user latent `z` inferred from the
     user's context pairs, through an MLP decoder. The `base`, `mean_and_variance` and `categorical` reward
@@ -181,13 +190,33 @@ class VPLRewardModel(PreTrainedModel):
         self.is_loaded_in_4bit = bool(getattr(backbone, "is_loaded_in_4bit", False))
         self.is_loaded_in_8bit = bool(getattr(backbone, "is_loaded_in_8bit", False))
         if self.config.embedding_mode == "lora":
-            from peft import get_peft_model
+            from peft import inject_adapter_in_model
 
-            backbone = get_peft_model(backbone, self._lora_config())
+            backbone.requires_grad_(False)
+            backbone = inject_adapter_in_model(self._lora_config(), backbone)
             _keep_4bit_layers_differentiable(backbone)
         elif self.config.embedding_mode == "frozen":
             backbone.requires_grad_(False)
-        self.backbone = backbone
+        self.model = backbone  # named as transformers' task models name theirs
+
+    @property
+    def backbone(self) -> PreTrainedModel:
+        """The backbone LLM (with its LoRA adapter layers in `lora` mode)."""
+        return self.model
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """The backbone as it was before training its LoRA adapter (a no-op in other modes)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
     def _lora_config(self):
         """The backbone's adapter: `config.peft_config` when set (the trainer's `peft_config`), else the `lora_*`
@@ -261,7 +290,7 @@ class VPLRewardModel(PreTrainedModel):
         """Pooled last-layer hidden state of each (right-padded) sequence. `use_adapter=False` embeds with
         the frozen base model, as context pairs are embedded."""
         if not use_adapter and self.config.embedding_mode == "lora":
-            with self.backbone.disable_adapter():
+            with self.adapter_disabled():
                 return self.embed(input_ids, attention_mask, use_adapter=True)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         if self.config.pooling == "mean":
@@ -386,7 +415,7 @@ class VPLRewardModel(PreTrainedModel):
         return {
             key: value.detach().contiguous().cpu()
             for key, value in state_dict.items()
-            if full or not key.startswith("backbone.") or "lora_" in key
+            if full or not key.startswith("model.") or "lora_" in key
         }
 
     def save_pretrained(
@@ -432,7 +461,7 @@ class VPLRewardModel(PreTrainedModel):
 
     def load_trained_weights(self, path: str | os.PathLike) -> None:
         """Load the heads and adapter saved by `save_pretrained`, with a clear error on any mismatch."""
-        saved = load_file(str(path))
+        saved = {_current_key(key): value for key, value in load_file(str(path)).items()}
         expected = self.trainable_state_dict()
         last_bias = f"decoder.{len(self.decoder) - 1}.bias"
         if last_bias not in expected:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,8 @@ from ..embeddings import (
 )
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
-from ..models.modeling_vpl import WEIGHTS_NAME, load_backbone
+from ..models.configuration_vpl import peft_config_to_dict
+from ..models.modeling_vpl import WEIGHTS_NAME, _keep_4bit_layers_differentiable, load_backbone
 from .vpl_reward_config import VPLRewardConfig
 
 # Columns the trainer builds and the collator reads
@@ -131,7 +134,7 @@ class VPLRewardTrainer(RewardTrainer):
         args = args or VPLRewardConfig(output_dir="vpl-reward-model")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
-        model = self._create_model(model, args, quantization_config, peft_config)
+        model, peft_config, adapter = self._create_model(model, args, quantization_config, peft_config)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(
                 resolve_model_name_or_path(model.config.backbone_name_or_path), trust_remote_code=args.trust_remote_code
@@ -161,23 +164,27 @@ class VPLRewardTrainer(RewardTrainer):
                 optimizers=optimizers,
                 optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                 preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                peft_config=None if peft_config is None else _wrapper_peft_config(model, peft_config),
             )
         finally:
             args.model_init_kwargs = model_init_kwargs
+        if peft_config is not None:
+            _train_heads_under_peft(model, adapter)
         if bool((model.embedding_scale == 1).all() and (model.embedding_mean == 0).all()):
             self._fit_embedding_statistics()  # a new model: standardize embeddings by the training data's
 
     # ----- model --------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _create_model(model, args: VPLRewardConfig, quantization_config, peft_config) -> VPLRewardModel:
+    def _create_model(model, args: VPLRewardConfig, quantization_config, peft_config):
         """A VPL model as given, or a new one on a backbone given by id or as a model (a sequence-classification
-        model's head is replaced by VPL's heads), set up as `args` and `peft_config` ask."""
+        model's head is replaced by VPL's heads), set up as `args` and `peft_config` ask. Returns it, the PEFT
+        configuration of its adapter (a PEFT model's own), and a PEFT model's adapter weights."""
         if isinstance(model, VPLRewardModel):
             if peft_config is not None:
                 raise ValueError("peft_config builds a new model's adapter; this VPLRewardModel has its own "
                                  f"(embedding_mode={model.config.embedding_mode!r}).")
-            return model
+            return model, None, None
         adapter = None
         if not isinstance(model, str) and is_peft_model(model):
             if peft_config is not None:
@@ -206,12 +213,13 @@ class VPLRewardTrainer(RewardTrainer):
             )
         backbone = model.base_model  # without an LM or classification head
         backbone.config.name_or_path = model.config.name_or_path
-        vpl_model = VPLRewardModel.from_backbone(backbone, **args.model_config_kwargs(peft_config))
-        if adapter is not None:  # a PEFT model's adapter goes on training as the backbone's adapter
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(vpl_model.backbone, adapter)
-        return vpl_model
+        if peft_config is None:
+            return VPLRewardModel.from_backbone(backbone, **args.model_config_kwargs()), None, None
+        # The adapter is added as TRL adds one, by wrapping the whole model (`RewardTrainer.__init__`).
+        vpl_model = VPLRewardModel.from_backbone(backbone, **{**args.model_config_kwargs(), "embedding_mode": "full"})
+        vpl_model.config.update({**args.model_config_kwargs(), "embedding_mode": "lora"})
+        vpl_model.config.peft_config = peft_config_to_dict(peft_config)
+        return vpl_model, peft_config, adapter
 
     @staticmethod
     def _create_embedding_table(model: VPLRewardModel, tokenizer, args: VPLRewardConfig) -> EmbeddingTable:
@@ -424,6 +432,18 @@ class VPLRewardTrainer(RewardTrainer):
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the VPL model (config, heads, and what was trained of the backbone), also when PEFT wraps it."""
+        if not is_peft_model(self.model):
+            return super()._save(output_dir, state_dict)
+        wrapped, self.model = self.model, self.model.get_base_model()
+        if state_dict is not None:
+            state_dict = {key.removeprefix("base_model.model."): value for key, value in state_dict.items()}
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            self.model = wrapped
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         # Checked here, not in `_load_from_checkpoint`, which DeepSpeed runs never reach.
         if isinstance(resume_from_checkpoint, (str, Path)):
@@ -477,15 +497,61 @@ def _check_users(dataset: Dataset, dataset_name: str) -> None:
 
 def _split_peft_model(model) -> tuple[PreTrainedModel, Any, dict[str, torch.Tensor]]:
     """A PEFT model as its base model (adapter layers removed), the adapter's configuration, and the adapter's
-    weights named as on the base model's backbone (a classification head's are left out: VPL brings its heads)."""
-    from peft import get_peft_model_state_dict
-
-    config = model.peft_config[model.active_adapter]
-    weights = get_peft_model_state_dict(model)
+    weights named as in a VPL model (a classification head's are left out: VPL brings its heads)."""
+    name = model.active_adapter
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if f".{name}." in k and "lora_" in k}
+    config = model.peft_config[name]
     base = model.unload()
     prefix = "base_model.model." + (f"{base.base_model_prefix}." if base.base_model is not base else "")
-    adapter = {"base_model.model." + k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    adapter = {"model." + k[len(prefix):].replace(f".{name}.", ".default."): v
+               for k, v in weights.items() if k.startswith(prefix)}
     return base, config, adapter
+
+
+def _wrapper_peft_config(model: VPLRewardModel, peft_config):
+    """`peft_config` for wrapping the whole VPL model as TRL wraps its models (so parameters are named as TRL
+    names them): the modules it targets in the backbone (`all-linear`, or by default those PEFT knows for the
+    backbone's architecture), never the heads."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    config = dataclasses.replace(peft_config, task_type=None, modules_to_save=None)
+    if config.target_modules is None:
+        config.target_modules = DEFAULT_TARGETS.get(model.backbone.config.model_type)
+    config = _maybe_include_all_linear_layers(config, model.backbone)
+    _convert_for_transformers_v5(config, model.backbone)
+    targets = config.target_modules
+    if not targets:
+        return config
+    if isinstance(targets, str):
+        return dataclasses.replace(config, target_modules=rf"model\.(?:{targets})")
+    names = "|".join(re.escape(name) for name in sorted(targets))
+    return dataclasses.replace(config, target_modules=rf"model\.(?:.*\.)?(?:{names})")
+
+
+def _convert_for_transformers_v5(config, backbone: PreTrainedModel) -> None:
+    """PEFT's own update of a configuration to the backbone's transformers 5 layout (e.g. fused MoE experts, then
+    targeted as parameters), which it applies to transformers models only."""
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # transformers < 5
+        return
+    convert_peft_config_for_transformers(config, model=backbone, conversions=get_model_conversion_mapping(backbone))
+
+
+def _train_heads_under_peft(model: VPLRewardModel, adapter: dict[str, torch.Tensor] | None) -> None:
+    """PEFT freezes what it does not adapt: the heads train all the same; a PEFT model's adapter is loaded."""
+    for module in (getattr(model, "encoder", None), model.decoder):
+        if module is not None:
+            module.requires_grad_(True)
+    _keep_4bit_layers_differentiable(model.backbone)
+    if adapter:
+        unexpected = model.load_state_dict(adapter, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"the PEFT model's adapter does not fit its backbone: {unexpected[:5]}")
 
 
 def _render_example(example: dict[str, Any], tokenizer) -> dict[str, Any]:
