@@ -20,9 +20,9 @@ import datasets
 import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
-from trl import ModelConfig, TrlParser, get_quantization_config
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
+from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 from vpl_trl.data.registry import load_named_dataset
 from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
@@ -61,26 +61,29 @@ def resolve_resume(value: str | None, output_dir: Path) -> str | None:
     return last
 
 
-def build_model(model_args: ModelConfig, args: VPLRewardConfig) -> VPLRewardModel:
+def model_inputs(model_args: ModelConfig, args: VPLRewardConfig) -> dict:
+    """The trainer's model arguments, as TRL's `scripts/reward.py` builds them: the backbone by name (loaded with
+    `args.model_init_kwargs`), `get_quantization_config` and `get_peft_config`. `--embedding_mode lora` without
+    `--use_peft` trains a LoRA adapter from the `--lora_*` flags, on all linear layers unless told otherwise."""
     dtype = model_args.dtype
     if (model_args.load_in_4bit or model_args.load_in_8bit) and dtype in (None, "auto", "float32"):
         # QLoRA: a bitsandbytes-quantized backbone computes in bf16, the dtype TRL trains its adapter in.
         dtype = "bfloat16"
-        model_args = dataclasses.replace(model_args, dtype=dtype)
-    quantization = get_quantization_config(model_args)
-    backbone_kwargs = {"quantization_config": quantization} if quantization is not None else {}
-    lora = {}
-    if args.embedding_mode == "lora":
-        lora = {"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout}
-        if model_args.lora_target_modules:
-            lora["lora_target_modules"] = model_args.lora_target_modules
-    return VPLRewardModel.from_backbone(
-        model_args.model_name_or_path or DEFAULT_MODEL,
-        dtype=dtype,
-        backbone_kwargs=backbone_kwargs,
-        **args.model_config_kwargs(),
-        **lora,
-    )
+    if args.embedding_mode == "lora" and not model_args.use_peft:
+        target_modules = model_args.lora_target_modules or "all-linear"
+        model_args = dataclasses.replace(model_args, use_peft=True, lora_target_modules=target_modules)
+    model_args = dataclasses.replace(model_args, dtype=dtype)
+    args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": dtype,
+        **(args.model_init_kwargs or {}),
+    }
+    return {
+        "model": model_args.model_name_or_path or DEFAULT_MODEL,
+        "peft_config": get_peft_config(model_args),
+        "quantization_config": get_quantization_config(model_args),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     with args.main_process_first(desc="converting the embedded model"):  # once, by the main process
         resolve_model_name_or_path(model_args.model_name_or_path or DEFAULT_MODEL)
     # Every process loads the model at the same time: under ZeRO-3, loading partitions it across them.
-    trainer = VPLRewardTrainer(model=build_model(model_args, args), args=args, train_dataset=train, eval_dataset=test)
+    trainer = VPLRewardTrainer(**model_inputs(model_args, args), args=args, train_dataset=train, eval_dataset=test)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 

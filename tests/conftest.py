@@ -128,6 +128,7 @@ def tiny_reward_model(tmp_path_factory, tiny_backbone, pets_data) -> str:
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
+        embedding_mode="frozen",
     )
     trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=pets_data["train"].select(range(160)))
     trainer.train()

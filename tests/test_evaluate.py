@@ -21,7 +21,7 @@ def train_and_save(backbone, data_dir, folder, model_type, epochs):
     args = VPLRewardConfig(
         output_dir=str(folder), model_type=model_type, latent_dim=8, hidden_dim=64, num_train_epochs=epochs,
         per_device_train_batch_size=16, learning_rate=1e-2, report_to="none", save_strategy="no", pooling="mean",
-        num_context="4", disable_tqdm=True,
+        num_context="4", disable_tqdm=True, embedding_mode="frozen",
     )
     trainer = VPLRewardTrainer(model=backbone, args=args, train_dataset=load_preference_splits(data_dir)["train"])
     trainer.train()

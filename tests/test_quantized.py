@@ -33,7 +33,7 @@ quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torc
 model = vpl_trl.VPLRewardModel.from_backbone(sys.argv[1], dtype=torch.bfloat16, embedding_mode="lora", latent_dim=4,
                                              hidden_dim=8, backbone_kwargs={"quantization_config": quantization})
 from bitsandbytes.nn import Linear4bit
-assert isinstance(model.backbone.get_base_model().layers[0].self_attn.q_proj.base_layer, Linear4bit)
+assert isinstance(model.backbone.layers[0].self_attn.q_proj.base_layer, Linear4bit)
 """
 
 
@@ -63,8 +63,10 @@ def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_back
         learning_rate=3e-3, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
     )
     # The recipe's path: ModelConfig flags -> BitsAndBytesConfig (bf16 compute) -> the backbone's from_pretrained.
-    model = train_reward_recipe.build_model(ModelConfig(model_name_or_path=tiny_backbone, **{flag: True}), args)
-    backbone = model.backbone.get_base_model()
+    inputs = train_reward_recipe.model_inputs(ModelConfig(model_name_or_path=tiny_backbone, **{flag: True}), args)
+    trainer = VPLRewardTrainer(**inputs, args=args, train_dataset=pets_data["train"].select(range(64)))
+    model = trainer.model.get_base_model()  # the adapter is added as TRL adds one: PEFT wraps the whole model
+    backbone = model.backbone
     assert isinstance(backbone.layers[0].self_attn.q_proj.base_layer, QUANTIZED_LAYER[flag])
     assert getattr(model, f"is_loaded_in_{flag[len('load_in_'):]}")
     if flag == "load_in_4bit":
@@ -74,7 +76,6 @@ def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_back
     assert {param.dtype for param in before.values()} == {torch.bfloat16}
     assert any(name.startswith("encoder.") for name in before) and any("lora_B" in name for name in before)
 
-    trainer = VPLRewardTrainer(model=model, args=args, train_dataset=pets_data["train"].select(range(64)))
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -18,6 +18,7 @@ def base_args(tiny_backbone, tmp_path, output="run"):
         "--per_device_train_batch_size", "8",
         "--report_to", "none",
         "--save_strategy", "no",
+        "--embedding_mode", "frozen",
         "--output-dir", str(tmp_path / output),  # the dashed spelling of --output_dir
     ]
 

@@ -22,6 +22,7 @@ def config(tmp_path, **kwargs):
         pooling="mean",
         num_context="4",
         disable_tqdm=True,
+        embedding_mode="frozen",
     )
     defaults.update(kwargs)
     return VPLRewardConfig(**defaults)
@@ -93,7 +94,7 @@ def test_lora_mode_trains_with_gradient_checkpointing(tiny_backbone, pets_data, 
     trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
     lora_before = {n: p.clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
-    layers = trainer.model.backbone.get_base_model().layers
+    layers = trainer.model.backbone.layers
     assert all(layer.gradient_checkpointing for layer in layers)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -179,3 +180,144 @@ def test_a_model_built_from_a_backbone_name_follows_the_seed(tiny_backbone, pets
     assert expected and all(torch.equal(w, expected[n]) for n, w in second.trainable_state_dict().items())
     other = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, seed=7), train_dataset=train).model
     assert not all(torch.equal(w, expected[n]) for n, w in other.trainable_state_dict().items())
+
+
+# ----- trl.RewardTrainer's conventions -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["base", "vae"])
+def test_without_peft_config_the_backbone_is_fine_tuned_and_saved_with_the_heads(tiny_backbone, pets_data, tmp_path,
+                                                                                 model_type):
+    train = pets_data["train"].select(range(32))
+    args = config(tmp_path, model_type=model_type, embedding_mode=None, max_steps=2, per_device_train_batch_size=8)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
+    assert trainer.model.config.embedding_mode == "full"
+    before = {n: p.clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert all(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    trainer.save_model(tmp_path / "saved")
+    sample = train.select(range(4))
+    expected = trainer.predict_preferences(sample)["reward_chosen"]
+    trainer.model = VPLRewardModel.from_pretrained(tmp_path / "saved")
+    assert trainer.predict_preferences(sample)["reward_chosen"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_peft_config_trains_a_lora_adapter_and_the_heads_and_reloads(tiny_backbone, pets_data, tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    train = pets_data["train"].select(range(16))
+    args = config(tmp_path, model_type="vae", embedding_mode=None, max_steps=3, per_device_train_batch_size=8)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train, peft_config=LoraConfig(r=4))
+    assert isinstance(trainer.model, PeftModel)  # wrapped as trl.RewardTrainer wraps its models
+    model = trainer.model.get_base_model()
+    assert model.config.embedding_mode == "lora" and model.config.peft_config["r"] == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("model.")} == {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert {"decoder.0.weight", "encoder.mean_head.weight"} <= trainable
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "decoder.0.weight" in changed and any("lora_A" in n for n in changed)
+    assert all(n in trainable for n in changed)  # the backbone's own weights stay as they were
+
+    trainer.save_model(tmp_path / "saved")
+    sample = train.select(range(4))
+    expected = trainer.predict_preferences(sample)["reward_chosen"]
+    trainer.model = VPLRewardModel.from_pretrained(tmp_path / "saved")
+    assert trainer.predict_preferences(sample)["reward_chosen"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_peft_model_trains_its_own_adapter(tiny_backbone, pets_data, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    train = pets_data["train"].select(range(16))
+    args = config(tmp_path, model_type="base", embedding_mode=None, max_steps=1, per_device_train_batch_size=8)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=1)
+    peft_model = get_peft_model(classifier, LoraConfig(r=2, init_lora_weights=False))
+    adapter = {n.replace("base_model.model.model.", ""): p.clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    trainer = VPLRewardTrainer(model=peft_model, args=args, train_dataset=train)
+    carried = {n.replace("base_model.model.model.", ""): p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert carried.keys() == adapter.keys() and all(torch.equal(carried[n], adapter[n]) for n in adapter)
+    assert trainer.model.get_base_model().config.peft_config["r"] == 2
+    with pytest.raises(ValueError, match="PeftModel.*peft_config"):
+        VPLRewardTrainer(model=peft_model, args=args, train_dataset=train, peft_config=LoraConfig())
+
+
+def test_a_classifier_with_two_labels_is_refused(tiny_backbone, pets_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_backbone)  # num_labels=2
+    with pytest.raises(ValueError, match="reward models require `num_labels=1`"):
+        VPLRewardTrainer(model=classifier, args=config(tmp_path), train_dataset=pets_data["train"].select(range(8)))
+
+
+@pytest.mark.parametrize("embedding_mode", ["frozen", "full"])
+def test_the_margin_column_raises_the_loss(tiny_backbone, pets_data, tmp_path, embedding_mode):
+    train = pets_data["train"].select(range(8))
+    args = config(tmp_path, model_type="base", embedding_mode=embedding_mode)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train.add_column("margin", [3.0] * 8))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    assert torch.equal(batch["margin"], torch.full((8,), 3.0))
+    with torch.no_grad():
+        with_margin = trainer.compute_loss(trainer.model, batch)
+        without = trainer.compute_loss(trainer.model, {k: v for k, v in batch.items() if k != "margin"})
+    assert with_margin > without + 1.0
+
+
+def test_evaluation_calls_compute_metrics_with_the_rewards(tiny_backbone, pets_data, tmp_path):
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"my_metric": 0.5}
+
+    data = pets_data["test"].select(range(8))
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, per_device_eval_batch_size=4),
+                               train_dataset=pets_data["train"].select(range(16)), eval_dataset=data,
+                               compute_metrics=compute_metrics)
+    assert trainer.evaluate()["eval_my_metric"] == 0.5
+    assert seen["shape"][0] == 16  # one reward per response: 8 chosen, 8 rejected
+
+
+def test_a_streaming_dataset_trains_a_baseline(tiny_backbone, pets_data, tmp_path):
+    stream = pets_data["train"].select(range(32)).to_iterable_dataset()
+    args = config(tmp_path, model_type="base", embedding_mode=None, max_steps=2, per_device_train_batch_size=8)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=stream)
+    assert bool((trainer.model.embedding_mean != 0).any())  # standardized by the first streamed pairs
+    trainer.train()
+    assert trainer.state.global_step == 2
+    with pytest.raises(TypeError, match="vae model needs a map-style Dataset"):
+        VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, embedding_mode=None), train_dataset=stream)
+
+
+def test_a_cloned_chat_template_resizes_the_backbone_and_reloads(tiny_backbone, pets_data, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import clone_chat_template
+
+    train = pets_data["train"].select(range(8))
+    args = config(tmp_path, model_type="base", embedding_mode=None, max_steps=1, per_device_train_batch_size=8)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
+    source = tmp_path / "source-tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    tokenizer.add_tokens(["<new_a>", "<new_b>"])
+    tokenizer.save_pretrained(source)
+    model, tokenizer, added = clone_chat_template(trainer.model, trainer.processing_class, str(source))
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer.vocab)
+    assert model.config.backbone_signature["vocab_size"] == len(tokenizer.vocab)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = VPLRewardModel.from_pretrained(tmp_path / "saved")
+    assert torch.equal(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_scalar_heads_have_no_bias_and_old_checkpoints_with_one_load(tiny_backbone, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = VPLRewardModel.from_backbone(tiny_backbone, reward_type="vae", latent_dim=4, hidden_dim=8)
+    assert model.decoder[-1].bias is None
+    assert VPLRewardModel.from_backbone(tiny_backbone, reward_type="categorical", hidden_dim=8).decoder[-1].bias is not None
+    model.save_pretrained(tmp_path / "saved")
+    weights = load_file(tmp_path / "saved" / "model.safetensors")
+    save_file({**weights, "decoder.4.bias": torch.zeros(1)}, tmp_path / "saved" / "model.safetensors")
+    reloaded = VPLRewardModel.from_pretrained(tmp_path / "saved")
+    assert torch.equal(reloaded.decoder[-1].weight, model.decoder[-1].weight)

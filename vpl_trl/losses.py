@@ -15,9 +15,11 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean
     return kl.mean() if reduction == "mean" else kl
 
 
-def bradley_terry_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> torch.Tensor:
-    """-log sigmoid(r_chosen - r_rejected), as `trl.RewardTrainer` computes it."""
-    return -F.logsigmoid(rewards_chosen - rewards_rejected).mean()
+def bradley_terry_loss(
+    rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected - margin), as `trl.RewardTrainer` computes it."""
+    return -F.logsigmoid(rewards_chosen - rewards_rejected - margin).mean()
 
 
 def split_mean_std(head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,11 +27,13 @@ def split_mean_std(head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return head[..., 0], F.softplus(head[..., 1]) + 1e-4
 
 
-def mean_and_variance_loss(head_chosen: torch.Tensor, head_rejected: torch.Tensor) -> torch.Tensor:
-    """DPL mean-and-variance: P(chosen) = Phi((mu_c - mu_r) / sqrt(sigma_c^2 + sigma_r^2))."""
+def mean_and_variance_loss(
+    head_chosen: torch.Tensor, head_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """DPL mean-and-variance: P(chosen) = Phi((mu_c - mu_r - margin) / sqrt(sigma_c^2 + sigma_r^2))."""
     mean_c, std_c = split_mean_std(head_chosen)
     mean_r, std_r = split_mean_std(head_rejected)
-    z = (mean_c - mean_r) / torch.sqrt(std_c.pow(2) + std_r.pow(2))
+    z = (mean_c - mean_r - margin) / torch.sqrt(std_c.pow(2) + std_r.pow(2))
     return -torch.special.log_ndtr(z).mean()
 
 
@@ -62,13 +66,21 @@ def head_to_reward(head: torch.Tensor, reward_type: str) -> torch.Tensor:
 
 
 def preference_loss(
-    head_chosen: torch.Tensor, head_rejected: torch.Tensor, reward_type: str, entropy_coeff: float = 0.1
+    head_chosen: torch.Tensor,
+    head_rejected: torch.Tensor,
+    reward_type: str,
+    entropy_coeff: float = 0.1,
+    margin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The preference loss of a reward type on its head outputs."""
+    """The preference loss of a reward type on its head outputs; `margin` (per pair) is the reward difference the
+    chosen response must exceed, as in `trl.RewardTrainer` (the categorical head, on [0, 1], takes none)."""
+    margin = 0.0 if margin is None else margin.to(head_chosen.dtype)
     if reward_type in ("vae", "base"):
-        return bradley_terry_loss(head_chosen[..., 0], head_rejected[..., 0])
+        return bradley_terry_loss(head_chosen[..., 0], head_rejected[..., 0], margin)
     if reward_type == "mean_and_variance":
-        return mean_and_variance_loss(head_chosen, head_rejected)
+        return mean_and_variance_loss(head_chosen, head_rejected, margin)
+    if not isinstance(margin, float):
+        raise ValueError("a `margin` column is not supported by the categorical reward type.")
     if reward_type == "categorical":
         return categorical_loss(head_chosen, head_rejected, entropy_coeff)
     raise ValueError(f"unknown reward type {reward_type!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 REWARD_TYPES = ("vae", "base", "mean_and_variance", "categorical")
-EMBEDDING_MODES = ("frozen", "lora")
+EMBEDDING_MODES = ("frozen", "full", "lora")
 POOLINGS = ("last", "mean")
 
 
@@ -22,12 +22,15 @@ class VPLConfig(PretrainedConfig):
         reward_type (`str`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance` or `categorical` (DPL).
         latent_dim (`int`), hidden_dim (`int`): sizes of the latent and of the encoder/decoder MLPs.
         num_atoms (`int`): atoms of the categorical head, on [0, 1].
-        embedding_mode (`str`): `frozen` (backbone frozen, embeddings precomputed) or `lora` (adapter trained).
+        embedding_mode (`str`): `frozen` (backbone frozen, embeddings precomputed), `full` (backbone fine-tuned)
+            or `lora` (a LoRA adapter of the backbone trained).
         pooling (`str`): `last` (last non-pad token) or `mean`.
         normalize_latent (`bool`): scale `z` to norm `sqrt(latent_dim)`, as in the reference method.
         max_sequence_length (`int`, *optional*): tokens of a scored sequence in training (longer ones are
             truncated when embedded, dropped in `lora` mode); scoring truncates there too. Set by the trainer.
         lora_r, lora_alpha, lora_dropout, lora_target_modules: the backbone's LoRA adapter in `lora` mode.
+        peft_config (`dict`, *optional*): a full PEFT configuration of the backbone's adapter in `lora` mode (a
+            `peft.PeftConfig` or its `to_dict()`); when set, it replaces the `lora_*` fields.
     """
 
     model_type = "vpl_reward"
@@ -49,6 +52,7 @@ class VPLConfig(PretrainedConfig):
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | str | None = "all-linear",
+        peft_config: dict | None = None,
         **kwargs,
     ):
         kwargs.setdefault("num_labels", 1)  # one scalar reward per sequence, as `trl.RewardTrainer` expects
@@ -75,11 +79,27 @@ class VPLConfig(PretrainedConfig):
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
         self.lora_target_modules = lora_target_modules
+        self.peft_config = peft_config_to_dict(peft_config)
 
     @property
     def use_latent(self) -> bool:
         return self.reward_type == "vae"
 
     @property
+    def scalar_head(self) -> bool:
+        """The head outputs the reward itself, trained on reward differences."""
+        return self.reward_type in ("vae", "base")
+
+    @property
     def head_outputs(self) -> int:
         return {"vae": 1, "base": 1, "mean_and_variance": 2, "categorical": self.num_atoms}[self.reward_type]
+
+
+def peft_config_to_dict(peft_config) -> dict | None:
+    """A PEFT configuration as a JSON-ready dict for the backbone: the heads are always trained and saved, so the
+    task type and `modules_to_save` (which name a classification head) do not apply."""
+    if peft_config is None:
+        return None
+    config = dict(peft_config if isinstance(peft_config, dict) else peft_config.to_dict())
+    config.update(task_type=None, modules_to_save=None)
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}

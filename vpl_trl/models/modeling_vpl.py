@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,13 +24,13 @@ from .configuration_vpl import VPLConfig
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, out_bias: bool = True) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
         nn.LeakyReLU(0.2),
         nn.Linear(hidden_dim, hidden_dim),
         nn.LeakyReLU(0.2),
-        nn.Linear(hidden_dim, out_dim),
+        nn.Linear(hidden_dim, out_dim, bias=out_bias),
     )
 
 
@@ -97,12 +98,17 @@ def backbone_signature(backbone_config) -> dict:
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype | str | None = torch.float32, **kwargs) -> PreTrainedModel:
-    """The backbone LLM without its LM head (`AutoModel`), from a hub id or a folder."""
+    """The backbone LLM without its LM head (`AutoModel`), from a hub id or a folder, loaded as TRL loads models
+    (`kwargs` are `from_pretrained`'s: `trust_remote_code`, `quantization_config`, ...); on the CPU unless a
+    `device_map` is given."""
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs.setdefault("device_map", None)
     # Loading a causal LM's checkpoint into its base model leaves the LM head out, as intended: don't report it.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return AutoModel.from_pretrained(resolve_model_name_or_path(name_or_path), dtype=dtype, **kwargs)
+        return create_model_from_path(resolve_model_name_or_path(name_or_path), AutoModel, dtype=dtype, **kwargs)
     finally:
         transformers_logging.set_verbosity(verbosity)
 
@@ -127,6 +133,14 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path:
     return Path(snapshot_download(str(name_or_path)))
 
 
+def _current_key(key: str) -> str:
+    """A weight's name in this version: the backbone was `backbone` (its adapter in a PEFT wrapper) before."""
+    for old in ("backbone.base_model.model.", "backbone."):
+        if key.startswith(old):
+            return "model." + key[len(old):]
+    return key
+
+
 class VPLRewardModel(PreTrainedModel):
     """r(x, z): a backbone LLM's response embedding, concatenated with a user latent `z` inferred from the
     user's context pairs, through an MLP decoder. The `base`, `mean_and_variance` and `categorical` reward
@@ -147,7 +161,8 @@ class VPLRewardModel(PreTrainedModel):
         if config.use_latent:
             self.encoder = UserContextEncoder(config.embedding_dim, config.hidden_dim, config.latent_dim)
         decoder_in = config.embedding_dim + (config.latent_dim if config.use_latent else 0)
-        self.decoder = _mlp(decoder_in, config.hidden_dim, config.head_outputs)
+        # A scalar reward trained on differences (Bradley-Terry) has no use for a bias, which would never learn.
+        self.decoder = _mlp(decoder_in, config.hidden_dim, config.head_outputs, out_bias=not config.scalar_head)
         # LLM hidden states share a large common offset; the heads see them standardized per dimension with
         # statistics fitted once on the training texts (`fit_embedding_statistics`) and saved with the heads.
         self.register_buffer("embedding_mean", torch.zeros(config.embedding_dim))
@@ -175,19 +190,48 @@ class VPLRewardModel(PreTrainedModel):
         self.is_loaded_in_4bit = bool(getattr(backbone, "is_loaded_in_4bit", False))
         self.is_loaded_in_8bit = bool(getattr(backbone, "is_loaded_in_8bit", False))
         if self.config.embedding_mode == "lora":
-            from peft import LoraConfig, get_peft_model
+            from peft import inject_adapter_in_model
 
-            lora = LoraConfig(
-                r=self.config.lora_r,
-                lora_alpha=self.config.lora_alpha,
-                lora_dropout=self.config.lora_dropout,
-                target_modules=self.config.lora_target_modules,
-            )
-            backbone = get_peft_model(backbone, lora)
-            _keep_4bit_layers_differentiable(backbone)
-        else:
             backbone.requires_grad_(False)
-        self.backbone = backbone
+            backbone = inject_adapter_in_model(self._lora_config(), backbone)
+            _keep_4bit_layers_differentiable(backbone)
+        elif self.config.embedding_mode == "frozen":
+            backbone.requires_grad_(False)
+        self.model = backbone  # named as transformers' task models name theirs
+
+    @property
+    def backbone(self) -> PreTrainedModel:
+        """The backbone LLM (with its LoRA adapter layers in `lora` mode)."""
+        return self.model
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """The backbone as it was before training its LoRA adapter (a no-op in other modes)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def _lora_config(self):
+        """The backbone's adapter: `config.peft_config` when set (the trainer's `peft_config`), else the `lora_*`
+        fields."""
+        from peft import LoraConfig
+        from peft.mapping import get_peft_config
+
+        if self.config.peft_config:
+            return get_peft_config(dict(self.config.peft_config))
+        return LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=self.config.lora_target_modules,
+        )
 
     @classmethod
     def from_backbone(
@@ -207,6 +251,21 @@ class VPLRewardModel(PreTrainedModel):
             backbone = load_backbone(name, dtype=dtype or torch.float32, **(backbone_kwargs or {}))
         config = VPLConfig(backbone_name_or_path=name, embedding_dim=backbone.config.hidden_size, **config_kwargs)
         return cls(config, backbone=backbone)._match_backbone_dtype()
+
+    # ----- the backbone's token embeddings (e.g. for `trl.clone_chat_template`) ----------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """Resize the backbone's vocabulary (its signature, checked on reload, follows)."""
+        embeddings = self.backbone.resize_token_embeddings(*args, **kwargs)
+        self.vocab_size = embeddings.weight.shape[0]
+        self.config.backbone_signature = backbone_signature(self.backbone.config)
+        return embeddings
 
     @property
     def is_quantized_backbone(self) -> bool:
@@ -231,7 +290,7 @@ class VPLRewardModel(PreTrainedModel):
         """Pooled last-layer hidden state of each (right-padded) sequence. `use_adapter=False` embeds with
         the frozen base model, as context pairs are embedded."""
         if not use_adapter and self.config.embedding_mode == "lora":
-            with self.backbone.disable_adapter():
+            with self.adapter_disabled():
                 return self.embed(input_ids, attention_mask, use_adapter=True)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         if self.config.pooling == "mean":
@@ -325,9 +384,9 @@ class VPLRewardModel(PreTrainedModel):
     # ----- gradient checkpointing (the backbone's) -------------------------------------------------------
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """Checkpoint the backbone's activations (lora mode; a frozen backbone runs without gradients). `kwargs`
-        are what the installed transformers passes along (e.g. `every_n_layers`, `offload`)."""
-        if self.config.embedding_mode != "lora":
+        """Checkpoint the backbone's activations (a frozen backbone runs without gradients). `kwargs` are what the
+        installed transformers passes along (e.g. `every_n_layers`, `offload`)."""
+        if self.config.embedding_mode == "frozen":
             return
         # transformers >= 5.x names it activation checkpointing; the old name is a deprecated alias there.
         if hasattr(self.backbone, "activation_checkpointing_enable"):
@@ -339,22 +398,24 @@ class VPLRewardModel(PreTrainedModel):
         self.backbone.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
-        if self.config.embedding_mode != "lora":
+        if self.config.embedding_mode == "frozen":
             return
         if hasattr(self.backbone, "activation_checkpointing_disable"):
             self.backbone.activation_checkpointing_disable()
         else:
             self.backbone.gradient_checkpointing_disable()
 
-    # ----- saving and loading: config, heads and adapter, never the backbone -----------------------------
+    # ----- saving and loading: config, heads, and what was trained of the backbone -----------------------
 
     def trainable_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The encoder, decoder and LoRA adapter weights (the backbone's own weights are left out)."""
+        """The weights a checkpoint holds: the encoder and decoder, and the backbone's LoRA adapter (`lora` mode)
+        or all of the fine-tuned backbone (`full` mode); a frozen backbone's weights are left out."""
         state_dict = self.state_dict() if state_dict is None else state_dict
+        full = self.config.embedding_mode == "full"
         return {
             key: value.detach().contiguous().cpu()
             for key, value in state_dict.items()
-            if not key.startswith("backbone.") or "lora_" in key
+            if full or not key.startswith("model.") or "lora_" in key
         }
 
     def save_pretrained(
@@ -390,6 +451,9 @@ class VPLRewardModel(PreTrainedModel):
         config = VPLConfig.from_pretrained(folder, **kwargs)
         if backbone is None or isinstance(backbone, str):
             backbone = load_backbone(backbone or config.backbone_name_or_path, dtype=dtype or torch.float32)
+        vocab_size = config.backbone_signature.get("vocab_size")
+        if config.embedding_mode == "full" and vocab_size and backbone.get_input_embeddings().num_embeddings != vocab_size:
+            backbone.resize_token_embeddings(vocab_size)  # the vocabulary was resized in training (chat template)
         model = cls(config, backbone=backbone)._match_backbone_dtype()
         model.load_trained_weights(folder / WEIGHTS_NAME)
         model.eval()
@@ -397,8 +461,11 @@ class VPLRewardModel(PreTrainedModel):
 
     def load_trained_weights(self, path: str | os.PathLike) -> None:
         """Load the heads and adapter saved by `save_pretrained`, with a clear error on any mismatch."""
-        saved = load_file(str(path))
+        saved = {_current_key(key): value for key, value in load_file(str(path)).items()}
         expected = self.trainable_state_dict()
+        last_bias = f"decoder.{len(self.decoder) - 1}.bias"
+        if last_bias not in expected:
+            saved.pop(last_bias, None)  # saved before scalar heads dropped their (never trained) bias
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))
         mismatched = [k for k in expected if k in saved and saved[k].shape != expected[k].shape]

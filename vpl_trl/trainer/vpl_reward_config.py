@@ -27,8 +27,10 @@ class VPLRewardConfig(RewardConfig):
     kl_anneal_steps (`int`, default 10000): the ramp length (`linear`) or the period (`cyclical`).
     kl_anneal_baseline (`float`, default 0.1): the annealed weight starts at `baseline * kl_weight`.
     num_context (`str`, default `"8"`): context pairs per example, fixed (`"8"`) or a range (`"2-8"`).
-    embedding_mode (`str`, default `"frozen"`): `frozen` precomputes every embedding once and trains only the
-        encoder and decoder (the fast path on CPU); `lora` trains the backbone's LoRA adapter end to end.
+    embedding_mode (`str`, *optional*): `frozen` precomputes every embedding once and trains only the encoder and
+        decoder (the fast path on CPU, chosen explicitly); `full` fine-tunes the backbone with them, and `lora`
+        trains a LoRA adapter of the backbone (the trainer's `peft_config`, else the model's `lora_*` settings).
+        Default, as in `trl.RewardTrainer`: `lora` when the trainer is given a `peft_config`, else `full`.
     pooling (`str`, default `"last"`): `last` non-pad token or `mean` of the last hidden layer.
     num_atoms (`int`, default 10), entropy_coeff (`float`, default 0.1): the categorical head.
     embedding_batch_size (`int`, default 16): batch size of embedding precomputation.
@@ -49,9 +51,11 @@ class VPLRewardConfig(RewardConfig):
     kl_anneal_steps: int = field(default=10000, metadata={"help": "Ramp length (linear) or period (cyclical)."})
     kl_anneal_baseline: float = field(default=0.1, metadata={"help": "Annealing starts at baseline * kl_weight."})
     num_context: str = field(default="8", metadata={"help": "Context pairs per example: '8' or a range '2-8'."})
-    embedding_mode: str = field(
-        default="frozen", metadata={"help": "frozen (precomputed embeddings) or lora (adapter trained).",
-                                    "choices": list(EMBEDDING_MODES)}
+    embedding_mode: str | None = field(
+        default=None,
+        metadata={"help": "frozen (precomputed embeddings, heads trained), full (backbone fine-tuned) or lora (a "
+                          "LoRA adapter trained); default: lora with a peft_config, else full.",
+                  "choices": list(EMBEDDING_MODES)},
     )
     pooling: str = field(default="last", metadata={"help": "last or mean.", "choices": list(POOLINGS)})
     num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
@@ -72,20 +76,21 @@ class VPLRewardConfig(RewardConfig):
         default=0.03, metadata={"help": "Linear warm-up steps, or a fraction of all steps when below 1."}
     )
     max_length: int | None = field(default=512, metadata={"help": "Maximum tokens of a scored sequence."})
-    prediction_loss_only: bool = field(
-        default=True, metadata={"help": "Evaluation reports the loss and metrics, not every reward."}
-    )
 
-    def model_config_kwargs(self) -> dict:
-        """The `VPLConfig` fields this configuration sets, for building a new model."""
-        return {
+    def model_config_kwargs(self, peft_config=None) -> dict:
+        """The `VPLConfig` fields this configuration (and the trainer's `peft_config`) set, for a new model."""
+        mode = self.embedding_mode or ("lora" if peft_config is not None else "full")
+        if peft_config is not None and mode != "lora":
+            raise ValueError(f"a peft_config trains a LoRA adapter of the backbone, but embedding_mode={mode!r}.")
+        kwargs = {
             "reward_type": self.model_type,
             "latent_dim": self.latent_dim,
             "hidden_dim": self.hidden_dim,
             "num_atoms": self.num_atoms,
-            "embedding_mode": self.embedding_mode,
+            "embedding_mode": mode,
             "pooling": self.pooling,
         }
+        return kwargs if peft_config is None else {**kwargs, "peft_config": peft_config}
 
     def __post_init__(self):
         if self.bf16 is None:
