@@ -50,9 +50,9 @@ def small_pets(tmp_path_factory) -> Path:
 
 
 def train_tiny_reward(folder: Path, backbone: str, pets_data, **config) -> str:
-    args = VPLRewardConfig(output_dir=str(folder / "run"), hidden_dim=32, num_train_epochs=1, num_context="4",
-                           per_device_train_batch_size=16, report_to="none", save_strategy="no", disable_tqdm=True,
-                           **config)
+    args = VPLRewardConfig(output_dir=str(folder / "run"), embedding_mode="frozen", hidden_dim=32, num_train_epochs=1,
+                           num_context="4", per_device_train_batch_size=16, report_to="none", save_strategy="no",
+                           disable_tqdm=True, **config)
     trainer = VPLRewardTrainer(model=backbone, args=args, train_dataset=pets_data["train"].select(range(64)))
     trainer.train()
     trainer.save_model(str(folder / "model"))

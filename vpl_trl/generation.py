@@ -384,6 +384,9 @@ def generate_candidates(
                     temperature=settings.temperature if settings.temperature > 0 else None,
                     top_p=settings.top_p if settings.temperature > 0 else None,
                     pad_token_id=tokenizer.pad_token_id,
+                    # callers hold the full weights (ZeRO-3 ones gathered): no process waits for the others, which
+                    # may generate for other prompts, or none
+                    synced_gpus=False,
                 )
             texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             outputs += [t.strip() if templated else t for t in texts]
