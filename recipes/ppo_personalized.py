@@ -29,7 +29,6 @@ Under DeepSpeed (ZeRO-2 or ZeRO-3) every process takes part in generation and ev
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import random
@@ -45,10 +44,9 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import AutoTokenizer, TrainingArguments
 from trl import GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
-from trl.models import unwrap_model_for_generation
 
 from vpl_trl.data.format import PreferenceDataError
-from vpl_trl.distributed import cpu_launch_defaults, gathered_parameters, replicated_loading
+from vpl_trl.distributed import cpu_launch_defaults, full_weights_for_generation, replicated_loading
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.generation import GenerationSettings, PersonalizedRewardScorer
 from vpl_trl.policy import (
@@ -242,18 +240,6 @@ def evaluate(
     return rows, records
 
 
-@contextlib.contextmanager
-def generation_model(trainer=None, model=None):
-    """The policy with its full weights on every process: a trainer's model (unwrapped from DDP or DeepSpeed), or a
-    plain model (its ZeRO-3 partitions gathered)."""
-    if trainer is not None:
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
-            yield unwrapped
-        return
-    with gathered_parameters(model):
-        yield model
-
-
 def train_policy(
     model, tokenizer, dataset, reward: PersonalizedRewardFunction, args: GRPOConfig, script_args: ScriptArguments,
     signal: str, settings: GenerationSettings, budget: float | None,
@@ -355,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     budget = script_args.max_train_seconds
     policy = build_policy(policy_path, tokenizer, conditioning, latent_dim, lora)
-    with generation_model(model=policy):  # untrained: the base model (LoRA starts at zero)
+    with full_weights_for_generation(policy):  # untrained: the base model (LoRA starts at zero)
         before, completions = evaluate(policy, tokenizer, users=users, stage="before", **eval_kwargs)
 
     after: Matrix = {}
@@ -374,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if is_main and conditioned:
             write_policy_config(run_args.output_dir, conditioning, latent_dim, script_args.reward_model, policy_path,
                                 signal=signal)
-        with generation_model(trainer=trainer) as model:
+        with full_weights_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
             row, records = evaluate(model, tokenizer, users=users if conditioned else run_users, stage="after",
                                     **eval_kwargs)
         after.update(row)

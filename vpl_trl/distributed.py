@@ -78,6 +78,21 @@ def gathered_parameters(module: torch.nn.Module, params: list[torch.nn.Parameter
 
 
 @contextlib.contextmanager
+def full_weights_for_generation(model: torch.nn.Module, accelerator=None) -> Iterator[torch.nn.Module]:
+    """The model with its full weights on every process, for generation: a model that an `accelerator` prepared
+    (DDP or DeepSpeed) unwrapped by TRL's `unwrap_model_for_generation`, or a plain model with its ZeRO-3
+    partitions gathered. Every process must enter it together."""
+    if accelerator is not None:
+        from trl.models import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(model, accelerator) as unwrapped:
+            yield unwrapped
+        return
+    with gathered_parameters(model):
+        yield model
+
+
+@contextlib.contextmanager
 def replicated_loading() -> Iterator[None]:
     """Load models whole on every process inside, also under ZeRO-3 (which would partition them as they load):
     for frozen models that every process runs on its own, such as a reward model scoring its own completions."""

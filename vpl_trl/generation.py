@@ -366,6 +366,8 @@ def generate_candidates(
     outputs: list[str] = []
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()  # no dropout while sampling; a model in training is put back in training mode after
     bar = tqdm(total=len(inputs), desc=progress, unit="seq", disable=progress is None or not is_main_process())
     try:
         for begin in range(0, len(inputs), settings.batch_size):
@@ -393,6 +395,7 @@ def generate_candidates(
             bar.update(len(texts))
     finally:
         tokenizer.padding_side = padding_side
+        model.train(was_training)
         bar.close()
     return [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
 

@@ -10,7 +10,6 @@ curve.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,9 +21,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
-from trl.models import unwrap_model_for_generation
 
-from ..distributed import gathered_parameters
+from ..distributed import full_weights_for_generation
 from ..generation import GenerationSettings, generate_candidates
 from .trainers import LATENT_COLUMN, ConditionedSFTTrainer
 
@@ -139,7 +137,7 @@ class BestOfNDistillationTrainer(ConditionedSFTTrainer):
             mine = [row for row in rows if _key(row) in _own_keys(rows, state)]
         else:
             mine = rows[state.process_index :: state.num_processes]
-        with self._generation_model(model, accelerator) as policy:
+        with full_weights_for_generation(model, accelerator) as policy:
             candidates = self._sample(policy, mine, shared)
         generation_seconds = time.perf_counter() - start
         flat = [(row, text) for row, texts in zip(mine, candidates) for text in texts]
@@ -171,8 +169,6 @@ class BestOfNDistillationTrainer(ConditionedSFTTrainer):
         samples per bare prompt, which every user's rows of that prompt share."""
         if not rows:
             return []
-        was_training = policy.training
-        policy.eval()
         settings = GenerationSettings(**{**vars(self.settings.generation), "seed": None})
         description = f"Best-of-n round {len(self.rounds)}"
         if shared:
@@ -187,17 +183,7 @@ class BestOfNDistillationTrainer(ConditionedSFTTrainer):
             latents = torch.tensor([r[LATENT_COLUMN] for r in rows]) if LATENT_COLUMN in rows[0] else None
             candidates = generate_candidates(policy, self._tokenizer, [r["prompt"] for r in rows], self.settings.n,
                                              settings, latents=latents, progress=description)
-        policy.train(was_training)
         return candidates
-
-    @contextlib.contextmanager
-    def _generation_model(self, model, accelerator):
-        if accelerator is None:  # before training: a plain (possibly ZeRO-3 partitioned) model
-            with gathered_parameters(model):
-                yield model
-            return
-        with unwrap_model_for_generation(model, accelerator) as unwrapped:
-            yield unwrapped
 
     def _record_round(self, stats: list[dict[str, Any]], generation_seconds: float, seconds: float,
                       elapsed: float) -> None:

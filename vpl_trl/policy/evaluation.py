@@ -30,11 +30,8 @@ def generate_for_user(
 ) -> list[tuple[Any, str]]:
     """`samples` completions per prompt, as (raw prompt, completion) pairs ready to be scored (`latent`: the user's,
     for a latent-conditioned policy)."""
-    was_training = model.training
-    model.eval()
     candidates = generate_candidates(model, tokenizer, policy_prompts, samples, settings, latents=latent,
                                      progress="Evaluation samples")
-    model.train(was_training)
     return [(raw, text) for raw, texts in zip(raw_prompts, candidates) for text in texts]
 
 
