@@ -87,7 +87,8 @@ def test_builder_is_deterministic_for_a_seed(tmp_path, pool_file):
 
 
 def test_a_user_who_weighs_one_attribute_prefers_more_of_it(tmp_path, pool_file):
-    config = PopulationConfig(**SMALL, shared_weights={"enthusiasm": 3.0}, spread=0.1, temperature=0.3, seed=0)
+    config = PopulationConfig(**SMALL, attributes=tuple(ATTRIBUTES), shared_weights={"enthusiasm": 3.0}, spread=0.1,
+                              temperature=0.3, seed=0)
     build_population(tmp_path, config, pool=pool_file)
     column = list(ATTRIBUTES).index("enthusiasm")
     rows = [r for r in read_jsonl(tmp_path / "train.jsonl")]

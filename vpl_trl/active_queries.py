@@ -203,15 +203,60 @@ def simulate_active_queries(
     pairs for scoring. Both strategies see the same split. Returns the accuracy after 0..num_queries answers
     per strategy and simulated user, and how often each strategy asked a controversial pair.
     """
+    rows = dataset.to_list()
+    simulated = []
+    for user, indices in sorted(_rows_by_user(dataset).items(), key=lambda item: str(item[0])):
+        if len(indices) <= num_candidates:
+            raise ValueError(f"user {user!r} has {len(indices)} pairs: more than num_candidates={num_candidates} needed.")
+        for trial in range(users_per_group):
+            order = random.Random(f"{seed}-active-{user}-{trial}").sample(indices, len(indices))
+            simulated.append((user, [rows[i] for i in order[:num_candidates]],
+                              [rows[i] for i in order[num_candidates: num_candidates + max_evaluation_pairs]]))
+    return compare_strategies(trainer, simulated, num_queries, num_candidates, num_samples, seed)
+
+
+def simulate_new_user_queries(
+    trainer, dataset: Dataset, num_queries: int = 16, num_samples: int = 64, seed: int = 0
+) -> dict[str, Any]:
+    """Active against random queries for users who bring their own context (new users, never seen in
+    training): the pairs of their context are the candidates (answered, when asked, with the user's label),
+    and their rows the held-out pairs, scored against the user's true preference where the data knows it
+    (`true_margin`), else against their labels."""
+    rows = dataset.to_list()
+    simulated = []
+    for user, indices in sorted(_rows_by_user(dataset).items(), key=lambda item: str(item[0])):
+        context = rows[indices[0]].get("context")
+        if not context:
+            raise ValueError(f"user {user!r} brings no context: the candidates of their queries come from it.")
+        simulated.append((user, list(context), [_as_truly_preferred(rows[i]) for i in indices
+                                                if rows[i].get("true_margin", 1) != 0]))
+    return compare_strategies(trainer, simulated, num_queries, min(len(c) for _, c, _ in simulated), num_samples, seed)
+
+
+def _rows_by_user(dataset: Dataset) -> dict[Any, list[int]]:
+    by_user: dict[Any, list[int]] = defaultdict(list)
+    for index, user in enumerate(dataset["user_id"]):
+        by_user[user].append(index)
+    return by_user
+
+
+def _as_truly_preferred(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with `chosen` the response the user truly prefers (its label may say otherwise)."""
+    if row.get("true_margin", 0) < 0:
+        return {**row, "chosen": row["rejected"], "rejected": row["chosen"], "true_margin": -row["true_margin"]}
+    return row
+
+
+def compare_strategies(
+    trainer, simulated: list[tuple[Any, list[dict], list[dict]]], num_queries: int, num_candidates: int,
+    num_samples: int, seed: int,
+) -> dict[str, Any]:
+    """Run both strategies for each simulated user `(user, candidate rows, evaluation rows)`."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not model.config.use_latent:
         raise ValueError(f"active queries infer a user latent; reward type {model.config.reward_type!r} has none.")
     was_training = model.training
     model.eval()
-    by_user: dict[Any, list[int]] = defaultdict(list)
-    for index, user in enumerate(dataset["user_id"]):
-        by_user[user].append(index)
-    rows = dataset.to_list()
     result: dict[str, Any] = {
         "queries": list(range(num_queries + 1)),
         "num_candidates": num_candidates,
@@ -220,24 +265,22 @@ def simulate_active_queries(
         **{s: defaultdict(list) for s in STRATEGIES},
     }
     asked_controversial: dict[str, list[list[bool]]] = {s: [] for s in STRATEGIES}
-    for user_index, (user, indices) in enumerate(sorted(by_user.items(), key=lambda item: str(item[0]))):
-        if len(indices) <= num_candidates:
-            raise ValueError(f"user {user!r} has {len(indices)} pairs: more than num_candidates={num_candidates} needed.")
-        for trial in range(users_per_group):
-            rng = random.Random(f"{seed}-active-{user}-{trial}")
-            order = rng.sample(indices, len(indices))
-            candidate_rows = [rows[i] for i in order[:num_candidates]]
-            evaluation_rows = [rows[i] for i in order[num_candidates: num_candidates + max_evaluation_pairs]]
-            candidates, evaluation = embed_pairs(trainer, candidate_rows), embed_pairs(trainer, evaluation_rows)
-            result["users"].append(str(user))
-            for strategy in STRATEGIES:
-                history = run_queries(model, candidates, evaluation, strategy, num_queries, num_samples,
-                                      seed=seed * 100_003 + user_index * 1_009 + trial)
-                for key in ("accuracy", "controversial_accuracy"):
-                    if key in history:
-                        result[strategy][key].append(history[key])
-                if candidates.controversial is not None:
-                    asked_controversial[strategy].append(candidates.controversial[history["asked"]].tolist())
+    trials: dict[Any, int] = defaultdict(int)
+    user_numbers: dict[Any, int] = {}
+    for user, candidate_rows, evaluation_rows in simulated:
+        user_index = user_numbers.setdefault(user, len(user_numbers))
+        trial = trials[user]
+        trials[user] += 1
+        candidates, evaluation = embed_pairs(trainer, candidate_rows), embed_pairs(trainer, evaluation_rows)
+        result["users"].append(str(user))
+        for strategy in STRATEGIES:
+            history = run_queries(model, candidates, evaluation, strategy, num_queries, num_samples,
+                                  seed=seed * 100_003 + user_index * 1_009 + trial)
+            for key in ("accuracy", "controversial_accuracy"):
+                if key in history:
+                    result[strategy][key].append(history[key])
+            if candidates.controversial is not None:
+                asked_controversial[strategy].append(candidates.controversial[history["asked"]].tolist())
     model.train(was_training)
     result["num_simulated_users"] = len(result["users"])
     for strategy in STRATEGIES:

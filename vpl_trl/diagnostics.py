@@ -143,6 +143,32 @@ def latent_diagnostics(
 # ----- plots ----------------------------------------------------------------------------------------------------
 
 
+def latent_weight_r2(train_latents: Any, train_weights: Any, new_latents: Any, new_weights: Any,
+                     alphas: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0)) -> float:
+    """How well z predicts a simulated user's true weights: ridge regression from the latent means to the
+    weights, fitted on the training users (its penalty chosen by leave-one-out error there), R^2 on new users
+    (averaged over the weights' dimensions)."""
+    x, y = np.asarray(train_latents, dtype=np.float64), np.asarray(train_weights, dtype=np.float64)
+    x_new, y_new = np.asarray(new_latents, dtype=np.float64), np.asarray(new_weights, dtype=np.float64)
+    if len(x) != len(y) or len(x_new) != len(y_new) or len(x) < 2:
+        raise ValueError("latent_weight_r2 needs matching latents and weights for two or more training users.")
+    mean, scale = x.mean(0), x.std(0) + 1e-8
+    x, x_new = (x - mean) / scale, (x_new - mean) / scale
+    y_mean = y.mean(0)
+    best = None
+    for alpha in alphas:
+        # leave-one-out residuals of ridge regression: e_i / (1 - h_ii)
+        gram_inverse = np.linalg.inv(x.T @ x + alpha * np.eye(x.shape[1]))
+        beta = gram_inverse @ x.T @ (y - y_mean)
+        leverage = np.einsum("ij,jk,ik->i", x, gram_inverse, x)
+        loo = (((y - y_mean - x @ beta) / (1 - leverage)[:, None]) ** 2).sum()
+        if best is None or loo < best[0]:
+            best = (loo, beta)
+    predicted = x_new @ best[1] + y_mean
+    r2 = 1 - ((y_new - predicted) ** 2).sum(0) / ((y_new - y_new.mean(0)) ** 2).sum(0).clip(1e-12)
+    return float(r2.mean())
+
+
 def _pyplot():
     import matplotlib
 
@@ -152,14 +178,26 @@ def _pyplot():
     return plt
 
 
+MAX_USER_BARS = 12  # more users than this are plotted and reported as a distribution
+
+
 def plot_accuracy(metrics: dict[str, Any], breakdown: dict[str, dict[str, Any]], path: str | Path, title: str) -> None:
     """Bars of accuracy overall and per user, split into controversial and agreed pairs where known."""
     plt = _pyplot()
+    many = len(breakdown) > MAX_USER_BARS
     groups = {"all users": {k: metrics.get(k) for k in ("accuracy", "controversial_accuracy", "agreed_accuracy")}}
-    groups.update({f"user {u}": row for u, row in breakdown.items()})
+    if not many:
+        groups.update({f"user {u}": row for u, row in breakdown.items()})
     series = [("accuracy", "all pairs"), ("controversial_accuracy", "controversial"), ("agreed_accuracy", "agreed")]
     series = [(key, label) for key, label in series if any(g.get(key) is not None for g in groups.values())]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 3.8))
+    if many:  # one bar per user would not fit: the per-user accuracies as a histogram beside the overall bars
+        fig, (ax, hist) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1, 2]})
+        hist.hist([100 * row["accuracy"] for row in breakdown.values()], bins=np.linspace(0, 100, 21))
+        hist.set_xlabel("a user's pairwise accuracy (%)")
+        hist.set_ylabel("users")
+        hist.set_title(f"{len(breakdown)} users")
+    else:
+        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 3.8))
     width = 0.8 / len(series)
     for i, (key, label) in enumerate(series):
         values = [100 * (g.get(key) or 0.0) for g in groups.values()]
@@ -188,7 +226,9 @@ def plot_context_curve(curve: dict[str, Any], path: str | Path, title: str, trai
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     k = np.asarray(curve["k"])
-    for key, label in (("accuracy", "all pairs"), ("controversial_accuracy", "controversial pairs")):
+    for key, label in (("accuracy", "all pairs (labels)" if "true_accuracy" in curve else "all pairs"),
+                       ("controversial_accuracy", "controversial pairs"),
+                       ("true_accuracy", "against the true preference")):
         if curve.get(key) is None or any(row is None for row in curve[key]):
             continue
         mean, std = _mean_std(curve[key])
@@ -199,7 +239,7 @@ def plot_context_curve(curve: dict[str, Any], path: str | Path, title: str, trai
     ax.axhline(50, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(k, [str(v) for v in k])
-    ax.set_xlabel("context pairs K (new draws from each user's pool)")
+    ax.set_xlabel("context pairs K (new draws of each user's pairs)")
     ax.set_ylabel("pairwise accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title(f"{title}\n(mean ± std over {curve['draws']} context draws)", fontsize=10)

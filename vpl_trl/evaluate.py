@@ -12,6 +12,13 @@ writes `OUT/metrics.json`, `OUT/report.md` and PNG plots:
 - with `--active`: accuracy on new (simulated) users' held-out pairs against the number of pairs asked,
   chosen by expected information about `z` or at random (`active_queries.png`).
 
+A data set with a `new_users` split (users absent from training, each bringing their own context, as the
+simulated population has) also gets a new-user section: accuracy with K of each new user's own pairs, against
+their labels and, where the data knows it (`true_margin`), against their true preference, with the worst 10% of
+users; the context swap (another user's context, drawn at random); for VPL models the accuracy against K
+(`new_users_accuracy_vs_context.png`), how well `z` predicts the true weights when a `users.json` lies beside the
+data, and with `--active` active queries chosen from each new user's context (`new_users_active_queries.png`).
+
 The training split serves as the users' context pool, as in training. Files already in OUT are not
 overwritten unless `--overwrite` is given.
 """
@@ -27,12 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
-from .active_queries import simulate_active_queries, summarize_active_queries
-from .data.registry import load_named_dataset
+from .active_queries import simulate_active_queries, simulate_new_user_queries, summarize_active_queries
+from .data.context import attach_contexts
+from .data.population import Population
+from .data.registry import BUILTIN, builtin_dataset_folder, load_named_dataset
 from .diagnostics import (
+    MAX_USER_BARS,
     latent_diagnostics,
+    latent_weight_r2,
     plot_accuracy,
     plot_active_queries,
     plot_context_curve,
@@ -41,10 +53,14 @@ from .diagnostics import (
 )
 from .evaluation import (
     context_size_curve,
+    context_sizes_up_to,
     default_context_sizes,
     evaluate_reward_model,
     format_percent,
+    limit_contexts,
     per_user_breakdown,
+    predict,
+    worst_fraction_mean,
 )
 from .models import VPLConfig, VPLRewardModel
 from .trainer import VPLRewardConfig, VPLRewardTrainer
@@ -53,6 +69,8 @@ METRICS_FILE, REPORT_FILE = "metrics.json", "report.md"
 ACCURACY_PLOT, CONTEXT_PLOT, LATENT_PLOT, ACTIVE_PLOT = (
     "accuracy.png", "accuracy_vs_context.png", "latent_pca.png", "active_queries.png"
 )
+NEW_USERS_SPLIT = "new_users"
+NEW_CONTEXT_PLOT, NEW_ACTIVE_PLOT = "new_users_accuracy_vs_context.png", "new_users_active_queries.png"
 
 
 @dataclass
@@ -87,10 +105,12 @@ class EvaluateArguments:
     overwrite: bool = field(default=False, metadata={"help": "Write over existing result files in output_dir."})
 
 
-def planned_files(use_latent: bool, active: bool) -> list[str]:
+def planned_files(use_latent: bool, active: bool, new_users: bool = False) -> list[str]:
     files = [METRICS_FILE, REPORT_FILE, ACCURACY_PLOT]
     if use_latent:
         files += [CONTEXT_PLOT, LATENT_PLOT] + ([ACTIVE_PLOT] if active else [])
+        if new_users:
+            files += [NEW_CONTEXT_PLOT] + ([NEW_ACTIVE_PLOT] if active else [])
     return files
 
 
@@ -126,9 +146,8 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     use_latent = VPLConfig.from_pretrained(args.model).use_latent
     if args.active and not use_latent:
         raise SystemExit(f"error: --active needs a VPL (vae) model; {args.model} has no user latent.")
-    check_output_dir(output_dir, planned_files(use_latent, args.active), args.overwrite)
-
     data = load_named_dataset(args.dataset, args.data_dir, args.column_mapping)
+    check_output_dir(output_dir, planned_files(use_latent, args.active, NEW_USERS_SPLIT in data), args.overwrite)
     if "train" not in data or args.split not in data:
         raise SystemExit(f"error: {args.dataset} needs a train split (the context pool) and a {args.split!r} split; "
                          f"it has {list(data)}.")
@@ -150,7 +169,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
             "num_context": args.num_context,
             "seed": args.seed,
         }
-        predictions = trainer.predict_preferences(test, name=name)
+        predictions = predict(trainer, test, name)
         metrics.update(evaluate_reward_model(trainer, test, name=name, predictions=predictions))
         metrics["per_user_breakdown"] = per_user_breakdown(predictions)
         plots = {"accuracy": ACCURACY_PLOT}
@@ -168,6 +187,9 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
                 metrics["active_queries"]["summary"] = summarize_active_queries(metrics["active_queries"])
                 plot_active_queries(metrics["active_queries"], output_dir / ACTIVE_PLOT, title)
                 plots["active_queries"] = ACTIVE_PLOT
+        if NEW_USERS_SPLIT in data and args.split != NEW_USERS_SPLIT:
+            metrics["new_users"] = new_user_evaluation(trainer, data, args, output_dir, title)
+            plots.update(metrics["new_users"].pop("plots"))
 
     metrics["plots"] = plots
     metrics["arguments"] = asdict(args)
@@ -180,8 +202,8 @@ def latent_evaluation(trainer, test, pool, predictions, args: EvaluateArguments,
     """The context-size curve, and the probe of the user from z beside an untrained encoder's, with their plots."""
     model = trainer.model
     sizes = args.context_sizes or default_context_sizes(pool, args.max_context)
-    predict = partial(trainer.predict_preferences, batch_size=args.batch_size)
-    curve = context_size_curve(predict, test, pool, sizes, args.context_draws, args.seed)
+    curve = context_size_curve(partial(predict, trainer, batch_size=args.batch_size), test, pool, sizes,
+                               args.context_draws, args.seed)
     plot_context_curve(curve, output_dir / CONTEXT_PLOT, title, _fixed_k(args.num_context))
     with untrained_encoder(model, seed=args.seed):
         untrained = trainer.predict_preferences(test, name=f"{args.split}-{args.dataset}")
@@ -191,6 +213,73 @@ def latent_evaluation(trainer, test, pool, predictions, args: EvaluateArguments,
     )
     plot_latent_map(diagnostics, output_dir / LATENT_PLOT, title)
     return {"latent_dim": model.config.latent_dim, "context_curve": curve, "probe": diagnostics["probe"]}
+
+
+def new_user_evaluation(trainer, data, args: EvaluateArguments, output_dir: Path, title: str) -> dict[str, Any]:
+    """Users absent from training, each with their own context: accuracy with K of their pairs (`num_context`,
+    or all of them for a range), per user, with swapped contexts, against K, what z knows of their true weights,
+    and active queries."""
+    new = data[NEW_USERS_SPLIT]
+    if args.max_eval_samples:
+        new = new.select(range(min(args.max_eval_samples, len(new))))
+    fixed = _fixed_k(args.num_context)
+    limited = limit_contexts(new, fixed) if fixed else new
+    name = f"{NEW_USERS_SPLIT}-{args.dataset}"
+    predictions = predict(trainer, limited, name, batch_size=args.batch_size)
+    result: dict[str, Any] = evaluate_reward_model(trainer, limited, name=name, predictions=predictions)
+    result["num_context"] = fixed or "all"
+    breakdown = per_user_breakdown(predictions)
+    result["num_users"] = len(breakdown)
+    result["worst_decile_accuracy"] = worst_fraction_mean([row["accuracy"] for row in breakdown.values()])
+    result["plots"] = {}
+    if not trainer.model.config.use_latent:
+        return result
+    longest = max(len(c) for c in new["context"])
+    sizes = args.context_sizes or context_sizes_up_to(longest, args.max_context)
+    result["context_curve"] = context_size_curve(partial(predict, trainer, batch_size=args.batch_size), new, None,
+                                                 sizes, args.context_draws, args.seed)
+    plot_context_curve(result["context_curve"], output_dir / NEW_CONTEXT_PLOT, f"{title}: new users", fixed)
+    result["plots"]["new_users_context_curve"] = NEW_CONTEXT_PLOT
+    users_file = dataset_folder(args) / "users.json"
+    if users_file.is_file():
+        result["z_r2"] = z_weight_r2(trainer, data, limited, Population.load(users_file), args, name)
+    if args.active:
+        active = simulate_new_user_queries(trainer, new, num_queries=min(args.active_queries, longest),
+                                           num_samples=args.active_samples, seed=args.seed)
+        active["summary"] = summarize_active_queries(active)
+        result["active_queries"] = active
+        plot_active_queries(active, output_dir / NEW_ACTIVE_PLOT, f"{title}: new users")
+        result["plots"]["new_users_active_queries"] = NEW_ACTIVE_PLOT
+    return result
+
+
+def dataset_folder(args: EvaluateArguments) -> Path:
+    """The folder the evaluated data set was read from (where a simulated population keeps `users.json`)."""
+    return builtin_dataset_folder(args.dataset, args.data_dir) if args.dataset in BUILTIN else Path(args.dataset)
+
+
+def z_weight_r2(trainer, data, new_limited, population: Population, args: EvaluateArguments, name: str) -> float:
+    """R^2 of the users' true weights from their posterior mean of z: fitted on the training users (contexts of as
+    many of their training pairs as the new users bring), scored on the new users."""
+    def first_rows(dataset):
+        seen, rows = set(), []
+        for row in dataset.to_list():
+            if row["user_id"] not in seen:
+                seen.add(row["user_id"])
+                rows.append(row)
+        return Dataset.from_list(rows)
+
+    new_first = first_rows(new_limited)
+    k = len(new_first[0]["context"])
+    train_first = first_rows(data[args.split])
+    if "context" in train_first.column_names:
+        train_first = train_first.remove_columns("context")
+    train_first = attach_contexts(train_first, k, args.seed, pool=data["train"], name=f"{name}-z-train")
+    latents = {split: trainer.predict_preferences(ds, name=f"{name}-z-{split}")["latent_mean"]
+               for split, ds in (("train", train_first), ("new", new_first))}
+    weights = {split: [population.weights(u) for u in ds["user_id"]] for split, ds in (("train", train_first),
+                                                                                          ("new", new_first))}
+    return latent_weight_r2(latents["train"], weights["train"], latents["new"], weights["new"])
 
 
 def _fixed_k(num_context: str) -> int | None:
@@ -215,17 +304,44 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
              f"Model `{metrics['model']}`, dataset `{metrics['dataset']}` (split `{metrics['split']}`, "
              f"{metrics['n_eval']} pairs), contexts of {metrics['num_context']} pairs drawn from each user's training "
              f"pairs (seed {metrics['seed']}).", "", "## Accuracy", ""]
-    groups = [("all users", metrics, metrics["n_eval"])]
-    groups += [(f"user {u}", r, r["n"]) for u, r in metrics["per_user_breakdown"].items()]
-    rows = [[name, *(format_percent(values.get(key)) for key in ("accuracy", "controversial_accuracy", "agreed_accuracy")),
-             str(n)] for name, values, n in groups]
-    lines += _table(["", "all pairs", "controversial", "agreed", "pairs"], rows)
+    lines += _accuracy_table(metrics, metrics["per_user_breakdown"])
     lines += ["", f"![accuracy]({ACCURACY_PLOT})", ""]
 
     if "context_curve" not in metrics:
         lines += ["This reward model has no user latent: the context curve and latent diagnostics do not apply.", ""]
-        return "\n".join(lines)
+    else:
+        lines += _latent_sections(metrics)
+    if "new_users" in metrics:
+        lines += _new_user_section(metrics["new_users"])
+    return "\n".join(lines)
 
+
+def _accuracy_table(metrics: dict[str, Any], breakdown: dict[str, dict[str, Any]]) -> list[str]:
+    """Accuracy of all users and of each user (or, for many users, the spread of per-user accuracies), against
+    the labels, on controversial and agreed pairs, and against the true preference where the data knows it."""
+    has_truth = "true_accuracy" in metrics
+    keys = ["accuracy", "controversial_accuracy", "agreed_accuracy"] + (["true_accuracy"] if has_truth else [])
+    header = ["", "all pairs" + (" (labels)" if has_truth else ""), "controversial", "agreed"]
+    header += (["true preference"] if has_truth else []) + ["pairs"]
+    rows = [["all users", *(format_percent(metrics.get(key)) for key in keys), str(metrics["n_eval"])]]
+    if len(breakdown) <= MAX_USER_BARS:
+        rows += [[f"user {u}", *(format_percent(r.get(key)) for key in keys), str(r["n"])] for u, r in breakdown.items()]
+    lines = _table(header, rows)
+    if len(breakdown) > MAX_USER_BARS:
+        per_user = sorted(r["accuracy"] for r in breakdown.values())
+        lines += ["", f"{len(per_user)} users; a user's accuracy against their labels: median "
+                  f"{format_percent(float(np.median(per_user)))}, worst 10% of users "
+                  f"{format_percent(worst_fraction_mean(per_user))}, best {format_percent(per_user[-1])}"
+                  + (f"; against the true preference, worst 10% {format_percent(metrics['true_accuracy_worst_decile'])}"
+                     if has_truth else "") + "."]
+    if metrics.get("controversy_unknown"):
+        lines += ["", f"{metrics['controversy_unknown']} pairs carry no `controversial` flag: they are counted in all "
+                      "pairs only, neither controversial nor agreed."]
+    return lines
+
+
+def _latent_sections(metrics: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     swap = metrics.get("context_swap") or {}
     probe = metrics["probe"]
     lines += ["## Latent diagnostics", ""]
@@ -285,7 +401,39 @@ def render_report(metrics: dict[str, Any], title: str) -> str:
                   "is how often the next pair asked was controversial.", ""]
         lines += _table(header, rows)
         lines += ["", f"![active queries]({ACTIVE_PLOT})", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _new_user_section(result: dict[str, Any]) -> list[str]:
+    lines = ["## New users (absent from training, each with their own context)", "",
+             f"{result['num_users']} new users, {result['n_eval']} pairs, contexts of "
+             f"{result['num_context']} of each user's own pairs.", ""]
+    lines += _table(["", "value"], [
+        ["accuracy against the labels", format_percent(result["accuracy"])],
+        ["accuracy against the true preference", format_percent(result.get("true_accuracy"))],
+        ["worst 10% of users (labels)", format_percent(result.get("worst_decile_accuracy"))],
+        ["worst 10% of users (true preference)", format_percent(result.get("true_accuracy_worst_decile"))],
+        ["controversial pairs", format_percent(result.get("controversial_accuracy"))],
+        ["with another user's context (context swap)", format_percent((result.get("context_swap") or {}).get("accuracy"))],
+        ["R^2 of the true weights from z (fitted on training users)",
+         "-" if result.get("z_r2") is None else f"{result['z_r2']:.3f}"],
+    ])
+    curve = result.get("context_curve")
+    if curve:
+        key = "true_accuracy" if "true_accuracy" in curve else "accuracy"
+        lines += ["", f"Accuracy ({'true preference' if key == 'true_accuracy' else 'labels'}) against K of the new "
+                      "users' own pairs:", ""]
+        lines += _table(["K", "accuracy"], [[str(k), _pct_spread(v)] for k, v in zip(curve["k"], curve[key])])
+        lines += ["", f"![new users against K]({NEW_CONTEXT_PLOT})", ""]
+    active = result.get("active_queries")
+    if active:
+        lines += ["Active queries among each new user's context pairs (accuracy "
+                  f"{'against the true preference' if 'true_accuracy' in result else 'on their labels'}):", ""]
+        lines += _table(["queries", "active", "random"], [
+            [str(row["queries"]), f"{100 * row['active_accuracy_mean']:.1f}%", f"{100 * row['random_accuracy_mean']:.1f}%"]
+            for row in active["summary"]])
+        lines += ["", f"![new users' active queries]({NEW_ACTIVE_PLOT})", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

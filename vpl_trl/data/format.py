@@ -140,17 +140,21 @@ def validate_dataset(dataset: Dataset, name: str, require_user: bool = True) -> 
         validate_example(row, f"{name}, example {number}", require_user=require_user)
 
 
+SPLIT_FILES = ("train", "validation", "test", "new_users")
+
+
 def load_preference_splits(
     source: str | os.PathLike,
     column_mapping: Mapping[str, str] | None = None,
     require_user: bool = True,
 ) -> DatasetDict:
-    """Load `train` and `test` splits from a folder of `train.jsonl`/`test.jsonl`, a `save_to_disk` folder,
-    a single JSONL file (train only), or a hub dataset id."""
+    """Load the splits of a folder of `train.jsonl` and any of `validation.jsonl`, `test.jsonl`,
+    `new_users.jsonl` (users absent from training, each row with its user's own `context`), of a
+    `save_to_disk` folder, of a single JSONL file (train only), or of a hub dataset id."""
     source_path = Path(source)
     if source_path.is_dir() and any((source_path / f"train{s}").exists() for s in (".jsonl", ".jsonl.gz")):
         splits = {}
-        for split in ("train", "test"):
+        for split in SPLIT_FILES:
             for suffix in (".jsonl", ".jsonl.gz"):
                 file = source_path / f"{split}{suffix}"
                 if file.exists():

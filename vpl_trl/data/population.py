@@ -128,10 +128,12 @@ def caution(text: str) -> float:
 ATTRIBUTES: dict[str, Callable[[str], float]] = {
     f.__name__: f for f in (length, structure, enthusiasm, hedging, formality, specifics, questions, caution)
 }
-# Users weigh these by default: hedging and caution are the two the frozen SmolLM2 embedding predicts worst
-# (linear-probe R^2 about 0.2; benchmarks/results/population_attributes.md), which would leave even an oracle
-# on that backbone little above one pooled reward.
-DEFAULT_ATTRIBUTES = ("length", "structure", "enthusiasm", "formality", "specifics", "questions")
+# Users weigh these by default: the four the frozen SmolLM2 embedding predicts best (linear-probe R^2 0.6-0.8 with
+# mean pooling; benchmarks/results/population_attributes.md). Each attribute the embedding predicts poorly adds a
+# preference that no model on this backbone can read from a user's pairs: with enthusiasm and questions added,
+# even Bayesian inference of the weights from 16 pairs closes well under 60% of the gap between one pooled reward
+# and the oracle (benchmarks/results/population.md measures VPL on those harder settings).
+DEFAULT_ATTRIBUTES = ("length", "structure", "formality", "specifics")
 
 
 def raw_attributes(texts: Sequence[str], names: Sequence[str] = tuple(ATTRIBUTES)) -> np.ndarray:
@@ -304,7 +306,7 @@ class PopulationConfig:
     pairs_per_user: int = 32
     test_pairs_per_user: int = 8
     context_pairs: int = 32
-    new_test_pairs: int = 16
+    new_test_pairs: int = 64
     temperature: float = 0.5
     shared_scale: float = 1.0
     spread: float = 1.5

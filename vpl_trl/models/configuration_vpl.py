@@ -7,6 +7,8 @@ from transformers import PretrainedConfig
 REWARD_TYPES = ("vae", "base", "mean_and_variance", "categorical")
 EMBEDDING_MODES = ("frozen", "full", "lora")
 POOLINGS = ("last", "mean")
+ENCODER_TYPES = ("attention", "difference")
+DECODER_TYPES = ("mlp", "bilinear")
 
 
 class VPLConfig(PretrainedConfig):
@@ -26,6 +28,9 @@ class VPLConfig(PretrainedConfig):
             or `lora` (a LoRA adapter of the backbone trained).
         pooling (`str`): `last` (last non-pad token) or `mean`.
         normalize_latent (`bool`): scale `z` to norm `sqrt(latent_dim)`, as in the reference method.
+        encoder_type (`str`): `attention` (the reference: a pair MLP on `[e_chosen, e_rejected]`, self-attention
+            over the K pairs, a mean) or `difference` (the mean of a linear map of `e_chosen - e_rejected`).
+        decoder_type (`str`): `mlp` (the reference: an MLP on `[embedding, z]`) or `bilinear` (`<MLP(e), W z>`).
         max_sequence_length (`int`, *optional*): tokens of a scored sequence in training (longer ones are
             truncated when embedded, dropped in `lora` mode); scoring truncates there too. Set by the trainer.
         lora_r, lora_alpha, lora_dropout, lora_target_modules: the backbone's LoRA adapter in `lora` mode.
@@ -47,6 +52,8 @@ class VPLConfig(PretrainedConfig):
         embedding_mode: str = "frozen",
         pooling: str = "last",
         normalize_latent: bool = True,
+        encoder_type: str = "attention",
+        decoder_type: str = "mlp",
         max_sequence_length: int | None = 512,
         lora_r: int = 16,
         lora_alpha: int = 32,
@@ -61,6 +68,8 @@ class VPLConfig(PretrainedConfig):
             ("reward_type", reward_type, REWARD_TYPES),
             ("embedding_mode", embedding_mode, EMBEDDING_MODES),
             ("pooling", pooling, POOLINGS),
+            ("encoder_type", encoder_type, ENCODER_TYPES),
+            ("decoder_type", decoder_type, DECODER_TYPES),
         ):
             if value not in allowed:
                 raise ValueError(f"VPLConfig.{name} must be one of {allowed}, got {value!r}.")
@@ -74,6 +83,8 @@ class VPLConfig(PretrainedConfig):
         self.embedding_mode = embedding_mode
         self.pooling = pooling
         self.normalize_latent = normalize_latent
+        self.encoder_type = encoder_type
+        self.decoder_type = decoder_type
         self.max_sequence_length = max_sequence_length
         self.lora_r = lora_r
         self.lora_alpha = lora_alpha

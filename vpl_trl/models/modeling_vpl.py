@@ -53,16 +53,7 @@ class UserContextEncoder(nn.Module):
     def forward(
         self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if chosen.dim() != 3 or chosen.shape != rejected.shape:
-            raise ValueError(
-                "context embeddings must have shape (batch, K, embedding_dim) for both chosen and rejected, "
-                f"got {tuple(chosen.shape)} and {tuple(rejected.shape)}."
-            )
-        if mask is None:
-            mask = torch.ones(chosen.shape[:2], dtype=torch.bool, device=chosen.device)
-        mask = mask.bool()
-        if not mask.any(-1).all():
-            raise ValueError("every example needs at least one context pair (context_mask has an all-zero row).")
+        mask = _check_context(chosen, rejected, mask)
         pairs = self.pair_encoder(torch.cat([chosen, rejected], dim=-1))
         scores = self.query(pairs) @ self.key(pairs).transpose(1, 2) / math.sqrt(pairs.shape[-1])
         scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
@@ -72,6 +63,59 @@ class UserContextEncoder(nn.Module):
         # The log-variance is clamped to [-1, 1] as in the reference method; the mean is left free, since a
         # clamped mean saturates and stops the encoder's gradient (z is normalized downstream anyway).
         return self.mean_head(pooled), self.logvar_head(pooled).clamp(-1, 1)
+
+
+class DifferenceContextEncoder(nn.Module):
+    """Maps K context pairs to q(z | context) through the mean over the pairs of a linear map of
+    `e_chosen - e_rejected`: the statistic a linear preference model's posterior rests on. It has far fewer
+    ways to overfit the training users than the attention encoder, so it carries over to new users better
+    when there are few training users (benchmarks/results/population.md)."""
+
+    def __init__(self, embedding_dim: int, hidden_dim: int, latent_dim: int):
+        super().__init__()
+        self.pair_encoder = nn.Linear(embedding_dim, hidden_dim)
+        self.mean_head = nn.Linear(hidden_dim, latent_dim)
+        self.logvar_head = nn.Linear(hidden_dim, latent_dim)
+
+    def forward(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = _check_context(chosen, rejected, mask)
+        weights = mask.to(chosen.dtype).unsqueeze(-1)
+        pooled = (self.pair_encoder(chosen - rejected) * weights).sum(1) / weights.sum(1)
+        return self.mean_head(pooled), self.logvar_head(pooled).clamp(-1, 1)
+
+
+def _check_context(chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The context mask (all pairs when None), after checking the shapes."""
+    if chosen.dim() != 3 or chosen.shape != rejected.shape:
+        raise ValueError(
+            "context embeddings must have shape (batch, K, embedding_dim) for both chosen and rejected, "
+            f"got {tuple(chosen.shape)} and {tuple(rejected.shape)}."
+        )
+    if mask is None:
+        mask = torch.ones(chosen.shape[:2], dtype=torch.bool, device=chosen.device)
+    mask = mask.bool()
+    if not mask.any(-1).all():
+        raise ValueError("every example needs at least one context pair (context_mask has an all-zero row).")
+    return mask
+
+
+class BilinearRewardDecoder(nn.Module):
+    """r(e, z) = <MLP(e), W z> / sqrt(hidden): the user's latent weighs features of the response, as a user's
+    weights weigh a response's attributes. An MLP on `[e, z]` has to learn that product from data."""
+
+    def __init__(self, embedding_dim: int, latent_dim: int, hidden_dim: int):
+        super().__init__()
+        self.response = _mlp(embedding_dim, hidden_dim, hidden_dim)
+        self.user = nn.Linear(latent_dim, hidden_dim)
+
+    def forward(self, embeddings: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        products = self.response(embeddings) * self.user(latent)
+        return products.sum(-1, keepdim=True) / math.sqrt(products.shape[-1])
+
+
+ENCODERS = {"attention": UserContextEncoder, "difference": DifferenceContextEncoder}
 
 
 @dataclass
@@ -159,10 +203,13 @@ class VPLRewardModel(PreTrainedModel):
     def __init__(self, config: VPLConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
         if config.use_latent:
-            self.encoder = UserContextEncoder(config.embedding_dim, config.hidden_dim, config.latent_dim)
-        decoder_in = config.embedding_dim + (config.latent_dim if config.use_latent else 0)
-        # A scalar reward trained on differences (Bradley-Terry) has no use for a bias, which would never learn.
-        self.decoder = _mlp(decoder_in, config.hidden_dim, config.head_outputs, out_bias=not config.scalar_head)
+            self.encoder = ENCODERS[config.encoder_type](config.embedding_dim, config.hidden_dim, config.latent_dim)
+        if config.use_latent and config.decoder_type == "bilinear":
+            self.decoder = BilinearRewardDecoder(config.embedding_dim, config.latent_dim, config.hidden_dim)
+        else:
+            decoder_in = config.embedding_dim + (config.latent_dim if config.use_latent else 0)
+            # A scalar reward trained on differences (Bradley-Terry) has no use for a bias, which would never learn.
+            self.decoder = _mlp(decoder_in, config.hidden_dim, config.head_outputs, out_bias=not config.scalar_head)
         # LLM hidden states share a large common offset; the heads see them standardized per dimension with
         # statistics fitted once on the training texts (`fit_embedding_statistics`) and saved with the heads.
         self.register_buffer("embedding_mean", torch.zeros(config.embedding_dim))
@@ -307,7 +354,7 @@ class VPLRewardModel(PreTrainedModel):
         self.embedding_scale.copy_(embeddings.std(0).clamp_min(1e-3) if len(embeddings) > 1 else torch.ones_like(self.embedding_scale))
 
     def _standardize(self, embeddings: torch.Tensor) -> torch.Tensor:
-        dtype = self.decoder[0].weight.dtype
+        dtype = next(self.decoder.parameters()).dtype
         return ((embeddings.float() - self.embedding_mean.float()) / self.embedding_scale.float()).to(dtype)
 
     # ----- latent -----------------------------------------------------------------------------------------
@@ -376,8 +423,13 @@ class VPLRewardModel(PreTrainedModel):
                     "the number of sequences must be a multiple of the number of users."
                 )
             output.latent = latent
-            features = torch.cat([embeddings, latent.repeat(embeddings.shape[0] // latent.shape[0], 1)], dim=-1)
-        output.head = self.decoder(features)
+            latent = latent.repeat(embeddings.shape[0] // latent.shape[0], 1)
+            if self.config.decoder_type == "bilinear":
+                output.head = self.decoder(embeddings, latent)
+            else:
+                features = torch.cat([embeddings, latent], dim=-1)
+        if output.head is None:
+            output.head = self.decoder(features)
         output.logits = head_to_reward(output.head, self.config.reward_type).unsqueeze(-1)
         return output
 
@@ -463,8 +515,8 @@ class VPLRewardModel(PreTrainedModel):
         """Load the heads and adapter saved by `save_pretrained`, with a clear error on any mismatch."""
         saved = {_current_key(key): value for key, value in load_file(str(path)).items()}
         expected = self.trainable_state_dict()
-        last_bias = f"decoder.{len(self.decoder) - 1}.bias"
-        if last_bias not in expected:
+        last_bias = f"decoder.{len(self.decoder) - 1}.bias" if isinstance(self.decoder, nn.Sequential) else None
+        if last_bias and last_bias not in expected:
             saved.pop(last_bias, None)  # saved before scalar heads dropped their (never trained) bias
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))

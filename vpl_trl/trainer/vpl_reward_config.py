@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import RewardConfig
 
-from ..models.configuration_vpl import EMBEDDING_MODES, POOLINGS, REWARD_TYPES
+from ..models.configuration_vpl import DECODER_TYPES, EMBEDDING_MODES, ENCODER_TYPES, POOLINGS, REWARD_TYPES
 
 
 @dataclass
@@ -27,11 +27,15 @@ class VPLRewardConfig(RewardConfig):
     kl_anneal_steps (`int`, default 10000): the ramp length (`linear`) or the period (`cyclical`).
     kl_anneal_baseline (`float`, default 0.1): the annealed weight starts at `baseline * kl_weight`.
     num_context (`str`, default `"8"`): context pairs per example, fixed (`"8"`) or a range (`"2-8"`).
+    train_context_draws (`int`, default 1): copies of each training pair, each with its own context draw: more
+        contexts per user for the encoder to learn from, as the reference's duplicates.
     embedding_mode (`str`, *optional*): `frozen` precomputes every embedding once and trains only the encoder and
         decoder (the fast path on CPU, chosen explicitly); `full` fine-tunes the backbone with them, and `lora`
         trains a LoRA adapter of the backbone (the trainer's `peft_config`, else the model's `lora_*` settings).
         Default, as in `trl.RewardTrainer`: `lora` when the trainer is given a `peft_config`, else `full`.
     pooling (`str`, default `"last"`): `last` non-pad token or `mean` of the last hidden layer.
+    encoder_type (`str`, default `"attention"`), decoder_type (`str`, default `"mlp"`): the VPL model's context
+        encoder and reward decoder (`VPLConfig`); `difference` and `bilinear` suit many users with few pairs each.
     num_atoms (`int`, default 10), entropy_coeff (`float`, default 0.1): the categorical head.
     embedding_batch_size (`int`, default 16): batch size of embedding precomputation.
     embedding_cache_dir (`str`, optional): where embeddings are cached (default: the vpl-trl cache).
@@ -51,6 +55,10 @@ class VPLRewardConfig(RewardConfig):
     kl_anneal_steps: int = field(default=10000, metadata={"help": "Ramp length (linear) or period (cyclical)."})
     kl_anneal_baseline: float = field(default=0.1, metadata={"help": "Annealing starts at baseline * kl_weight."})
     num_context: str = field(default="8", metadata={"help": "Context pairs per example: '8' or a range '2-8'."})
+    train_context_draws: int = field(
+        default=1, metadata={"help": "Copies of each training pair, each with its own draw of context pairs (the "
+                                     "reference's duplicates with resampled contexts)."}
+    )
     embedding_mode: str | None = field(
         default=None,
         metadata={"help": "frozen (precomputed embeddings, heads trained), full (backbone fine-tuned) or lora (a "
@@ -58,6 +66,14 @@ class VPLRewardConfig(RewardConfig):
                   "choices": list(EMBEDDING_MODES)},
     )
     pooling: str = field(default="last", metadata={"help": "last or mean.", "choices": list(POOLINGS)})
+    encoder_type: str = field(
+        default="attention", metadata={"help": "Context encoder: attention (the reference) or difference.",
+                                       "choices": list(ENCODER_TYPES)}
+    )
+    decoder_type: str = field(
+        default="mlp", metadata={"help": "Reward decoder: mlp on [e, z] (the reference) or bilinear <MLP(e), Wz>.",
+                                 "choices": list(DECODER_TYPES)}
+    )
     num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
     entropy_coeff: float = field(default=0.1, metadata={"help": "Entropy bonus of the categorical head."})
     embedding_batch_size: int = field(default=16, metadata={"help": "Batch size of embedding precomputation."})
@@ -89,6 +105,8 @@ class VPLRewardConfig(RewardConfig):
             "num_atoms": self.num_atoms,
             "embedding_mode": mode,
             "pooling": self.pooling,
+            "encoder_type": self.encoder_type,
+            "decoder_type": self.decoder_type,
         }
         return kwargs if peft_config is None else {**kwargs, "peft_config": peft_config}
 
@@ -101,3 +119,5 @@ class VPLRewardConfig(RewardConfig):
         parse_num_context(self.num_context)  # fail early on a malformed value
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}.")
+        if self.train_context_draws < 1:
+            raise ValueError(f"train_context_draws must be >= 1, got {self.train_context_draws}.")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
@@ -302,7 +302,13 @@ class VPLRewardTrainer(RewardTrainer):
         _check_users(dataset, dataset_name)
         pool = None if dataset is self._context_pool else self._context_pool
         with args.main_process_first(desc=f"drawing the {dataset_name} contexts"):
-            dataset = attach_contexts(dataset, args.num_context, args.seed, pool=pool, name=dataset_name)
+            if pool is None and args.train_context_draws > 1:  # the training set: one copy of it per draw
+                dataset = concatenate_datasets([
+                    attach_contexts(dataset, args.num_context, args.seed, name=dataset_name + (f"-draw{d}" if d else ""))
+                    for d in range(args.train_context_draws)
+                ])
+            else:
+                dataset = attach_contexts(dataset, args.num_context, args.seed, pool=pool, name=dataset_name)
             dataset = dataset.map(
                 _render_context, fn_kwargs={"tokenizer": processing_class}, desc=f"Rendering {dataset_name} contexts"
             )

@@ -1,0 +1,449 @@
+"""Many users and new users: VPL beside Bradley-Terry, DPL, a LoRe-style low-rank reward and the ground-truth
+oracle on the simulated population (`python -m vpl_trl.data population`), all on frozen SmolLM2 embeddings.
+
+    python benchmarks/population.py --output_dir DIR [--results benchmarks/results/population.md]
+        [--attributes length,structure,...] [--temperature T] [--pairs_per_user N] [--seed S]
+
+It builds the data set (its defaults unless told otherwise), trains VPL with `recipes/configs/population.yaml`,
+Bradley-Terry and both DPL heads with the same settings and number of updates, the oracle (VPL's decoder given
+the true weights) and LoRe (basis and training users' weights; a new user's weights fitted from their pairs),
+then evaluates on the NEW users (never seen in training), against their true preference:
+
+- accuracy against K = 1, 2, 4, 8, 16, 32 of each new user's own context pairs (VPL and LoRe; `--draws` random
+  draws of K pairs per user), beside the methods that take no context and the oracle, and the share of the
+  Bradley-Terry-to-oracle gap that VPL closes (`gap_closed`);
+- per-user accuracy at K=16, with the mean over the worst 10% of users;
+- how well the posterior mean of `z` predicts the true weights (ridge regression fitted on the training users,
+  R^2 on the new ones);
+- active against random queries (1, 2, 4, 8, 16 answered pairs chosen from the user's context);
+- the time to serve one new user: LoRe's fit against VPL's single encoder pass.
+
+Writes `DIR/summary.json` (`{"new_users": {"label_agreement", "oracle", "btl", "vpl": {K: A}, "lore": {K: A},
+"gap_closed": {K: F}, "worst_decile": {"btl", "vpl"}, "z_r2", "active": {"active": {N: A}, "random": {N: A}}},
+"seconds"}` and more), the results file and its PNGs (accuracy against K, per-user accuracies, active queries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from datasets import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vpl_trl import VPLRewardConfig, VPLRewardTrainer  # noqa: E402
+from vpl_trl.active_queries import simulate_new_user_queries  # noqa: E402
+from vpl_trl.baselines import PreferencePairs, fit_low_rank_reward, fit_oracle_reward  # noqa: E402
+from vpl_trl.data.context import attach_contexts  # noqa: E402
+from vpl_trl.data.format import load_preference_splits  # noqa: E402
+from vpl_trl.data.population import Population, PopulationConfig, build_population, parse_attributes  # noqa: E402
+from vpl_trl.diagnostics import latent_weight_r2  # noqa: E402
+from vpl_trl.embedded_model import DEFAULT_MODEL  # noqa: E402
+from vpl_trl.embeddings import render_text  # noqa: E402
+from vpl_trl.evaluation import limit_contexts, predict, true_correct, worst_fraction_mean  # noqa: E402
+
+CONFIG = ROOT / "recipes" / "configs" / "population.yaml"
+K_VALUES = (1, 2, 4, 8, 16, 32)
+QUERY_COUNTS = (1, 2, 4, 8, 16)
+SERVE_K = 16  # the K of the per-user accuracies, z's R^2 and the serving times
+MODELS = {"vpl": "vae", "btl": "base", "dpl_mean_and_variance": "mean_and_variance", "dpl_categorical": "categorical"}
+
+
+def reward_config(model_type: str, output_dir: Path) -> VPLRewardConfig:
+    """`population.yaml` for `model_type`. Baselines see each training pair as many times as VPL does (VPL sees it
+    once per context draw), so every model gets the same number of updates."""
+    settings = {k: v for k, v in yaml.safe_load(CONFIG.read_text()).items() if k != "dataset"}
+    if model_type != "vae":
+        settings["num_train_epochs"] = settings["num_train_epochs"] * settings.pop("train_context_draws", 1)
+    return VPLRewardConfig(output_dir=str(output_dir), model_type=model_type, seed=0, **settings)
+
+
+def train_models(train: Dataset, output_dir: Path) -> tuple[dict[str, VPLRewardTrainer], dict[str, float]]:
+    trainers, seconds = {}, {}
+    for name, model_type in MODELS.items():
+        start = time.perf_counter()
+        trainer = VPLRewardTrainer(model=DEFAULT_MODEL, args=reward_config(model_type, output_dir / name),
+                                   train_dataset=train)
+        trainer.train()
+        trainer.save_model(str(output_dir / name))
+        trainers[name], seconds[name] = trainer, time.perf_counter() - start
+        print(f"trained {name} in {seconds[name]:.0f} s")
+    return trainers, seconds
+
+
+class PoolEmbeddings:
+    """The response pool's standardized frozen embeddings (from the VPL trainer's table and cache), by pool id."""
+
+    def __init__(self, trainer: VPLRewardTrainer, rows: list[dict[str, Any]]):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        texts = {(r["prompt"], r["response"]): render_text(trainer.processing_class, r["prompt"], r["response"])
+                 for r in rows}
+        table = trainer.embedding_table
+        table.add(list(texts.values()), desc="Embedding the response pool")
+        keys = list(texts)
+        with torch.no_grad():
+            raw = table.tensor[torch.tensor([table.index[texts[k]] for k in keys])]
+            self.matrix = model._standardize(raw).float()
+        self.row = {key: i for i, key in enumerate(keys)}
+
+    def pairs(self, rows: list[dict[str, Any]], users: dict[str, int] | None = None) -> PreferencePairs:
+        """Rows' pairs (`prompt`, `chosen`, `rejected` as in the data set) as rows of `matrix`."""
+        return PreferencePairs(
+            [self.row[(r["prompt"], r["chosen"])] for r in rows],
+            [self.row[(r["prompt"], r["rejected"])] for r in rows],
+            [users[r["user_id"]] if users else 0 for r in rows],
+        )
+
+
+def dataset_rows(dataset: Dataset) -> list[dict[str, Any]]:
+    return dataset.to_list()
+
+
+def accuracies(margins: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy against the true preference and the labels, and each user's accuracy against the truth."""
+    truth = true_correct(margins, {"true_margin": [r["true_margin"] for r in rows]})
+    users = np.array([r["user_id"] for r in rows])
+    per_user = {str(u): float(truth[users == u].mean()) for u in sorted(set(users.tolist()))}
+    return {"true": float(truth.mean()), "labels": float((margins > 0).mean()), "per_user": per_user}
+
+
+def model_margins(trainer: VPLRewardTrainer, dataset: Dataset, name: str) -> np.ndarray:
+    predictions = predict(trainer, dataset, name)
+    return np.asarray(predictions["reward_chosen"]) - np.asarray(predictions["reward_rejected"])
+
+
+def lore_margins(lore, embeddings: PoolEmbeddings, rows: list[dict[str, Any]]) -> tuple[np.ndarray, list[float]]:
+    """Each new user's LoRe weights fitted from the pairs of their (limited) context; margins on their rows and
+    the seconds each fit took."""
+    margins, fit_seconds = np.zeros(len(rows)), []
+    by_user: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_user.setdefault(r["user_id"], []).append(i)
+    for indices in by_user.values():
+        context = embeddings.pairs(rows[indices[0]]["context"])
+        start = time.perf_counter()
+        weights = lore.fit_user(embeddings.matrix[context.chosen], embeddings.matrix[context.rejected])
+        fit_seconds.append(time.perf_counter() - start)
+        pairs = embeddings.pairs([rows[i] for i in indices])
+        with torch.no_grad():
+            margins[indices] = (lore(embeddings.matrix[pairs.chosen], weights)
+                                - lore(embeddings.matrix[pairs.rejected], weights)).numpy()
+    return margins, fit_seconds
+
+
+def vpl_serving_seconds(trainer: VPLRewardTrainer, embeddings: PoolEmbeddings, rows: list[dict[str, Any]]) -> list[float]:
+    """Seconds of one encoder pass per new user over SERVE_K context pairs (embeddings given, as for LoRe)."""
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    table = trainer.embedding_table
+    seconds = []
+    for user_rows in _first_row_per_user(rows):
+        context = user_rows["context"][:SERVE_K]
+        texts = [[render_text(trainer.processing_class, c["prompt"], c[k]) for c in context] for k in ("chosen", "rejected")]
+        chosen, rejected = (table.tensor[torch.tensor([table.index[t] for t in ts])][None] for ts in texts)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.encode_context(chosen, rejected)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _first_row_per_user(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return list({r["user_id"]: r for r in reversed(rows)}.values())[::-1]
+
+
+def latent_means(trainer: VPLRewardTrainer, dataset: Dataset, name: str) -> tuple[list[str], np.ndarray]:
+    """Each user's posterior mean of z, from the first row of each user in `dataset` (with its context)."""
+    first = _first_row_per_user(dataset_rows(dataset))
+    predictions = trainer.predict_preferences(Dataset.from_list(first), name=name)
+    return [r["user_id"] for r in first], np.asarray(predictions["latent_mean"])
+
+
+def z_r2(trainer: VPLRewardTrainer, splits, new_limited: Dataset, population: Population) -> float:
+    """R^2 of the true weights from z: ridge fitted on the training users' z (SERVE_K of their training pairs),
+    scored on the new users'."""
+    one_per_user = Dataset.from_list(_first_row_per_user(dataset_rows(splits["test"])))
+    if "context" in one_per_user.column_names:
+        one_per_user = one_per_user.remove_columns("context")
+    with_context = attach_contexts(one_per_user, SERVE_K, 0, pool=splits["train"], name="z-r2-train")
+    train_users, train_z = latent_means(trainer, with_context, "z-r2-train")
+    new_users, new_z = latent_means(trainer, new_limited, f"z-r2-new-k{SERVE_K}")
+    weights = lambda users: np.stack([population.weights(u) for u in users])  # noqa: E731
+    return latent_weight_r2(train_z, weights(train_users), new_z, weights(new_users))
+
+
+def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, draws: int) -> dict[str, Any]:
+    new = splits["new_users"]
+    rows = dataset_rows(new)
+    result: dict[str, Any] = {"users": len({r["user_id"] for r in rows}), "pairs": len(rows)}
+    truth_rows = [r["true_margin"] for r in rows]
+    result["label_agreement"] = float(np.mean([t > 0 for t in truth_rows if t != 0]))
+
+    without_context = new.remove_columns("context")
+    flat = {}
+    for name, trainer in trainers.items():
+        if name != "vpl":
+            flat[name] = accuracies(model_margins(trainer, without_context, f"new-{name}"), rows)
+    pairs = embeddings.pairs(rows)
+    weights = torch.tensor(np.stack([population.weights(r["user_id"]) for r in rows]), dtype=torch.float32)
+    with torch.no_grad():
+        oracle_margins = (oracle(embeddings.matrix[pairs.chosen], weights)
+                          - oracle(embeddings.matrix[pairs.rejected], weights)).numpy()
+    flat["oracle"] = accuracies(oracle_margins, rows)
+
+    curves: dict[str, dict[int, list[dict]]] = {"vpl": {}, "lore": {}}
+    lore_seconds: list[float] = []
+    for k in K_VALUES:
+        for draw in range(1 if k >= max(K_VALUES) else draws):
+            limited = limit_contexts(new, k, seed=draw)
+            limited_rows = dataset_rows(limited)
+            curves["vpl"].setdefault(k, []).append(accuracies(model_margins(trainers["vpl"], limited, f"new-k{k}-d{draw}"), rows))
+            margins, seconds = lore_margins(lore, embeddings, limited_rows)
+            curves["lore"].setdefault(k, []).append(accuracies(margins, rows))
+            if k == SERVE_K:
+                lore_seconds += seconds
+    for name in ("vpl", "lore"):
+        result[name] = {str(k): float(np.mean([d["true"] for d in runs])) for k, runs in curves[name].items()}
+        result[f"{name}_draw_spread"] = {str(k): float(np.std([d["true"] for d in runs])) for k, runs in curves[name].items()}
+        result[f"{name}_labels"] = {str(k): float(np.mean([d["labels"] for d in runs])) for k, runs in curves[name].items()}
+    for name, acc in flat.items():
+        result[name] = acc["true"]
+        result[f"{name}_labels"] = acc["labels"]
+    gap = result["oracle"] - result["btl"]
+    result["gap_closed"] = {k: (a - result["btl"]) / gap if gap > 0 else None for k, a in result["vpl"].items()}
+
+    per_user = {name: _mean_per_user(curves[name][SERVE_K]) for name in ("vpl", "lore")}
+    per_user.update({name: flat[name]["per_user"] for name in ("btl", "oracle")})
+    result["per_user_accuracy"] = per_user
+    result["worst_decile"] = {name: worst_fraction_mean(list(values.values())) for name, values in per_user.items()}
+
+    limited = limit_contexts(new, SERVE_K, seed=0)
+    result["z_r2"] = z_r2(trainers["vpl"], splits, limited, population)
+    vpl_seconds = vpl_serving_seconds(trainers["vpl"], embeddings, rows)
+    result["serve_seconds_per_user"] = {"vpl": float(np.median(vpl_seconds)), "lore": float(np.median(lore_seconds))}
+
+    active = simulate_new_user_queries(trainers["vpl"], new, num_queries=max(QUERY_COUNTS), seed=0)
+    result["active"] = {s: {str(n): float(np.mean(active[s]["accuracy"][n])) for n in (0, *QUERY_COUNTS)}
+                        for s in ("active", "random")}
+    result["active_raw"] = {s: active[s]["accuracy"] for s in ("active", "random")}
+    return result
+
+
+def _mean_per_user(runs: list[dict]) -> dict[str, float]:
+    users = runs[0]["per_user"]
+    return {u: float(np.mean([run["per_user"][u] for run in runs])) for u in users}
+
+
+# ----- plots and the results file -------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_k(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ks = [int(k) for k in result["vpl"]]
+    for name, label, color in (("vpl", "VPL", "tab:blue"), ("lore", "LoRe-style", "tab:orange")):
+        means = np.array(list(result[name].values()))
+        spread = np.array(list(result[f"{name}_draw_spread"].values()))
+        ax.errorbar(ks, 100 * means, yerr=100 * spread, marker="o", capsize=3, label=label, color=color)
+    for name, label, style in (("oracle", "oracle (true weights)", "k--"), ("btl", "Bradley-Terry", "r:"),
+                               ("dpl_mean_and_variance", "DPL mean-variance", "g-."),
+                               ("dpl_categorical", "DPL categorical", "m-.")):
+        ax.axhline(100 * result[name], linestyle=style[1:], color=style[0], label=label, linewidth=1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K: the new user's context pairs")
+    ax.set_ylabel("accuracy against the true preference (%)")
+    ax.set_title(f"{result['users']} new users, {result['pairs']} held-out pairs")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_user(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bins = np.linspace(0, 1, 21)
+    for name, label, color in (("btl", "Bradley-Terry", "tab:red"), ("lore", f"LoRe-style, K={SERVE_K}", "tab:orange"),
+                               ("vpl", f"VPL, K={SERVE_K}", "tab:blue"), ("oracle", "oracle", "black")):
+        values = list(result["per_user_accuracy"][name].values())
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.6, color=color,
+                label=f"{label} (worst 10%: {100 * result['worst_decile'][name]:.0f}%)")
+    ax.set_xlabel("a new user's accuracy against their true preference")
+    ax.set_ylabel("users")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_active(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy, color in (("active", "tab:blue"), ("random", "tab:gray")):
+        rows = np.asarray(result["active_raw"][strategy])  # (queries + 1, users)
+        n = np.arange(len(rows))
+        ax.errorbar(n, 100 * rows.mean(1), yerr=100 * rows.std(1) / np.sqrt(rows.shape[1]), marker="o", capsize=3,
+                    label=strategy, color=color)
+    ax.set_xlabel("pairs answered by the new user")
+    ax.set_ylabel("accuracy against the true preference (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def render_results(summary: dict[str, Any], stem: str) -> str:
+    r = summary["new_users"]
+    data = summary["data"]
+    ks = list(r["vpl"])
+    lines = [
+        "# The simulated population: many users, new users", "",
+        f"`python benchmarks/population.py --output_dir DIR`, {summary['seconds'] / 60:.1f} min on "
+        f"{summary['machine']}. Data: {data['train_users']} training users x {data['pairs_per_user']} pairs, "
+        f"{data['new_users']} new users with {data['context_pairs']} context pairs and {data['new_test_pairs']} test "
+        f"pairs each; attributes {', '.join(data['attributes'])}; temperature {data['temperature']}; seed {data['seed']}. "
+        "Frozen SmolLM2-135M embeddings (mean pooling), embedded once. Models: "
+        f"VPL (`recipes/configs/population.yaml`: difference encoder, bilinear decoder), Bradley-Terry and DPL with the "
+        f"same settings and updates, the oracle (the VPL decoder given the true weights), LoRe-style (rank "
+        f"{summary['lore_rank']}). Every accuracy is on the new users' held-out pairs against their true preference "
+        "unless it says labels.", "",
+        "## New users against K", "",
+        "| model | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+        "| VPL | " + " | ".join(pct(r["vpl"][k]) for k in ks) + " |",
+        "| LoRe-style | " + " | ".join(pct(r["lore"][k]) for k in ks) + " |",
+        "| gap closed by VPL | " + " | ".join("-" if r["gap_closed"][k] is None else f"{100 * r['gap_closed'][k]:.0f}%"
+                                              for k in ks) + " |",
+        "| VPL against labels | " + " | ".join(pct(r["vpl_labels"][k]) for k in ks) + " |",
+        "", f"Mean over {summary['draws']} random draws of K of each user's context pairs (one at K=32). "
+        "Gap closed: (VPL - Bradley-Terry) / (oracle - Bradley-Terry).", "",
+        "| model (no context) | true preference | labels |", "|---|---|---|",
+        f"| label agreement (the labels themselves) | {pct(r['label_agreement'])} | - |",
+        *(f"| {name} | {pct(r[key])} | {pct(r[key + '_labels'])} |" for name, key in (
+            ("oracle: VPL decoder with the true weights", "oracle"), ("Bradley-Terry", "btl"),
+            ("DPL mean-and-variance", "dpl_mean_and_variance"), ("DPL categorical", "dpl_categorical"))),
+        "", f"![accuracy against K]({stem}_accuracy_vs_k.png)", "",
+        f"## Per-user accuracy (K={SERVE_K})", "",
+        "| model | mean | worst 10% of users |", "|---|---|---|",
+        *(f"| {name} | {pct(np.mean(list(r['per_user_accuracy'][key].values())))} | {pct(r['worst_decile'][key])} |"
+          for name, key in (("VPL", "vpl"), ("LoRe-style", "lore"), ("Bradley-Terry", "btl"), ("oracle", "oracle"))),
+        "", f"![per-user accuracy]({stem}_per_user.png)", "",
+        "## What z knows, and serving a new user", "",
+        f"- R^2 of the true weights from z (posterior mean, K={SERVE_K}; ridge fitted on the training users, scored on "
+        f"the new users): {r['z_r2']:.3f}.",
+        f"- Serving one new user from {SERVE_K} embedded pairs: VPL's encoder pass "
+        f"{1000 * r['serve_seconds_per_user']['vpl']:.2f} ms, LoRe's weight fit {1000 * r['serve_seconds_per_user']['lore']:.1f} ms "
+        "(medians over users).", "",
+        "## Active queries", "",
+        "| pairs answered | " + " | ".join(r["active"]["active"]) + " |",
+        "|---|" + "---|" * len(r["active"]["active"]),
+        *(f"| {s} | " + " | ".join(pct(v) for v in r["active"][s].values()) + " |" for s in ("active", "random")),
+        "", "Each new user's candidates are their context pairs; active picks the pair with the most expected "
+        "information about z (BALD), random picks at random; the user answers with their (noisy) label.", "",
+        f"![active queries]({stem}_active.png)", "",
+        "## Training", "",
+        "| model | seconds |", "|---|---|",
+        *(f"| {name} | {s:.0f} |" for name, s in summary["train_seconds"].items()),
+    ]
+    if summary.get("note"):
+        lines += ["", summary["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    defaults = PopulationConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", "--output-dir", required=True)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "population.md"))
+    parser.add_argument("--attributes", "--attributes", default=None, help="comma-separated (default: the data set's)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--pairs_per_user", "--pairs-per-user", type=int, default=defaults.pairs_per_user)
+    parser.add_argument("--train_users", "--train-users", type=int, default=defaults.train_users)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--lore_rank", "--lore-rank", type=int, default=8)
+    parser.add_argument("--draws", type=int, default=3, help="random context draws per K")
+    parser.add_argument("--note", default=None, help="a line added to the results file")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    torch.manual_seed(args.seed)
+
+    config = dataclasses.replace(defaults, attributes=parse_attributes(args.attributes), temperature=args.temperature,
+                                 pairs_per_user=args.pairs_per_user, train_users=args.train_users, seed=args.seed)
+    build_population(output_dir / "data", config)
+    splits = load_preference_splits(output_dir / "data")
+    population = Population.load(output_dir / "data" / "users.json")
+
+    trainers, train_seconds = train_models(splits["train"], output_dir / "models")
+    from vpl_trl.data.population import dialogue_prompt, load_pool
+
+    pool_rows = [{"prompt": dialogue_prompt(r["prompt"]), "response": " " + r["response"]} for r in load_pool()]
+    embeddings = PoolEmbeddings(trainers["vpl"], pool_rows)
+    train_rows = dataset_rows(splits["train"])
+    user_index = {u: i for i, u in enumerate(sorted({r["user_id"] for r in train_rows}))}
+    train_pairs = embeddings.pairs(train_rows, user_index)
+    true_weights = torch.tensor(np.stack([population.weights(u) for u in user_index]), dtype=torch.float32)
+    vpl_config = trainers["vpl"].accelerator.unwrap_model(trainers["vpl"].model).config
+    t = time.perf_counter()
+    oracle = fit_oracle_reward(embeddings.matrix, train_pairs, true_weights, hidden_dim=vpl_config.hidden_dim,
+                               decoder_type=vpl_config.decoder_type, seed=args.seed)
+    train_seconds["oracle"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lore = fit_low_rank_reward(embeddings.matrix, train_pairs, len(user_index), rank=args.lore_rank, seed=args.seed)
+    train_seconds["lore"] = time.perf_counter() - t
+
+    new_users = evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, args.draws)
+    summary = {
+        "new_users": new_users,
+        "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "lore_rank": args.lore_rank,
+        "draws": args.draws,
+        "train_seconds": train_seconds,
+        "machine": f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+        "note": args.note,
+        "seconds": time.perf_counter() - start,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_vs_k(new_users, results.parent / f"{results.stem}_accuracy_vs_k.png")
+    plot_per_user(new_users, results.parent / f"{results.stem}_per_user.png")
+    plot_active(new_users, results.parent / f"{results.stem}_active.png")
+    summary["seconds"] = time.perf_counter() - start
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    results.write_text(render_results(summary, results.stem))
+    print(f"new users, K=16: VPL {pct(new_users['vpl']['16'])}, LoRe {pct(new_users['lore']['16'])}, "
+          f"Bradley-Terry {pct(new_users['btl'])}, oracle {pct(new_users['oracle'])}; "
+          f"{summary['seconds'] / 60:.1f} min; results in {results}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
