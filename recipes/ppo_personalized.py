@@ -48,7 +48,8 @@ from trl import GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.distributed import cpu_launch_defaults, full_weights_for_generation, replicated_loading
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-from vpl_trl.generation import GenerationSettings, PersonalizedRewardScorer
+from vpl_trl.generation import GenerationSettings
+from vpl_trl.scoring import PersonalizedRewardScorer
 from vpl_trl.policy import (
     BestOfNDistillationTrainer,
     ConditionedGRPOTrainer,
