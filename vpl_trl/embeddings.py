@@ -18,16 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from trl.data_utils import is_conversational
 
-from .distributed import is_main_process
 from .embedded_model import cache_dir
 from .precision import inference_autocast, inference_bf16
 
 
 def is_chat(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+    """Whether a prompt or response is chat messages (TRL's conversational format) rather than text; an empty
+    message list counts as chat."""
+    return value == [] or is_conversational({"prompt": value})
 
 
 def render_text(tokenizer, prompt: Any, response: Any) -> str:
@@ -151,7 +154,7 @@ def compute_embeddings(
         model.eval()
         device = next(model.backbone.parameters()).device
         start, pending_texts, pending_vectors = time.perf_counter(), [], []
-        report = is_main_process()  # in a multi-process run, progress comes from the main process only
+        report = PartialState().is_main_process  # in a multi-process run, progress comes from the main process only
         bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=len(todo) < batch_size or not report)
         for begin in range(0, len(todo), batch_size):
             batch = todo[begin : begin + batch_size]

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .distributed import is_main_process
 from .embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from .embeddings import is_chat
 from .precision import inference_autocast
@@ -88,14 +88,13 @@ def generate_candidates(
     inputs = [policy_input_text(tokenizer, p) for p in prompts for _ in range(n)]
     outputs: list[str] = []
     device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()  # no dropout while sampling; a model in training is put back in training mode after
-    bar = tqdm(total=len(inputs), desc=progress, unit="seq", disable=progress is None or not is_main_process())
+    bar = tqdm(total=len(inputs), desc=progress, unit="seq", disable=progress is None or not PartialState().is_main_process)
     try:
         for begin in range(0, len(inputs), settings.batch_size):
             batch = tokenizer(
-                inputs[begin : begin + settings.batch_size], return_tensors="pt", padding=True,
+                inputs[begin : begin + settings.batch_size], return_tensors="pt", padding=True, padding_side="left",
                 add_special_tokens=not templated,
             ).to(device)
             batch_latents = row_latents
@@ -117,7 +116,6 @@ def generate_candidates(
             outputs += [t.strip() if templated else t for t in texts]
             bar.update(len(texts))
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
         bar.close()
     return [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
