@@ -21,10 +21,13 @@ import torch
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers.utils import logging
 from trl.data_utils import is_conversational
 
 from .embedded_model import cache_dir
 from .precision import inference_autocast, inference_bf16
+
+logger = logging.get_logger(__name__)
 
 
 def is_chat(value: Any) -> bool:
@@ -170,7 +173,7 @@ def compute_embeddings(
         bar.close()
         elapsed = time.perf_counter() - start
         if len(todo) >= batch_size and report:
-            print(f"{desc}: {len(todo)} sequences in {elapsed:.1f} s ({len(todo) / elapsed:.1f} seq/s)", flush=True)
+            logger.info(f"{desc}: {len(todo)} sequences in {elapsed:.1f} s ({len(todo) / elapsed:.1f} seq/s)")
         model.train(was_training)
     return torch.stack([cache.get(t) for t in texts]) if texts else torch.empty(0)
 

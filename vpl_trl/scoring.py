@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,9 +190,7 @@ class PersonalizedRewardScorer:
         return rewards
 
     def _embed(self, texts: list[str], use_adapter: bool, cache: EmbeddingCache) -> torch.Tensor:
-        # compute_embeddings reports its throughput on stdout: keep stdout for the caller's results
-        with contextlib.redirect_stdout(sys.stderr):
-            return compute_embeddings(
-                self.model, self.tokenizer, texts, cache, self.batch_size, self.max_length,
-                use_adapter=use_adapter, desc="Scoring texts" if use_adapter else "Embedding context pairs",
-            )
+        return compute_embeddings(
+            self.model, self.tokenizer, texts, cache, self.batch_size, self.max_length,
+            use_adapter=use_adapter, desc="Scoring texts" if use_adapter else "Embedding context pairs",
+        )

@@ -17,6 +17,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
 PROMPTS = (
     # advice
     "How can I get better sleep?",
@@ -165,7 +169,7 @@ def generate_pool(policy: str | None = None, samples: int = 2, seed: int = 0, ba
         if all(i in done for i in batch):
             continue
         if time_limit is not None and time.perf_counter() - started > time_limit:
-            print(f"time limit reached: {len(done)} of {len(jobs)} answers generated", flush=True)
+            logger.warning(f"time limit reached: {len(done)} of {len(jobs)} answers generated")
             break
         torch.manual_seed(seed * 100_003 + number)
         encoded = tokenizer([jobs[i][4] for i in batch], return_tensors="pt", padding=True, padding_side="left",
