@@ -1,4 +1,5 @@
-"""Personalized best-of-n: the `python -m vpl_trl.sample` CLI and the `vpl_trl.best_of_n`, `vpl_trl.generation` and `vpl_trl.scoring` APIs, on tiny models."""
+"""Personalized best-of-n, on tiny models: the `python -m vpl_trl.sample` CLI and the Python API (`vpl_trl.best_of_n`,
+`vpl_trl.generation`, `vpl_trl.scoring`)."""
 
 from __future__ import annotations
 
@@ -222,7 +223,8 @@ def test_reward_model_loads_from_a_hub_repo_id(tiny_reward_model, context_file, 
     cache = tmp_path / "hub"
     publish_to_hub_cache(tiny_reward_model, "someone/tiny-vpl", cache)
     code = (
-        "import json, sys; from vpl_trl.data.user_files import load_user_context; from vpl_trl.scoring import PersonalizedRewardScorer; "
+        "import json, sys; from vpl_trl.data.user_files import load_user_context; "
+        "from vpl_trl.scoring import PersonalizedRewardScorer; "
         "scorer = PersonalizedRewardScorer.from_pretrained('someone/tiny-vpl'); "
         f"latent = scorer.user_latent(load_user_context({context_file!r})); "
         f"print(json.dumps({{'tokenizer': scorer.tokenizer.name_or_path, 'rewards': scorer.score([{PROMPT!r}] * 2, "

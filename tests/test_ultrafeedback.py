@@ -179,7 +179,7 @@ def test_a_survey_short_of_controversial_pairs_is_a_warning(sources, tmp_path, c
         build("p4", sources, tmp_path / "out", survey_size=100)
     warnings = [r for r in caplog.records if r.name == "vpl_trl.data.ultrafeedback" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "controversial training pairs for a survey of 100; the survey pools hold all of them" in warnings[0].getMessage()
+    assert "pairs for a survey of 100; the survey pools hold all of them" in warnings[0].getMessage()
 
 
 def _labelled(pair_id: int, winners: dict[str, int]) -> LabelledPair:

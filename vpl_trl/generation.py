@@ -85,12 +85,15 @@ def generate_candidates(
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     templated = bool(getattr(tokenizer, "chat_template", None))
+    # each prompt n times, batched by sequences (a batch may hold part of a prompt's n): not `num_return_sequences`,
+    # which would batch whole prompts and so draw other samples for the same seed
     inputs = [policy_input_text(tokenizer, p) for p in prompts for _ in range(n)]
     outputs: list[str] = []
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout while sampling; a model in training is put back in training mode after
-    bar = tqdm(total=len(inputs), desc=progress, unit="seq", disable=progress is None or not PartialState().is_main_process)
+    show_progress = progress is not None and PartialState().is_main_process
+    bar = tqdm(total=len(inputs), desc=progress, unit="seq", disable=not show_progress)
     try:
         for begin in range(0, len(inputs), settings.batch_size):
             batch = tokenizer(
