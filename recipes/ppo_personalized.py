@@ -48,7 +48,9 @@ from trl import GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.distributed import cpu_launch_defaults, full_weights_for_generation, replicated_loading
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-from vpl_trl.generation import GenerationSettings, PersonalizedRewardScorer
+from vpl_trl.generation import GenerationSettings
+from vpl_trl.logs import show_info_logs
+from vpl_trl.scoring import PersonalizedRewardScorer
 from vpl_trl.policy import (
     BestOfNDistillationTrainer,
     ConditionedGRPOTrainer,
@@ -286,6 +288,7 @@ def run_record(trainer, seconds: float, output_dir: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_start = time.perf_counter()
+    show_info_logs()  # embedding throughput
     parser = TrlParser((ScriptArguments, PersonalizedGRPOConfig, ModelConfig))
     parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     script_args, args, model_args = parser.parse_args_and_config(args=argv)

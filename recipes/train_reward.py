@@ -27,6 +27,7 @@ from vpl_trl.data.registry import load_named_dataset
 from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.evaluation import evaluate_reward_model, format_table
+from vpl_trl.logs import show_info_logs
 
 
 @dataclass
@@ -87,6 +88,7 @@ def model_inputs(model_args: ModelConfig, args: VPLRewardConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    show_info_logs()  # embedding throughput
     parser = TrlParser((ScriptArguments, VPLRewardConfig, ModelConfig))
     parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     script_args, args, model_args = parser.parse_args_and_config(args=argv)

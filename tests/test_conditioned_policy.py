@@ -14,7 +14,8 @@ from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
-from vpl_trl.generation import PersonalizedRewardScorer, policy_input_text
+from vpl_trl.generation import policy_input_text
+from vpl_trl.scoring import PersonalizedRewardScorer
 from vpl_trl.policy import (
     LATENT_TOKEN,
     PolicyConditioning,

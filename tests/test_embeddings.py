@@ -1,5 +1,7 @@
 """Cached, batched, resumable embedding precomputation."""
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,15 @@ def test_interrupted_precomputation_resumes_without_recomputing(model_and_tokeni
     monkeypatch.undo()
     fresh = compute_embeddings(model, tokenizer, texts, EmbeddingCache(None), batch_size=4)
     torch.testing.assert_close(resumed, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_throughput_is_logged_at_info(model_and_tokenizer, caplog):
+    model, tokenizer = model_and_tokenizer
+    texts = [f"Cats are independent pets number {i}." for i in range(8)]
+    with caplog.at_level(logging.INFO, logger="vpl_trl"):
+        compute_embeddings(model, tokenizer, texts, batch_size=4, desc="Embedding test texts")
+    assert re.search(r"Embedding test texts: 8 sequences in [\d.]+ s \([\d.]+ seq/s\)", caplog.text)
+    assert all(record.levelno == logging.INFO for record in caplog.records if record.name.startswith("vpl_trl"))
 
 
 def test_batching_does_not_change_embeddings(model_and_tokenizer):

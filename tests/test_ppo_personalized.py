@@ -11,7 +11,8 @@ import torch
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
-from vpl_trl.generation import PersonalizedRewardScorer, dialogue_messages
+from vpl_trl.generation import dialogue_messages
+from vpl_trl.scoring import PersonalizedRewardScorer
 from vpl_trl.policy import (
     PersonalizedRewardFunction,
     PolicyConditioning,

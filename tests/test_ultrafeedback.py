@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -173,6 +174,14 @@ def test_p4_contexts_identify_their_user(sources, tmp_path):
     assert 0.5 <= stats["train"]["user_blind_accuracy"] < 1
 
 
+def test_a_survey_short_of_controversial_pairs_is_a_warning(sources, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="vpl_trl"):
+        build("p4", sources, tmp_path / "out", survey_size=100)
+    warnings = [r for r in caplog.records if r.name == "vpl_trl.data.ultrafeedback" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "pairs for a survey of 100; the survey pools hold all of them" in warnings[0].getMessage()
+
+
 def _labelled(pair_id: int, winners: dict[str, int]) -> LabelledPair:
     pair = Pair(pair_id, f"q{pair_id}", (f"a{pair_id}", f"b{pair_id}"), ({}, {}))
     return LabelledPair(pair, winners, frozenset())
@@ -210,17 +219,19 @@ def test_splits_are_disjoint_by_pair(sources, tmp_path):
     assert len(ids["train"] | ids["test"]) == stats["kept"]
 
 
-def test_cli_is_deterministic_and_prints_statistics(sources, tmp_path, capsys):
+def test_cli_is_deterministic_and_prints_statistics(sources, tmp_path, capsys, caplog):
     def run(output: str, seed: int) -> dict[str, bytes]:
         main(["uf-p4", "--ultrafeedback", str(sources[0]), "--binarized", str(sources[1]), "--output",
               str(tmp_path / output), "--seed", str(seed), "--num-context", "2", "--num_duplicates", "2"])
         return {name: (tmp_path / output / name).read_bytes()
                 for name in ("train.jsonl", "test.jsonl", "survey_pools.json")}
 
-    first = run("a", 0)
+    with caplog.at_level(logging.WARNING, logger="vpl_trl"):
+        first = run("a", 0)
     out = capsys.readouterr().out
-    assert "skipped 1 pair with no UltraFeedback match" in out
-    assert "warning: only" in out and "best user-blind accuracy" in out
+    assert "skipped 1 pair with no UltraFeedback match" in out and "best user-blind accuracy" in out
+    assert any(r.levelno == logging.WARNING and "controversial training pairs for a survey" in r.getMessage()
+               for r in caplog.records)
     assert "helpfulness" in out.split("train:")[1]
     assert run("b", 0) == first
     assert run("c", 1) != first

@@ -6,6 +6,8 @@
 - ZeRO-3: a backbone loaded under DeepSpeed ZeRO-3 is partitioned across the processes as it is loaded. Every
   process must then run the same forward calls at the same time, and a forward outside the DeepSpeed engine (the
   embedding precomputation, before training starts) needs the parameters gathered: `gathered_parameters`.
+
+Which process this is and sharing work out go through Accelerate (`PartialState`, `gather_object`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 from collections.abc import Iterator
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from .embedded_model import cache_dir
 
@@ -23,18 +27,6 @@ def configure_torch_extensions_dir() -> str:
     """Default `$TORCH_EXTENSIONS_DIR` (where DeepSpeed's one-time op builds go) to `<vpl-trl cache>/torch_extensions`
     when unset; returns the folder in use."""
     return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
-
-
-def world_size() -> int:
-    """The number of processes of this run, from the launcher's environment (1 when not launched distributed)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Whether this process is the main one (global rank 0): prints, progress bars and files come from it only."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
 
 
 def has_accelerator() -> bool:
@@ -48,7 +40,8 @@ def cpu_launch_defaults() -> dict:
     on CPU and silently falls back to one process: `ddp_backend="gloo"` keeps DeepSpeed, on its CPU accelerator.
     Under DDP (`deepspeed_configs/ddp.yaml`), `use_cpu=True` selects Accelerate's multi-CPU mode (gloo).
     """
-    if world_size() <= 1 or has_accelerator():
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))  # read before Accelerate's state exists: it sets it up
+    if launched_processes <= 1 or has_accelerator():
         return {}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return {"ddp_backend": "gloo"}
@@ -108,14 +101,9 @@ def replicated_loading() -> Iterator[None]:
 
 def union_across_processes(items: list[str]) -> list[str]:
     """The sorted union of every process's `items`: the same list on every process."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return sorted(set(items))
-    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, items)
-    return sorted(set().union(*gathered))
+    return sorted(set(gather_object(items)))
 
 
 def barrier() -> None:
-    """Wait for every process (a no-op in a single-process run)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    """Wait for every process (a no-op in a single-process run): Accelerate's `wait_for_everyone`."""
+    PartialState().wait_for_everyone()

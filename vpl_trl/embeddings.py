@@ -18,16 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers.utils import logging
+from trl.data_utils import is_conversational
 
-from .distributed import is_main_process
 from .embedded_model import cache_dir
 from .precision import inference_autocast, inference_bf16
 
+logger = logging.get_logger(__name__)
+
 
 def is_chat(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+    """Whether a prompt or response is chat messages (TRL's conversational format) rather than text; an empty
+    message list counts as chat."""
+    return value == [] or is_conversational({"prompt": value})
 
 
 def render_text(tokenizer, prompt: Any, response: Any) -> str:
@@ -151,7 +157,7 @@ def compute_embeddings(
         model.eval()
         device = next(model.backbone.parameters()).device
         start, pending_texts, pending_vectors = time.perf_counter(), [], []
-        report = is_main_process()  # in a multi-process run, progress comes from the main process only
+        report = PartialState().is_main_process  # in a multi-process run, progress comes from the main process only
         bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=len(todo) < batch_size or not report)
         for begin in range(0, len(todo), batch_size):
             batch = todo[begin : begin + batch_size]
@@ -167,7 +173,7 @@ def compute_embeddings(
         bar.close()
         elapsed = time.perf_counter() - start
         if len(todo) >= batch_size and report:
-            print(f"{desc}: {len(todo)} sequences in {elapsed:.1f} s ({len(todo) / elapsed:.1f} seq/s)", flush=True)
+            logger.info(f"{desc}: {len(todo)} sequences in {elapsed:.1f} s ({len(todo) / elapsed:.1f} seq/s)")
         model.train(was_training)
     return torch.stack([cache.get(t) for t in texts]) if texts else torch.empty(0)
 

@@ -26,19 +26,14 @@ from typing import Any
 from transformers import HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
+from .best_of_n import PersonalizedBestOfN, Ranking
 from .data.format import PreferenceDataError
+from .data.user_files import load_user_context, read_prompts
 from .embedded_model import DEFAULT_MODEL
-from .generation import (
-    GenerationSettings,
-    PersonalizedBestOfN,
-    PersonalizedRewardScorer,
-    Ranking,
-    RewardModelError,
-    load_policy,
-    load_user_context,
-    read_prompts,
-)
+from .generation import GenerationSettings, load_policy
+from .logs import show_info_logs
 from .policy.conditioned_policy import PolicyError, check_reward_fits, load_conditioned_policy, read_policy_config
+from .scoring import PersonalizedRewardScorer, RewardModelError
 
 
 @dataclass
@@ -132,6 +127,7 @@ def run(args: SampleArguments) -> list[Ranking]:
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(SampleArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    show_info_logs()  # embedding throughput, on stderr: stdout holds the rankings
     try:
         with quiet_transformers():
             run(args)

@@ -14,6 +14,7 @@ from .hh_rlhf import build_hh_relabeled
 from .pets import build_pets
 from .population import Population, build_population, true_utility, utility_from_weights
 from .ultrafeedback import build_ultrafeedback, iter_source_rows
+from .user_files import load_user_context, read_prompts
 
 __all__ = [
     "Population",
@@ -24,9 +25,11 @@ __all__ = [
     "build_population",
     "build_ultrafeedback",
     "iter_source_rows",
+    "load_user_context",
     "load_preference_file",
     "load_preference_splits",
     "parse_num_context",
+    "read_prompts",
     "read_jsonl",
     "true_utility",
     "utility_from_weights",

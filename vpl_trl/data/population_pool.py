@@ -17,6 +17,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
 PROMPTS = (
     # advice
     "How can I get better sleep?",
@@ -161,36 +165,32 @@ def generate_pool(policy: str | None = None, samples: int = 2, seed: int = 0, ba
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i][5], jobs[i][2].max_new_tokens, i))
     batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
     started = time.perf_counter()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for number, batch in enumerate(tqdm(batches, desc="Generating the response pool")):
-            if all(i in done for i in batch):
-                continue
-            if time_limit is not None and time.perf_counter() - started > time_limit:
-                print(f"time limit reached: {len(done)} of {len(jobs)} answers generated", flush=True)
-                break
-            torch.manual_seed(seed * 100_003 + number)
-            encoded = tokenizer([jobs[i][4] for i in batch], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
-            with torch.no_grad():
-                generated = model.generate(
-                    **encoded, max_new_tokens=max(jobs[i][2].max_new_tokens for i in batch), do_sample=True,
-                    temperature=temperature, top_p=0.95, repetition_penalty=repetition_penalty,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            start = encoded["input_ids"].shape[1]
-            finished = []
-            for i, tokens in zip(batch, generated[:, start:]):
-                prompt_id, prompt, style, opening, _, _ = jobs[i]
-                text = tokenizer.decode(tokens[: style.max_new_tokens], skip_special_tokens=True)
-                finished.append({"id": i, "prompt_id": prompt_id, "prompt": prompt, "style": style.name,
-                                 "response": trim_to_sentence(opening + text)})
-            done.update((row["id"], row) for row in finished)
-            if partial:
-                with open(partial, "a", encoding="utf-8") as handle:
-                    handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in finished)
-    finally:
-        tokenizer.padding_side = padding_side
+    for number, batch in enumerate(tqdm(batches, desc="Generating the response pool")):
+        if all(i in done for i in batch):
+            continue
+        if time_limit is not None and time.perf_counter() - started > time_limit:
+            logger.warning(f"time limit reached: {len(done)} of {len(jobs)} answers generated")
+            break
+        torch.manual_seed(seed * 100_003 + number)
+        encoded = tokenizer([jobs[i][4] for i in batch], return_tensors="pt", padding=True, padding_side="left",
+                            add_special_tokens=False).to(device)
+        with torch.no_grad():
+            generated = model.generate(
+                **encoded, max_new_tokens=max(jobs[i][2].max_new_tokens for i in batch), do_sample=True,
+                temperature=temperature, top_p=0.95, repetition_penalty=repetition_penalty,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        start = encoded["input_ids"].shape[1]
+        finished = []
+        for i, tokens in zip(batch, generated[:, start:]):
+            prompt_id, prompt, style, opening, _, _ = jobs[i]
+            text = tokenizer.decode(tokens[: style.max_new_tokens], skip_special_tokens=True)
+            finished.append({"id": i, "prompt_id": prompt_id, "prompt": prompt, "style": style.name,
+                             "response": trim_to_sentence(opening + text)})
+        done.update((row["id"], row) for row in finished)
+        if partial:
+            with open(partial, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in finished)
     return [done[i] for i in sorted(done)]
 
 

@@ -36,9 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .context import parse_num_context
 from .format import PreferenceDataError, iter_jsonl, write_jsonl
+
+logger = logging.get_logger(__name__)
 
 ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -356,8 +359,8 @@ def draw_survey(train: Sequence[LabelledPair], size: int, seed: int) -> list[Lab
     """Up to `size` controversial training pairs (seeded), in pair order; warns when fewer exist."""
     controversial = [pair for pair in train if pair.controversial]
     if len(controversial) < size:
-        print(f"warning: only {len(controversial)} controversial training pairs for a survey of {size}; "
-              "the survey pools hold all of them.")
+        logger.warning(f"only {len(controversial)} controversial training pairs for a survey of {size}; "
+                       "the survey pools hold all of them.")
     chosen = random.Random(f"uf-survey-{seed}").sample(controversial, min(size, len(controversial)))
     return sorted(chosen, key=lambda pair: pair.pair.pair_id)
 

@@ -17,7 +17,8 @@ from datasets import Dataset
 
 from ..data.format import PreferenceDataError
 from ..embeddings import is_chat
-from ..generation import completion_text, dialogue_messages
+from ..generation import dialogue_messages
+from ..scoring import completion_text
 from .latent_prompt import LATENT_TOKEN
 from .users import draw_context
 

@@ -21,6 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
+from trl.data_utils import is_conversational
 
 from ..distributed import full_weights_for_generation
 from ..generation import GenerationSettings, generate_candidates
@@ -226,7 +227,7 @@ def _own_keys(rows: Sequence[dict[str, Any]], state: PartialState) -> set[str]:
 def _example(row: dict[str, Any], text: str) -> dict[str, Any]:
     """An SFT example in TRL's prompt-completion format (conversational when the prompt is)."""
     prompt = row["prompt"]
-    completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+    completion = [{"role": "assistant", "content": text}] if is_conversational(row) else text
     example = {"prompt": prompt, "completion": completion}
     if LATENT_COLUMN in row:
         example[LATENT_COLUMN] = row[LATENT_COLUMN]

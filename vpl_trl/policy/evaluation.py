@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generation import GenerationSettings, PersonalizedRewardScorer, generate_candidates
+from ..generation import GenerationSettings, generate_candidates
+from ..scoring import PersonalizedRewardScorer
 
 Matrix = dict[str, dict[str, float]]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..generation import PersonalizedRewardScorer, completion_text
+from ..scoring import PersonalizedRewardScorer, completion_text
 
 
 class PersonalizedRewardFunction:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..data.format import PreferenceDataError, load_preference_splits, validate_example
 from ..data.registry import BUILTIN, builtin_dataset_folder
-from ..generation import load_user_context, read_prompts
+from ..data.user_files import load_user_context, read_prompts
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 

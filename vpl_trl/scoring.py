@@ -1,0 +1,196 @@
+"""Scoring completions with a VPL reward model r(x, z) under users' latents.
+
+- `load_reward_model` loads a saved VPL reward model and its tokenizer, with a one-line reason when it cannot.
+- `PersonalizedRewardScorer` infers (and caches) a user's latent `z` from their labelled pairs and scores
+  (prompt, completion) pairs under it, batched, rendering texts exactly as the reward model was trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .data.format import PreferenceDataError
+from .embedded_model import resolve_model_name_or_path
+from .embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
+from .models import VPLRewardModel, local_model_folder
+
+Pair = Mapping[str, Any]
+Device = str | torch.device | None
+
+
+class RewardModelError(ValueError):
+    """Raised when a reward model cannot be loaded."""
+
+
+def context_digest(context: Sequence[Pair]) -> str:
+    """A stable hash of a user's context pairs (the key of their cached latent)."""
+    return hashlib.sha256(json.dumps(list(context), sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion given as a string or as chat messages (TRL's conversational format)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(message["content"] for message in completion if message.get("role", "assistant") == "assistant")
+
+
+def join_response(prompt: Any, response: str) -> str:
+    """The response as scored after `prompt`: after a plain-text prompt ending in a non-space (`...Assistant:`)
+    a response gets the leading space that `Human:/Assistant:` data (HH-RLHF, Pets) put there."""
+    if isinstance(prompt, str) and prompt and not prompt[-1].isspace() and response and not response[0].isspace():
+        return " " + response
+    return response
+
+
+def load_reward_model(path: str | os.PathLike, device: Device = None) -> tuple[VPLRewardModel, PreTrainedTokenizerBase]:
+    """A saved VPL reward model (eval mode) and its tokenizer, or `RewardModelError` with a one-line reason."""
+    folder = Path(path)
+    if not folder.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
+        raise RewardModelError(f"reward model {path}: no such directory.")
+    if folder.is_dir() and not (folder / "config.json").exists():
+        raise RewardModelError(f"reward model {path}: no config.json; is this a saved VPL reward model?")
+    try:
+        folder = local_model_folder(path)  # a Hub repo id: its cached snapshot, tokenizer files included
+        model = VPLRewardModel.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        where = "" if Path(path).exists() else " (no such directory, and not on the Hugging Face Hub)"
+        raise RewardModelError(f"reward model {path} cannot be loaded{where}: {_one_line(error)}") from error
+    # the tokenizer saved with the reward model, else (a model saved without one) its backbone's
+    tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else resolve_model_name_or_path(
+        model.config.backbone_name_or_path
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model.to(device or default_device()).eval(), tokenizer
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class PersonalizedRewardScorer:
+    """Scores (prompt, completion) pairs with a VPL reward model under users' latents, batched.
+
+    Users' latents are inferred once from their context pairs and cached by user id or, without one, by
+    a hash of the pairs (`latent_computations` counts the encodings done). Context pairs are embedded with
+    the backbone's adapter disabled (cached on disk as in training); scored texts with it.
+    """
+
+    def __init__(
+        self,
+        model: VPLRewardModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 16,
+        max_length: int | None = None,
+    ):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        # by default, truncate where training did (models saved before this setting existed trained at 512)
+        self.max_length = max_length or getattr(model.config, "max_sequence_length", 512)
+        self.batch_size = batch_size
+        self.context_cache = EmbeddingCache(default_embedding_cache_dir(model, model.config.pooling, self.max_length))
+        self._latents: dict[str, tuple[str, torch.Tensor]] = {}
+        self.latent_computations = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: Device = None, **kwargs) -> PersonalizedRewardScorer:
+        model, tokenizer = load_reward_model(path, device)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def uses_latent(self) -> bool:
+        return bool(self.model.config.use_latent)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.decoder.parameters()).device
+
+    # ----- latents ----------------------------------------------------------------------------------------
+
+    def user_latent(self, context: Sequence[Pair] | None = None, user_id: str | None = None) -> torch.Tensor:
+        """The latent (1, latent_dim) of a user: from their context pairs (cached under `user_id`, or under the
+        pairs' hash), from the cache by `user_id` alone, or the prior mean user when neither is given."""
+        if not self.uses_latent:
+            return torch.zeros(1, 0, device=self.device)
+        if context is None and user_id is None:
+            return self.model.prior_latent(1)
+        if context is not None and not context:
+            raise PreferenceDataError(f"user {user_id or '(unnamed)'}: the context has no pairs.")
+        key = user_id if user_id is not None else context_digest(context)
+        cached = self._latents.get(key)
+        if context is None:
+            if cached is None:
+                raise KeyError(f"no latent cached for user {user_id!r}: give their context pairs once.")
+            return cached[1]
+        digest = context_digest(context)
+        if cached is None or cached[0] != digest:
+            self._latents[key] = (digest, self.encode_context(context))
+        return self._latents[key][1]
+
+    @torch.no_grad()
+    def encode_context(self, context: Sequence[Pair]) -> torch.Tensor:
+        """The posterior-mean latent (1, latent_dim) of one user's context pairs (not cached)."""
+        self.latent_computations += 1
+        chosen = [render_text(self.tokenizer, p.get("prompt"), p["chosen"]) for p in context]
+        rejected = [render_text(self.tokenizer, p.get("prompt"), p["rejected"]) for p in context]
+        embeddings = self._embed(chosen + rejected, use_adapter=False, cache=self.context_cache).to(self.device)
+        pairs = embeddings.view(2, 1, len(context), -1)
+        mean, logvar = self.model.encode_context(pairs[0], pairs[1])
+        return self.model.latent_from_posterior(mean, logvar)
+
+    # ----- scores -----------------------------------------------------------------------------------------
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any], latent: torch.Tensor | None = None) -> list[float]:
+        """r(prompt + completion, z) for each pair; `latent` is (1, d) for one user or (N, d), one row per pair.
+        Without `latent`, the prior mean user's."""
+        return self.rewards(self.embed_completions(prompts, completions), latent)
+
+    def score_users(
+        self, prompts: Sequence[Any], completions: Sequence[Any], latents: Mapping[str, torch.Tensor]
+    ) -> dict[str, list[float]]:
+        """The same completions scored under each user's latent (each text embedded once)."""
+        embeddings = self.embed_completions(prompts, completions)
+        return {user: self.rewards(embeddings, latent) for user, latent in latents.items()}
+
+    def embed_completions(self, prompts: Sequence[Any], completions: Sequence[Any]) -> torch.Tensor:
+        """Embeddings (N, d) of the scored texts, rendered as in training (adapter enabled)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+        texts = [render_text(self.tokenizer, p, join_response(p, completion_text(c))) for p, c in zip(prompts, completions)]
+        return self._embed(texts, use_adapter=True, cache=EmbeddingCache(None)).to(self.device)
+
+    @torch.no_grad()
+    def rewards(self, embeddings: torch.Tensor, latent: torch.Tensor | None = None) -> list[float]:
+        """The reward head on precomputed embeddings (N, d) under `latent` ((1, d) or (N, d); default: prior)."""
+        if self.uses_latent:
+            latent = self.model.prior_latent(1) if latent is None else latent.to(self.device)
+            if latent.shape[0] not in (1, len(embeddings)):
+                raise ValueError(
+                    f"{latent.shape[0]} latents for {len(embeddings)} completions: give 1 or one per completion."
+                )
+        rewards: list[float] = []
+        for begin in range(0, len(embeddings), self.batch_size):
+            rows = slice(begin, begin + self.batch_size)
+            batch_latent = None
+            if self.uses_latent:
+                batch_latent = latent if latent.shape[0] == 1 else latent[rows]
+            output = self.model(embeddings=embeddings[rows], latent=batch_latent)
+            rewards += output.logits.squeeze(-1).float().cpu().tolist()
+        return rewards
+
+    def _embed(self, texts: list[str], use_adapter: bool, cache: EmbeddingCache) -> torch.Tensor:
+        return compute_embeddings(
+            self.model, self.tokenizer, texts, cache, self.batch_size, self.max_length,
+            use_adapter=use_adapter, desc="Scoring texts" if use_adapter else "Embedding context pairs",
+        )
