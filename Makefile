@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test lint clean-demo
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout 900
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -179,3 +179,78 @@ def test_z_r2_is_high_when_z_encodes_the_weights_and_not_otherwise():
     assert latent_weight_r2(rng.normal(size=(200, 8)), train_w, rng.normal(size=(50, 8)), new_w) < 0.1
     with pytest.raises(ValueError, match="matching"):
         latent_weight_r2(encode(train_w), train_w[:10], encode(new_w), new_w)
+
+
+# ----- python -m vpl_trl.evaluate on a small simulated population --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def population_dir(tmp_path_factory):
+    from vpl_trl.data.population import PopulationConfig, build_population
+
+    folder = tmp_path_factory.mktemp("population")
+    build_population(folder, PopulationConfig(train_users=24, new_users=6, pairs_per_user=12, test_pairs_per_user=4,
+                                              context_pairs=8, new_test_pairs=6))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def population_vae(tiny_backbone, population_dir, tmp_path_factory):
+    from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+    from vpl_trl.data import load_preference_splits
+
+    folder = tmp_path_factory.mktemp("population-vae")
+    args = VPLRewardConfig(
+        output_dir=str(folder), model_type="vae", latent_dim=4, hidden_dim=16, num_train_epochs=1, learning_rate=1e-2,
+        per_device_train_batch_size=32, report_to="none", save_strategy="no", pooling="mean", num_context="1-8",
+        disable_tqdm=True, embedding_mode="frozen", encoder_type="difference", decoder_type="bilinear",
+        train_context_draws=2,
+    )
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args,
+                               train_dataset=load_preference_splits(population_dir)["train"])
+    assert len(trainer.train_dataset) == 2 * 24 * 12  # one copy of the training pairs per context draw
+    trainer.train()
+    trainer.save_model(str(folder))
+    return str(folder)
+
+
+def test_evaluate_reports_new_users_of_a_population(population_vae, population_dir, tmp_path):
+    from vpl_trl.evaluate import main
+
+    out = tmp_path / "eval"
+    metrics = main(["--model", population_vae, "--dataset", str(population_dir), "--output_dir", str(out),
+                    "--num_context", "4", "--context_draws", "2", "--active", "--active_queries", "2",
+                    "--active_samples", "8", "--active_users", "1", "--active_candidates", "6"])
+    assert 0.0 <= metrics["true_accuracy"] <= 1.0  # the training users' test pairs, against the truth
+    new = metrics["new_users"]
+    assert new["num_users"] == 6 and new["n_eval"] == 36 and new["num_context"] == 4
+    assert {"accuracy", "true_accuracy", "true_accuracy_worst_decile", "worst_decile_accuracy"} <= set(new)
+    assert new["true_accuracy_worst_decile"] <= new["true_accuracy"]
+    assert set(new["context_swap"]) >= {"accuracy", "true_accuracy"}  # new users' contexts swap without a KeyError
+    assert new["context_curve"]["k"] == [1, 2, 4, 8] and len(new["context_curve"]["true_accuracy"][0]) == 2
+    assert -1.0 <= new["z_r2"] <= 1.0
+    assert new["active_queries"]["queries"] == [0, 1, 2] and new["active_queries"]["num_simulated_users"] == 6
+    report = (out / "report.md").read_text()
+    assert "## New users" in report and "true preference" in report
+    for name in ("new_users_accuracy_vs_context.png", "new_users_active_queries.png", "accuracy.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_new_user_active_queries_are_scored_against_the_true_preference(population_vae, population_dir, tmp_path):
+    """Evaluation pairs are turned so that `chosen` is the truly preferred response: a user whose labels all
+    contradict their true preference is still scored against the truth."""
+    from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+    from vpl_trl.active_queries import simulate_new_user_queries
+    from vpl_trl.data import load_preference_splits
+    from vpl_trl.models import VPLRewardModel
+
+    splits = load_preference_splits(population_dir)
+    trainer = VPLRewardTrainer(model=VPLRewardModel.from_pretrained(population_vae),
+                               args=VPLRewardConfig(output_dir=str(tmp_path), report_to="none", disable_tqdm=True),
+                               train_dataset=splits["train"])
+    new = splits["new_users"]
+    flipped = new.map(lambda r: {"chosen": r["rejected"], "rejected": r["chosen"], "true_margin": -r["true_margin"]})
+    original = simulate_new_user_queries(trainer, new, num_queries=2, num_samples=8)
+    mirrored = simulate_new_user_queries(trainer, flipped, num_queries=2, num_samples=8)
+    assert original["random"]["accuracy"] == mirrored["random"]["accuracy"]
+    assert original["num_candidates"] == 8

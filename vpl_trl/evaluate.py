@@ -10,7 +10,8 @@ writes `OUT/metrics.json`, `OUT/report.md` and PNG plots:
   cross-validated linear probe of the user from `z` beside the same probe on an untrained encoder, the
   accuracy when each example gets another user's context, and a PCA map of the users' `z` (`latent_pca.png`);
 - with `--active`: accuracy on new (simulated) users' held-out pairs against the number of pairs asked,
-  chosen by expected information about `z` or at random (`active_queries.png`).
+  chosen by expected information about `z` or at random (`active_queries.png`); a data set with real new users
+  simulates them instead (below).
 
 A data set with a `new_users` split (users absent from training, each bringing their own context, as the
 simulated population has) also gets a new-user section: accuracy with K of each new user's own pairs, against
@@ -62,6 +63,7 @@ from .evaluation import (
     predict,
     worst_fraction_mean,
 )
+from .logs import show_info_logs
 from .models import VPLConfig, VPLRewardModel
 from .trainer import VPLRewardConfig, VPLRewardTrainer
 
@@ -107,8 +109,8 @@ class EvaluateArguments:
 
 def planned_files(use_latent: bool, active: bool, new_users: bool = False) -> list[str]:
     files = [METRICS_FILE, REPORT_FILE, ACCURACY_PLOT]
-    if use_latent:
-        files += [CONTEXT_PLOT, LATENT_PLOT] + ([ACTIVE_PLOT] if active else [])
+    if use_latent:  # active queries are simulated for the real new users where the data set has them
+        files += [CONTEXT_PLOT, LATENT_PLOT] + ([ACTIVE_PLOT] if active and not new_users else [])
         if new_users:
             files += [NEW_CONTEXT_PLOT] + ([NEW_ACTIVE_PLOT] if active else [])
     return files
@@ -179,7 +181,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
         if use_latent:
             metrics.update(latent_evaluation(trainer, test, pool, predictions, args, output_dir, title))
             plots.update(context_curve=CONTEXT_PLOT, latent_map=LATENT_PLOT)
-            if args.active:
+            if args.active and NEW_USERS_SPLIT not in data:
                 metrics["active_queries"] = simulate_active_queries(
                     trainer, test, num_queries=args.active_queries, num_candidates=args.active_candidates,
                     users_per_group=args.active_users, num_samples=args.active_samples, seed=args.seed,
@@ -437,6 +439,7 @@ def _new_user_section(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    show_info_logs()
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
     metrics = evaluate(args)
     print(f"{metrics['reward_type']} on {args.dataset}: accuracy {format_percent(metrics['accuracy'])}, "

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 from datasets import DatasetDict
+from transformers.utils import logging
 
 from .format import load_preference_splits
 from .pets import build_pets
+
+logger = logging.get_logger(__name__)
 
 BUILTIN = {"pets": "full", "pets_controversial": "controversial", "population": None}
 
@@ -39,7 +42,7 @@ def builtin_dataset_folder(name: str, data_dir: str | Path = "data") -> Path:
             counts = build_population(folder)["rows"]
         else:
             counts = build_pets(folder, variant=BUILTIN[name])
-        print(f"Generated {name}: {counts['train']} train / {counts['test']} test rows in {folder}")
+        logger.info(f"Generated {name}: {counts['train']} train / {counts['test']} test rows in {folder}")
     return folder
 
 
