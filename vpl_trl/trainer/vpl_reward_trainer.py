@@ -38,7 +38,8 @@ from ..embeddings import (
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
 from ..models.configuration_vpl import peft_config_to_dict
-from ..models.modeling_vpl import WEIGHTS_NAME, _keep_4bit_layers_differentiable, load_backbone
+from ..models.backbone import keep_4bit_layers_differentiable, load_backbone
+from ..models.modeling_vpl import WEIGHTS_NAME
 from .vpl_reward_config import VPLRewardConfig
 
 # Columns the trainer builds and the collator reads
@@ -547,7 +548,7 @@ def _train_heads_under_peft(model: VPLRewardModel, adapter: dict[str, torch.Tens
     for module in (getattr(model, "encoder", None), model.decoder):
         if module is not None:
             module.requires_grad_(True)
-    _keep_4bit_layers_differentiable(model.backbone)
+    keep_4bit_layers_differentiable(model.backbone)
     if adapter:
         unexpected = model.load_state_dict(adapter, strict=False).unexpected_keys
         if unexpected:
