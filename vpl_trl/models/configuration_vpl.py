@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .backbone import backbone_config_dict
+
 REWARD_TYPES = ("vae", "base", "mean_and_variance", "categorical")
 EMBEDDING_MODES = ("frozen", "full", "lora")
 POOLINGS = ("last", "mean")
@@ -70,7 +72,7 @@ class VPLConfig(PretrainedConfig):
         self.backbone_name_or_path = backbone_name_or_path
         self.backbone_signature = backbone_signature or {}
         if isinstance(backbone_config, PretrainedConfig):
-            backbone_config = backbone_config.to_dict()
+            backbone_config = backbone_config_dict(backbone_config)
         self.backbone_config = backbone_config
         self.embedding_dim = embedding_dim
         self.reward_type = reward_type
