@@ -15,6 +15,7 @@ from vpl_trl.active_queries import (
     run_queries,
     sample_latents,
 )
+from vpl_trl.models import VPLRewardModel
 
 
 class ContestedAxisModel(torch.nn.Module):
@@ -25,6 +26,9 @@ class ContestedAxisModel(torch.nn.Module):
         super().__init__()
         self.config = SimpleNamespace(use_latent=True, latent_dim=2, normalize_latent=True, reward_type="vae")
         self.scale = torch.nn.Parameter(torch.tensor(5.0))
+
+    sample_latent = VPLRewardModel.sample_latent  # the model's own sampling and normalization
+    normalize_latent = VPLRewardModel.normalize_latent
 
     def encode_context(self, chosen, rejected, mask=None):
         evidence = (chosen - rejected)[..., 0].sum(-1)

@@ -11,7 +11,6 @@ from datasets import Dataset
 
 from vpl_trl.diagnostics import (
     chance_accuracy,
-    decoder_latent,
     latent_diagnostics,
     linear_probe_accuracy,
     pca_2d,
@@ -21,7 +20,19 @@ from vpl_trl.diagnostics import (
     untrained_encoder,
 )
 from vpl_trl.evaluation import context_size_curve, default_context_sizes, per_user_breakdown
+from vpl_trl.models import VPLConfig, VPLRewardModel
 from vpl_trl.models.modeling_vpl import UserContextEncoder
+
+
+def vpl_model(latent_dim: int = 16) -> VPLRewardModel:
+    """A VPL model on a tiny Llama built from its configuration (fresh weights, nothing loaded)."""
+    from transformers import LlamaConfig
+
+    backbone = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    config = VPLConfig(backbone_config=backbone, embedding_dim=8, latent_dim=latent_dim, hidden_dim=8)
+    return VPLRewardModel(config).eval()
 
 
 def users_and_latents(carries_user: bool, n: int = 200, dim: int = 16, seed: int = 0):
@@ -56,10 +67,21 @@ def test_probe_handles_several_users_and_is_deterministic():
         linear_probe_accuracy(latents, ["a"] * 120)
 
 
-def test_decoder_latent_is_normalized_like_the_model():
-    z = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
-    assert torch.allclose(decoder_latent(SimpleNamespace(normalize_latent=True), z).norm(), torch.tensor(2.0))
-    assert torch.equal(decoder_latent(SimpleNamespace(normalize_latent=False), z), z)
+def test_diagnostics_see_the_latent_as_the_decoder_does():
+    model = vpl_model(latent_dim=4)
+    chosen, rejected = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    with torch.no_grad():
+        output = model(embeddings=torch.randn(6, 8), context_chosen=chosen, context_rejected=rejected)
+    # In evaluation the decoder gets the posterior mean scaled to norm sqrt(latent_dim).
+    torch.testing.assert_close(model.normalize_latent(output.latent_mean), output.latent)
+    torch.testing.assert_close(output.latent.norm(dim=-1), torch.full((3,), 2.0))
+    means, users = users_and_latents(carries_user=True)
+    result = latent_diagnostics(vpl_model(), means, means, users.tolist())
+    normalized = torch.tensor(means, dtype=torch.float32)
+    normalized = (normalized / normalized.norm(dim=-1, keepdim=True) * 4).numpy()
+    np.testing.assert_allclose(result["pca"]["trained"]["coords"], pca_2d(normalized)[0], atol=1e-4)
+    model.config.normalize_latent = False
+    assert torch.equal(model.normalize_latent(output.latent_mean), output.latent_mean)
 
 
 def test_untrained_encoder_is_swapped_in_and_restored():
@@ -78,8 +100,7 @@ def test_untrained_encoder_is_swapped_in_and_restored():
 def test_latent_diagnostics_and_pca_map(tmp_path):
     trained, users = users_and_latents(carries_user=True)
     untrained, _ = users_and_latents(carries_user=False, seed=1)
-    model = SimpleNamespace(config=SimpleNamespace(normalize_latent=True))
-    result = latent_diagnostics(model, trained, untrained, users.tolist())
+    result = latent_diagnostics(vpl_model(), trained, untrained, users.tolist())
     assert result["probe"]["trained"] >= 0.9 and result["probe"]["untrained"] <= 0.65
     assert result["probe"]["chance"] == 0.5
     coords = np.asarray(result["pca"]["trained"]["coords"])

@@ -1,11 +1,13 @@
 """The VPL reward model: latent conditioning, save/reload, errors; the losses and the KL schedule."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModel
 
 from vpl_trl.losses import categorical_chosen_probability, kl_weight_at, mean_and_variance_loss
-from vpl_trl.models import VPLRewardModel
+from vpl_trl.models import VPLConfig, VPLRewardModel
 
 
 def make_model(backbone, **kwargs):
@@ -28,8 +30,43 @@ def test_rewards_depend_on_the_user_context(tiny_backbone):
     out_b = model(embeddings=embeddings, context_chosen=rejected_a, context_rejected=chosen_a)
     assert out_a.logits.shape == (4, 1) and out_a.kl.ndim == 0
     assert not torch.allclose(out_a.logits, out_b.logits)
-    # Rows follow TRL's layout (chosen then rejected): row i and row i + 2 share user i.
-    assert torch.equal(out_a.latent, model(embeddings=embeddings, latent=out_a.latent).latent)
+    # Rows follow TRL's layout (chosen then rejected): rows i and i + 2 are scored under user i's latent.
+    for row in range(4):
+        user = row % 2
+        alone = model(embeddings=embeddings[row : row + 1], latent=out_a.latent[user : user + 1]).logits
+        torch.testing.assert_close(alone[0], out_a.logits[row])
+    assert not torch.allclose(model(embeddings=embeddings, latent=out_a.latent.flip(0)).logits, out_a.logits)
+
+
+def test_unknown_forward_arguments_are_refused(tiny_backbone):
+    model = make_model(tiny_backbone, reward_type="base")
+    embeddings = torch.randn(2, 32)
+    expected = model(embeddings=embeddings).logits
+    # What Trainer and TRL pass along changes nothing.
+    torch.testing.assert_close(model(embeddings=embeddings, use_cache=False, return_dict=True).logits, expected)
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['context'\]"):
+        model(embeddings=embeddings, context=torch.randn(1, 2, 32))
+
+
+def test_a_model_built_from_its_config_loads_no_weights(tiny_backbone, tmp_path):
+    pretrained = make_model(tiny_backbone)
+    built = VPLRewardModel(pretrained.config)  # the backbone from `config.backbone_config`, freshly initialized
+    assert type(built.model) is type(pretrained.model)
+    assert built.model.config.hidden_size == 32 and built.config.backbone_signature == pretrained.config.backbone_signature
+    assert not torch.equal(built.model.embed_tokens.weight, pretrained.model.embed_tokens.weight)
+    # A configuration saved before `backbone_config` existed builds from the backbone's configuration file.
+    pretrained.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["backbone_config"]["model_type"] == "llama"
+    del saved["backbone_config"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = VPLConfig.from_pretrained(tmp_path)
+    assert VPLRewardModel(old).model.config.num_hidden_layers == 2
+    reloaded = VPLRewardModel.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    chosen, rejected = context(batch=1)
+    kwargs = dict(input_ids=ids, context_chosen=chosen, context_rejected=rejected)
+    torch.testing.assert_close(reloaded(**kwargs).logits, pretrained(**kwargs).logits, rtol=0, atol=0)
 
 
 def test_padded_context_pairs_are_ignored(tiny_backbone):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import torch
 
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
@@ -172,9 +172,24 @@ def test_user_contexts_from_a_mapping_file(tmp_path):
 
 def test_config_defaults_suit_cpu(ppo_recipe, tmp_path):
     args = ppo_recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path))
-    assert args.bf16 == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert not args.use_vllm and args.num_generations >= 2
     assert args.per_device_train_batch_size % args.num_generations == 0
+
+
+@pytest.mark.parametrize("gpu,bf16_capable,fp16,expected", [
+    (False, False, False, False),  # a CPU
+    (True, False, False, False),  # a GPU without bf16
+    (True, True, False, True),  # a bf16-capable GPU
+    (True, True, True, False),  # fp16 asked for
+])
+def test_bf16_defaults_to_on_only_on_a_bf16_capable_gpu(ppo_recipe, tmp_path, monkeypatch, gpu, bf16_capable, fp16,
+                                                        expected):
+    cuda = SimpleNamespace(is_available=lambda: gpu, is_bf16_supported=lambda: bf16_capable)
+    monkeypatch.setattr(ppo_recipe, "torch", SimpleNamespace(cuda=cuda))
+    # The machine's own checks of the precision (TrainingArguments) are not what is tested here.
+    monkeypatch.setattr(ppo_recipe.GRPOConfig, "__post_init__", lambda self: None)
+    assert ppo_recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path), fp16=fp16).bf16 is expected
+    assert ppo_recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path), bf16=False).bf16 is False  # as given
 
 
 def test_margin_interval_brackets_the_margin():

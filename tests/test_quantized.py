@@ -13,7 +13,7 @@ from trl import ModelConfig
 
 from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 from vpl_trl.embeddings import _tokenize, render_text
-from vpl_trl.models.modeling_vpl import load_backbone
+from vpl_trl.models.backbone import load_backbone
 
 QUANTIZED_LAYER = {"load_in_4bit": Linear4bit, "load_in_8bit": Linear8bitLt}
 

@@ -265,19 +265,36 @@ def test_the_margin_column_raises_the_loss(tiny_backbone, pets_data, tmp_path, e
     assert with_margin > without + 1.0
 
 
-def test_evaluation_calls_compute_metrics_with_the_rewards(tiny_backbone, pets_data, tmp_path):
+def test_evaluation_calls_compute_metrics_with_the_rewards_and_latents(tiny_backbone, pets_data, tmp_path):
     seen = {}
 
     def compute_metrics(prediction):
-        seen["shape"] = prediction.predictions.shape
+        seen["rewards"], seen["latent_mean"], seen["kl"] = prediction.predictions
         return {"my_metric": 0.5}
 
     data = pets_data["test"].select(range(8))
-    trainer = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, per_device_eval_batch_size=4),
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, per_device_eval_batch_size=3),
                                train_dataset=pets_data["train"].select(range(16)), eval_dataset=data,
                                compute_metrics=compute_metrics)
     assert trainer.evaluate()["eval_my_metric"] == 0.5
-    assert seen["shape"][0] == 16  # one reward per response: 8 chosen, 8 rejected
+    # One row per pair, in the data's order across batches: (chosen, rejected) rewards, the user's latent, its KL.
+    assert seen["rewards"].shape == (8, 2) and seen["latent_mean"].shape == (8, 8) and seen["kl"].shape == (8,)
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(8)])
+    trainer.model.eval()
+    with torch.no_grad():
+        outputs = trainer.model(**batch)
+    rewards = outputs.logits.view(2, 8).T
+    torch.testing.assert_close(torch.as_tensor(seen["rewards"]), rewards)
+    torch.testing.assert_close(torch.as_tensor(seen["latent_mean"]), outputs.latent_mean)
+    assert bool((torch.as_tensor(seen["kl"]) > 0).all())
+
+    predicted = trainer.predict_preferences(data, batch_size=5)  # by Trainer.predict, other batches alike
+    assert predicted["reward_chosen"] == pytest.approx(rewards[:, 0].tolist(), abs=1e-6)
+    assert predicted["reward_rejected"] == pytest.approx(rewards[:, 1].tolist(), abs=1e-6)
+    assert predicted["kl"] == pytest.approx(seen["kl"].tolist(), abs=1e-6)
+    assert predicted["user_id"] == data["user_id"] and len(predicted["latent_mean"]) == 8
+    assert not trainer._metrics["eval"]  # predictions leave nothing in the next evaluation's log
+    assert trainer.args.per_device_eval_batch_size == 3
 
 
 def test_a_streaming_dataset_trains_a_baseline(tiny_backbone, pets_data, tmp_path):
@@ -321,3 +338,39 @@ def test_scalar_heads_have_no_bias_and_old_checkpoints_with_one_load(tiny_backbo
     save_file({**weights, "decoder.4.bias": torch.zeros(1)}, tmp_path / "saved" / "model.safetensors")
     reloaded = VPLRewardModel.from_pretrained(tmp_path / "saved")
     assert torch.equal(reloaded.decoder[-1].weight, model.decoder[-1].weight)
+
+
+def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny_backbone, pets_data, tmp_path):
+    from vpl_trl.embeddings import compute_embeddings
+    from vpl_trl.generation import PersonalizedRewardScorer
+
+    train = pets_data["train"].select(range(32))
+    args = config(tmp_path, model_type="vae", embedding_mode="full", max_steps=3, per_device_train_batch_size=8,
+                  num_context="2")
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
+    pretrained_contexts = trainer.embedding_table.tensor.clone()
+    trainer.train()
+    trainer.save_model(tmp_path / "saved")
+    sample = pets_data["test"].select(range(4))
+    in_memory = trainer.predict_preferences(sample)
+
+    reloaded = VPLRewardModel.from_pretrained(tmp_path / "saved")
+    table = trainer.embedding_table
+    texts = list(table.index)
+    with torch.no_grad():
+        by_reloaded = compute_embeddings(reloaded, trainer.processing_class, texts, max_length=args.max_length)
+    torch.testing.assert_close(table.tensor[[table.index[t] for t in texts]], by_reloaded)
+    assert not torch.allclose(pretrained_contexts, table.tensor[: len(pretrained_contexts)])  # the backbone trained
+
+    # The same contexts give the reloaded model the same latents and rewards, in a new trainer and in the scorer.
+    fresh = VPLRewardTrainer(model=reloaded, args=args, train_dataset=train)
+    again = fresh.predict_preferences(sample)
+    assert again["reward_chosen"] == pytest.approx(in_memory["reward_chosen"], abs=1e-5)
+    torch.testing.assert_close(torch.tensor(again["latent_mean"]), torch.tensor(in_memory["latent_mean"]),
+                               atol=1e-5, rtol=0)
+    prepared = fresh._prepare_dataset(sample, fresh.processing_class, args, "eval")
+    first = prepared[0]
+    context = [{"chosen": c, "rejected": r} for c, r in zip(first["context_chosen_text"], first["context_rejected_text"])]
+    scorer = PersonalizedRewardScorer(reloaded, trainer.processing_class, max_length=args.max_length)
+    expected_latent = reloaded.normalize_latent(torch.tensor(in_memory["latent_mean"][:1]))
+    torch.testing.assert_close(scorer.encode_context(context), expected_latent, atol=1e-5, rtol=0)

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .diagnostics import decoder_latent
 from .embeddings import compute_embeddings, render_text
 
 STRATEGIES = ("active", "random")
@@ -65,8 +64,8 @@ def sample_latents(
     model, mean: torch.Tensor, logvar: torch.Tensor, num_samples: int, generator: torch.Generator
 ) -> torch.Tensor:
     """`num_samples` draws of z ~ N(mean, exp(logvar)), as the decoder sees them (normalized)."""
-    noise = torch.randn(num_samples, mean.shape[-1], generator=generator).to(mean.device)
-    return decoder_latent(model.config, mean + noise * torch.exp(0.5 * logvar))
+    draws = model.sample_latent(mean.expand(num_samples, -1), logvar.expand(num_samples, -1), generator)
+    return model.normalize_latent(draws)
 
 
 @torch.no_grad()
@@ -112,7 +111,7 @@ def accuracy_given_answers(model, candidates: PairSet, answered: list[int], eval
     """Accuracy on `evaluation` with z the posterior mean given the answered candidates (the prior mean, 0,
     with no answers)."""
     mean, _ = posterior(model, candidates.context_chosen[answered], candidates.context_rejected[answered])
-    latent = decoder_latent(model.config, mean)
+    latent = model.normalize_latent(mean)
     rewards = model(embeddings=torch.cat([evaluation.chosen, evaluation.rejected]), latent=latent)
     chosen, rejected = rewards.logits.float().view(2, -1)
     correct = chosen > rejected

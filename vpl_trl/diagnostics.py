@@ -8,7 +8,6 @@ test that the reward uses `z` is the context swap (`vpl_trl.evaluation.swap_cont
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from .models.modeling_vpl import UserContextEncoder
-
-
-def decoder_latent(config, latent: torch.Tensor) -> torch.Tensor:
-    """The latent as the decoder sees it: scaled to norm sqrt(latent_dim) when the model normalizes `z`."""
-    if not getattr(config, "normalize_latent", True):
-        return latent
-    return F.normalize(latent, p=2, dim=-1) * math.sqrt(latent.shape[-1])
 
 
 def linear_probe_accuracy(
@@ -132,7 +124,7 @@ def latent_diagnostics(
     """The probe of the user from `z` for the trained and an untrained encoder, and both PCA maps."""
     result: dict[str, Any] = {"probe": {"folds": folds, "chance": chance_accuracy(users), "n": len(users)}, "pca": {}}
     for name, means in (("trained", latent_means), ("untrained", untrained_latent_means)):
-        z = decoder_latent(model.config, torch.as_tensor(np.asarray(means, dtype=np.float32))).numpy()
+        z = model.normalize_latent(torch.as_tensor(np.asarray(means, dtype=np.float32))).numpy()
         result["probe"][name] = linear_probe_accuracy(z, users, folds=folds, seed=seed)
         coords, explained = pca_2d(z)
         result["pca"][name] = {"coords": coords.tolist(), "explained_variance": explained}

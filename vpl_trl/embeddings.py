@@ -219,6 +219,12 @@ class EmbeddingTable:
             self._rows.append(vector)
         self._tensor = None
 
+    def reset(self, model) -> None:
+        """Forget every text and embedding (the backbone changed): texts added from now on are embedded by
+        `model`, in memory."""
+        self.model, self.cache = model, EmbeddingCache(None)
+        self.index, self._rows, self._tensor = {}, [], None
+
     @property
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:

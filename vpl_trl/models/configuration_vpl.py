@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .backbone import backbone_config_dict
+
 REWARD_TYPES = ("vae", "base", "mean_and_variance", "categorical")
 EMBEDDING_MODES = ("frozen", "full", "lora")
 POOLINGS = ("last", "mean")
@@ -20,6 +22,8 @@ class VPLConfig(PretrainedConfig):
     Args:
         backbone_name_or_path (`str`): hub id or folder of the backbone LLM (it is not saved with the model).
         backbone_signature (`dict`): architecture facts of the backbone (model type, sizes), checked on reload.
+        backbone_config (`dict`, *optional*): the backbone's configuration (`to_dict()`), from which
+            `VPLRewardModel(config)` builds it; configurations saved without it use `backbone_name_or_path`'s.
         embedding_dim (`int`): width of the backbone's hidden states.
         reward_type (`str`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance` or `categorical` (DPL).
         latent_dim (`int`), hidden_dim (`int`): sizes of the latent and of the encoder/decoder MLPs.
@@ -44,6 +48,7 @@ class VPLConfig(PretrainedConfig):
         self,
         backbone_name_or_path: str | None = None,
         backbone_signature: dict | None = None,
+        backbone_config: dict | PretrainedConfig | None = None,
         embedding_dim: int = 0,
         reward_type: str = "vae",
         latent_dim: int = 512,
@@ -75,6 +80,9 @@ class VPLConfig(PretrainedConfig):
                 raise ValueError(f"VPLConfig.{name} must be one of {allowed}, got {value!r}.")
         self.backbone_name_or_path = backbone_name_or_path
         self.backbone_signature = backbone_signature or {}
+        if isinstance(backbone_config, PretrainedConfig):
+            backbone_config = backbone_config_dict(backbone_config)
+        self.backbone_config = backbone_config
         self.embedding_dim = embedding_dim
         self.reward_type = reward_type
         self.latent_dim = latent_dim

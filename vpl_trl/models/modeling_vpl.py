@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -13,12 +12,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
-from transformers.utils import logging as transformers_logging
 
-from ..embedded_model import resolve_model_name_or_path
 from ..losses import gaussian_kl, head_to_reward
+from .backbone import (
+    adapter_disabled,
+    backbone_config_dict,
+    backbone_signature,
+    build_backbone,
+    disable_checkpointing,
+    enable_checkpointing,
+    inject_lora_adapter,
+    load_backbone,
+    local_model_folder,
+    match_backbone_dtype,
+)
 from .configuration_vpl import VPLConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -131,52 +140,6 @@ class VPLRewardOutput(ModelOutput):
     latent: torch.Tensor | None = None
 
 
-def backbone_signature(backbone_config) -> dict:
-    """Architecture facts that a checkpoint's heads depend on."""
-    return {
-        "model_type": backbone_config.model_type,
-        "hidden_size": backbone_config.hidden_size,
-        "num_hidden_layers": getattr(backbone_config, "num_hidden_layers", None),
-        "vocab_size": getattr(backbone_config, "vocab_size", None),
-    }
-
-
-def load_backbone(name_or_path: str, dtype: torch.dtype | str | None = torch.float32, **kwargs) -> PreTrainedModel:
-    """The backbone LLM without its LM head (`AutoModel`), from a hub id or a folder, loaded as TRL loads models
-    (`kwargs` are `from_pretrained`'s: `trust_remote_code`, `quantization_config`, ...); on the CPU unless a
-    `device_map` is given."""
-    from trl.trainer.utils import create_model_from_path
-
-    kwargs.setdefault("device_map", None)
-    # Loading a causal LM's checkpoint into its base model leaves the LM head out, as intended: don't report it.
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        return create_model_from_path(resolve_model_name_or_path(name_or_path), AutoModel, dtype=dtype, **kwargs)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
-def _keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes (seen with 0.50.2) repacks a 4-bit layer's weight for fast inference
-    the first time it runs in eval mode without gradients (as the context embedding does); the repacked layer then
-    passes no gradient back, so the LoRA adapters below it would stop learning (and layers narrower than the
-    64-value quantization block fail to repack). A trained backbone keeps the plain layout."""
-    for module in backbone.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def local_model_folder(name_or_path: str | os.PathLike) -> Path:
-    """A saved model's folder: the path itself, or the downloaded (and cached) snapshot of a Hub repo id."""
-    folder = Path(name_or_path)
-    if folder.exists():
-        return folder
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(name_or_path)))
-
-
 def _current_key(key: str) -> str:
     """A weight's name in this version: the backbone was `backbone` (its adapter in a PEFT wrapper) before."""
     for old in ("backbone.base_model.model.", "backbone."):
@@ -194,11 +157,15 @@ class VPLRewardModel(PreTrainedModel):
     either context-pair embeddings (`context_chosen`, `context_rejected`, optional `context_mask`) or
     a given `latent`. Users' latents are repeated over the rows of `embeddings`, so a batch laid out as
     TRL lays it out (all chosen, then all rejected) pairs each row with its user.
+
+    `VPLRewardModel(config)` builds the backbone from `config.backbone_config` with fresh weights;
+    `from_backbone` and `from_pretrained` load pretrained ones.
     """
 
     config_class = VPLConfig
     base_model_prefix = "vpl"
     supports_gradient_checkpointing = True
+    accepts_loss_kwargs = False  # the trainer computes the loss from the rewards
 
     def __init__(self, config: VPLConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
@@ -214,10 +181,10 @@ class VPLRewardModel(PreTrainedModel):
         # statistics fitted once on the training texts (`fit_embedding_statistics`) and saved with the heads.
         self.register_buffer("embedding_mean", torch.zeros(config.embedding_dim))
         self.register_buffer("embedding_scale", torch.ones(config.embedding_dim))
-        # Initialize only the heads: the backbone, attached afterwards, keeps its pretrained weights.
+        # Initialize only the heads: the backbone, attached afterwards, keeps its own weights.
         self.post_init()
         if backbone is None:
-            backbone = load_backbone(config.backbone_name_or_path)
+            backbone = build_backbone(config.backbone_config, config.backbone_name_or_path)
         self._attach_backbone(backbone)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -233,15 +200,12 @@ class VPLRewardModel(PreTrainedModel):
                 "load it with the backbone it was trained on."
             )
         self.config.backbone_signature = signature
+        self.config.backbone_config = backbone_config_dict(backbone.config)
         # A bitsandbytes-quantized backbone: flag the whole model as TRL and Trainer test it (QLoRA handling).
         self.is_loaded_in_4bit = bool(getattr(backbone, "is_loaded_in_4bit", False))
         self.is_loaded_in_8bit = bool(getattr(backbone, "is_loaded_in_8bit", False))
         if self.config.embedding_mode == "lora":
-            from peft import inject_adapter_in_model
-
-            backbone.requires_grad_(False)
-            backbone = inject_adapter_in_model(self._lora_config(), backbone)
-            _keep_4bit_layers_differentiable(backbone)
+            backbone = inject_lora_adapter(backbone, self.config)
         elif self.config.embedding_mode == "frozen":
             backbone.requires_grad_(False)
         self.model = backbone  # named as transformers' task models name theirs
@@ -251,34 +215,9 @@ class VPLRewardModel(PreTrainedModel):
         """The backbone LLM (with its LoRA adapter layers in `lora` mode)."""
         return self.model
 
-    @contextlib.contextmanager
-    def adapter_disabled(self):
-        """The backbone as it was before training its LoRA adapter (a no-op in other modes)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
-
-    def _lora_config(self):
-        """The backbone's adapter: `config.peft_config` when set (the trainer's `peft_config`), else the `lora_*`
-        fields."""
-        from peft import LoraConfig
-        from peft.mapping import get_peft_config
-
-        if self.config.peft_config:
-            return get_peft_config(dict(self.config.peft_config))
-        return LoraConfig(
-            r=self.config.lora_r,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            target_modules=self.config.lora_target_modules,
-        )
+    @property
+    def is_quantized_backbone(self) -> bool:
+        return self.is_loaded_in_4bit or self.is_loaded_in_8bit
 
     @classmethod
     def from_backbone(
@@ -288,7 +227,7 @@ class VPLRewardModel(PreTrainedModel):
         backbone_kwargs: dict | None = None,
         **config_kwargs,
     ) -> "VPLRewardModel":
-        """A new (untrained) VPL model on a backbone given by hub id, folder or model object;
+        """A new (untrained) VPL model on a pretrained backbone given by hub id, folder or model object;
         `backbone_kwargs` go to the backbone's `from_pretrained` (e.g. `quantization_config`)."""
         if isinstance(backbone_name_or_path, PreTrainedModel):
             backbone = backbone_name_or_path
@@ -297,49 +236,34 @@ class VPLRewardModel(PreTrainedModel):
             name = backbone_name_or_path
             backbone = load_backbone(name, dtype=dtype or torch.float32, **(backbone_kwargs or {}))
         config = VPLConfig(backbone_name_or_path=name, embedding_dim=backbone.config.hidden_size, **config_kwargs)
-        return cls(config, backbone=backbone)._match_backbone_dtype()
+        model = cls(config, backbone=backbone)
+        return match_backbone_dtype(model, model.model, model.is_quantized_backbone)
 
     # ----- the backbone's token embeddings (e.g. for `trl.clone_chat_template`) ----------------------------
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.backbone.get_input_embeddings()
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.backbone.set_input_embeddings(value)
+        self.model.set_input_embeddings(value)
 
     def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
         """Resize the backbone's vocabulary (its signature, checked on reload, follows)."""
-        embeddings = self.backbone.resize_token_embeddings(*args, **kwargs)
+        embeddings = self.model.resize_token_embeddings(*args, **kwargs)
         self.vocab_size = embeddings.weight.shape[0]
-        self.config.backbone_signature = backbone_signature(self.backbone.config)
+        self.config.backbone_signature = backbone_signature(self.model.config)
+        self.config.backbone_config = backbone_config_dict(self.model.config)
         return embeddings
-
-    @property
-    def is_quantized_backbone(self) -> bool:
-        return self.is_loaded_in_4bit or self.is_loaded_in_8bit
-
-    def _match_backbone_dtype(self) -> "VPLRewardModel":
-        """Put the heads (and adapter) in the backbone's dtype. Under DeepSpeed ZeRO-3 a bf16 run partitions the
-        backbone in bf16 as it loads; heads left in fp32 would make a mixed-dtype partition, which DeepSpeed's
-        coalesced all-gather has failed on (deepspeed#8072). On a bitsandbytes-quantized backbone the trainable
-        parameters go to bf16, as TRL trains those of quantized models (QLoRA); quantized weights and norms stay."""
-        if self.is_quantized_backbone:
-            for param in self.parameters():
-                if param.requires_grad and param.dtype.is_floating_point:
-                    param.data = param.data.to(torch.bfloat16)
-            return self
-        dtype = self.backbone.dtype
-        return self.to(dtype) if dtype.is_floating_point else self
 
     # ----- embeddings -------------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_adapter: bool = True) -> torch.Tensor:
         """Pooled last-layer hidden state of each (right-padded) sequence. `use_adapter=False` embeds with
-        the frozen base model, as context pairs are embedded."""
+        the backbone without its LoRA adapter, as context pairs are embedded."""
         if not use_adapter and self.config.embedding_mode == "lora":
-            with self.adapter_disabled():
+            with adapter_disabled(self.model):
                 return self.embed(input_ids, attention_mask, use_adapter=True)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         if self.config.pooling == "mean":
             weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
             return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
@@ -359,11 +283,6 @@ class VPLRewardModel(PreTrainedModel):
 
     # ----- latent -----------------------------------------------------------------------------------------
 
-    def _normalize(self, z: torch.Tensor) -> torch.Tensor:
-        if not self.config.normalize_latent:
-            return z
-        return F.normalize(z, p=2, dim=-1) * math.sqrt(z.shape[-1])
-
     def encode_context(
         self, context_chosen: torch.Tensor, context_rejected: torch.Tensor, context_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,11 +291,25 @@ class VPLRewardModel(PreTrainedModel):
             raise ValueError(f"reward type {self.config.reward_type!r} has no user latent.")
         return self.encoder(self._standardize(context_chosen), self._standardize(context_rejected), context_mask)
 
+    def sample_latent(
+        self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A reparameterized draw z = mean + eps * exp(logvar / 2), eps ~ N(0, I), one per row (not normalized)."""
+        if generator is None:
+            noise = torch.randn_like(mean)
+        else:
+            noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+        return mean + noise * torch.exp(0.5 * logvar)
+
+    def normalize_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """`z` as the decoder sees it: scaled to norm sqrt(latent_dim) when `config.normalize_latent`."""
+        if not self.config.normalize_latent:
+            return z
+        return F.normalize(z, p=2, dim=-1) * math.sqrt(z.shape[-1])
+
     def latent_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """A reparameterized sample in training, the posterior mean in evaluation (normalized either way)."""
-        if self.training:
-            mean = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-        return self._normalize(mean)
+        """A posterior draw in training, the posterior mean in evaluation; normalized either way."""
+        return self.normalize_latent(self.sample_latent(mean, logvar) if self.training else mean)
 
     def prior_latent(self, n: int = 1) -> torch.Tensor:
         """The prior mean user's latent (zeros)."""
@@ -394,9 +327,18 @@ class VPLRewardModel(PreTrainedModel):
         context_rejected: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         latent: torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> VPLRewardOutput:
+        """Rewards (`logits`), and for `vae` models the user latents and the KL term of the loss.
+        `return_dict`, `use_cache` and `num_items_in_batch`, which `Trainer` and TRL pass to models, change nothing."""
+        if kwargs:
+            raise TypeError(
+                f"VPLRewardModel.forward got unexpected argument(s) {sorted(kwargs)}: it takes input_ids and "
+                "attention_mask or embeddings, and context_chosen, context_rejected, context_mask or latent."
+            )
         if embeddings is None:
             if input_ids is None:
                 raise ValueError("forward needs `input_ids` (and `attention_mask`) or precomputed `embeddings`.")
@@ -433,29 +375,15 @@ class VPLRewardModel(PreTrainedModel):
         output.logits = head_to_reward(output.head, self.config.reward_type).unsqueeze(-1)
         return output
 
-    # ----- gradient checkpointing (the backbone's) -------------------------------------------------------
+    # ----- gradient checkpointing (the backbone's; a frozen backbone runs without gradients) ----------------
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """Checkpoint the backbone's activations (a frozen backbone runs without gradients). `kwargs` are what the
-        installed transformers passes along (e.g. `every_n_layers`, `offload`)."""
-        if self.config.embedding_mode == "frozen":
-            return
-        # transformers >= 5.x names it activation checkpointing; the old name is a deprecated alias there.
-        if hasattr(self.backbone, "activation_checkpointing_enable"):
-            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
-                                                          **kwargs)
-        else:
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-                                                        **kwargs)
-        self.backbone.enable_input_require_grads()
+        if self.config.embedding_mode != "frozen":
+            enable_checkpointing(self.model, gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        if self.config.embedding_mode == "frozen":
-            return
-        if hasattr(self.backbone, "activation_checkpointing_disable"):
-            self.backbone.activation_checkpointing_disable()
-        else:
-            self.backbone.gradient_checkpointing_disable()
+        if self.config.embedding_mode != "frozen":
+            disable_checkpointing(self.model)
 
     # ----- saving and loading: config, heads, and what was trained of the backbone -----------------------
 
@@ -506,7 +434,8 @@ class VPLRewardModel(PreTrainedModel):
         vocab_size = config.backbone_signature.get("vocab_size")
         if config.embedding_mode == "full" and vocab_size and backbone.get_input_embeddings().num_embeddings != vocab_size:
             backbone.resize_token_embeddings(vocab_size)  # the vocabulary was resized in training (chat template)
-        model = cls(config, backbone=backbone)._match_backbone_dtype()
+        model = cls(config, backbone=backbone)
+        model = match_backbone_dtype(model, model.model, model.is_quantized_backbone)
         model.load_trained_weights(folder / WEIGHTS_NAME)
         model.eval()
         return model

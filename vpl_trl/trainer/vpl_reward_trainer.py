@@ -38,7 +38,8 @@ from ..embeddings import (
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
 from ..models.configuration_vpl import peft_config_to_dict
-from ..models.modeling_vpl import WEIGHTS_NAME, _keep_4bit_layers_differentiable, load_backbone
+from ..models.backbone import keep_4bit_layers_differentiable, load_backbone
+from ..models.modeling_vpl import WEIGHTS_NAME
 from .vpl_reward_config import VPLRewardConfig
 
 # Columns the trainer builds and the collator reads
@@ -95,7 +96,11 @@ class VPLRewardTrainer(RewardTrainer):
 
     Examples without a `context` get `args.num_context` pairs drawn from their user's pairs (evaluation examples
     from the training set). Context pairs are embedded once by the backbone (without its adapter) and cached; the
-    collator looks them up by index.
+    collator looks them up by index. In `full` mode, where that backbone trains, they are embedded again before
+    evaluation and prediction, as the saved model embeds them.
+
+    Predictions (`predict`, `compute_metrics`) have one row per pair: the rewards (chosen, rejected), and for `vae`
+    models the posterior latent mean and the KL term.
 
     Example:
     ```python
@@ -172,6 +177,7 @@ class VPLRewardTrainer(RewardTrainer):
             _train_heads_under_peft(model, adapter)
         if bool((model.embedding_scale == 1).all() and (model.embedding_mean == 0).all()):
             self._fit_embedding_statistics()  # a new model: standardize embeddings by the training data's
+        self._contexts_embedded_by = (model, self.state.global_step)
 
     # ----- model --------------------------------------------------------------------------------------------
 
@@ -355,7 +361,7 @@ class VPLRewardTrainer(RewardTrainer):
             vectors = compute_embeddings(
                 table.model, table.tokenizer, missing, None, table.batch_size, table.max_length, desc=desc
             )
-        if missing and args.local_process_index == 0:
+        if missing and (args.local_process_index == 0 or table.cache.directory is None):  # an in-memory cache: all
             table.cache.add(missing, vectors)
         barrier()
         table.add(texts, desc=desc)  # all cached now
@@ -399,42 +405,62 @@ class VPLRewardTrainer(RewardTrainer):
             metrics["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
             margin = (rewards_chosen - rewards_rejected).mean()
             metrics["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
-        return (loss, {"logits": outputs.logits}) if return_outputs else loss
+        return (loss, _predictions(outputs, rewards_chosen, rewards_rejected)) if return_outputs else loss
 
     # ----- prediction ---------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    def evaluation_loop(self, *args, **kwargs):
+        # `evaluate` and `predict` run through here: contexts as the model embeds them now.
+        self._refresh_context_embeddings()
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _refresh_context_embeddings(self) -> None:
+        """In `full` mode the backbone that embeds the contexts is trained: once it has changed (training steps, or
+        another model in its place), embed the contexts again with it, into the same rows, as a saved and reloaded
+        model embeds them."""
+        table = self.embedding_table
+        model = self.accelerator.unwrap_model(self.model)
+        if model.config.embedding_mode != "full" or not model.config.use_latent:
+            return
+        if self._contexts_embedded_by == (model, self.state.global_step) or not table.index:
+            return
+        texts = list(table.index)
+        table.reset(model)
+        self._embed_texts(texts, self.args, desc="Embedding contexts with the trained backbone")
+        self._contexts_embedded_by = (model, self.state.global_step)
+
     def predict_preferences(self, dataset: Dataset, batch_size: int | None = None, name: str = "eval") -> dict[str, Any]:
-        """Rewards of every pair of `dataset` (contexts attached from the training pool if absent).
+        """Rewards of every pair of `dataset` (contexts attached from the training pool if absent), by
+        `Trainer.predict`; the metrics of the evaluation log are left as they were.
 
         Returns `reward_chosen`, `reward_rejected`, the rows' `user_id` and `controversial` (when present),
         and for `vae` models each example's posterior `latent_mean` and `kl`.
         """
+        self._refresh_context_embeddings()  # before new contexts are embedded
         prepared = self._prepare_dataset(dataset, self.processing_class, self.args, name)
         model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        device = next(model.decoder.parameters()).device
-        batch_size = batch_size or self.args.per_device_eval_batch_size
-        keep = [c for c in TOKEN_COLUMNS + INDEX_COLUMNS + CONTEXT_COLUMNS if c in prepared.column_names]
-        result: dict[str, list] = defaultdict(list)
-        for begin in range(0, len(prepared), batch_size):
-            rows = prepared.select(range(begin, min(begin + batch_size, len(prepared))))
-            batch = self.data_collator([{c: r[c] for c in keep} for r in rows])
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            outputs = model(**batch)
-            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1).float().cpu(), 2)
-            result["reward_chosen"] += chosen.tolist()
-            result["reward_rejected"] += rejected.tolist()
-            if outputs.latent_mean is not None:
-                result["latent_mean"] += outputs.latent_mean.float().cpu().tolist()
-                kl = gaussian_kl(outputs.latent_mean.float(), outputs.latent_logvar.float(), reduction="none")
-                result["kl"] += kl.cpu().tolist()
+        was_training, eval_metrics = model.training, self._metrics["eval"]
+        self._metrics["eval"] = defaultdict(list)
+        settings = {"per_device_eval_batch_size": batch_size or self.args.per_device_eval_batch_size,
+                    "dataloader_drop_last": False}
+        before = {key: getattr(self.args, key) for key in settings}
+        try:
+            for key, value in settings.items():
+                setattr(self.args, key, value)
+            predictions = self.predict(prepared, metric_key_prefix=name).predictions
+        finally:
+            for key, value in before.items():
+                setattr(self.args, key, value)
+            self._metrics["eval"] = eval_metrics
+            model.train(was_training)
+        rewards, *latent = predictions if isinstance(predictions, tuple) else (predictions,)
+        result = {"reward_chosen": rewards[:, 0].tolist(), "reward_rejected": rewards[:, 1].tolist()}
+        if latent:
+            result["latent_mean"], result["kl"] = latent[0].tolist(), latent[1].tolist()
         for column in ("user_id", "controversial"):
             if column in prepared.column_names:
                 result[column] = list(prepared[column])
-        model.train(was_training)
-        return dict(result)
+        return result
 
     # ----- checkpoints --------------------------------------------------------------------------------------
 
@@ -462,6 +488,16 @@ class VPLRewardTrainer(RewardTrainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         # The checkpoint holds the heads and adapter only: load those (the backbone's weights are not missing).
         self.accelerator.unwrap_model(model or self.model).load_trained_weights(weights)
+
+
+def _predictions(outputs, rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What `Trainer.prediction_step` returns as predictions (and `compute_metrics` sees), one row per pair:
+    `rewards` (chosen, rejected), and for `vae` models the posterior `latent_mean` and the pair's `kl`."""
+    predictions = {"rewards": torch.stack([rewards_chosen, rewards_rejected], dim=-1).float()}
+    if outputs.latent_mean is not None:
+        mean, logvar = outputs.latent_mean.float(), outputs.latent_logvar.float()
+        predictions.update(latent_mean=mean, kl=gaussian_kl(mean, logvar, reduction="none"))
+    return predictions
 
 
 def count_active_units(latent_means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
@@ -553,7 +589,7 @@ def _train_heads_under_peft(model: VPLRewardModel, adapter: dict[str, torch.Tens
     for module in (getattr(model, "encoder", None), model.decoder):
         if module is not None:
             module.requires_grad_(True)
-    _keep_4bit_layers_differentiable(model.backbone)
+    keep_4bit_layers_differentiable(model.backbone)
     if adapter:
         unexpected = model.load_state_dict(adapter, strict=False).unexpected_keys
         if unexpected:

@@ -1,0 +1,159 @@
+"""The VPL model's backbone LLM: loading or building it, its LoRA adapter, quantization and checkpointing plumbing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import logging as transformers_logging
+
+from ..embedded_model import resolve_model_name_or_path
+
+
+def load_backbone(name_or_path: str, dtype: torch.dtype | str | None = torch.float32, **kwargs) -> PreTrainedModel:
+    """The backbone LLM without its LM head (`AutoModel`), from a hub id or a folder, loaded as TRL loads models
+    (`kwargs` are `from_pretrained`'s: `trust_remote_code`, `quantization_config`, ...); on the CPU unless a
+    `device_map` is given."""
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs.setdefault("device_map", None)
+    # Loading a causal LM's checkpoint into its base model leaves the LM head out, as intended: don't report it.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return create_model_from_path(resolve_model_name_or_path(name_or_path), AutoModel, dtype=dtype, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def build_backbone(backbone_config: dict | None, name_or_path: str | None) -> PreTrainedModel:
+    """A backbone with freshly initialized weights, from its configuration (a `to_dict()`), or for configurations
+    saved without one, from the configuration file of `name_or_path` (no weights are read)."""
+    if backbone_config:
+        settings = dict(backbone_config)
+        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    elif name_or_path:
+        config = AutoConfig.from_pretrained(resolve_model_name_or_path(name_or_path))
+    else:
+        raise ValueError("the VPL configuration names no backbone (`backbone_config` or `backbone_name_or_path`).")
+    return AutoModel.from_config(config)
+
+
+def backbone_config_dict(config: PretrainedConfig) -> dict:
+    """The backbone's configuration as saved in the VPL configuration (its architecture; a quantization applies to
+    loaded weights only)."""
+    settings = config.to_dict()
+    settings.pop("quantization_config", None)
+    return settings
+
+
+def backbone_signature(backbone_config: PretrainedConfig) -> dict:
+    """Architecture facts that a checkpoint's heads depend on."""
+    return {
+        "model_type": backbone_config.model_type,
+        "hidden_size": backbone_config.hidden_size,
+        "num_hidden_layers": getattr(backbone_config, "num_hidden_layers", None),
+        "vocab_size": getattr(backbone_config, "vocab_size", None),
+    }
+
+
+def local_model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A saved model's folder: the path itself, or the downloaded (and cached) snapshot of a Hub repo id."""
+    folder = Path(name_or_path)
+    if folder.exists():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path)))
+
+
+# ----- LoRA adapter --------------------------------------------------------------------------------------------
+
+
+def lora_config(config):
+    """The backbone's adapter of a VPL configuration: `config.peft_config` when set (the trainer's `peft_config`),
+    else its `lora_*` fields."""
+    from peft import LoraConfig
+    from peft.mapping import get_peft_config
+
+    if config.peft_config:
+        return get_peft_config(dict(config.peft_config))
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+    )
+
+
+def inject_lora_adapter(backbone: PreTrainedModel, config) -> PreTrainedModel:
+    """The frozen backbone with a trainable LoRA adapter injected in place (no PEFT wrapper)."""
+    from peft import inject_adapter_in_model
+
+    backbone.requires_grad_(False)
+    backbone = inject_adapter_in_model(lora_config(config), backbone)
+    keep_4bit_layers_differentiable(backbone)
+    return backbone
+
+
+@contextlib.contextmanager
+def adapter_disabled(backbone: nn.Module):
+    """The backbone as it was before training its LoRA adapter (a no-op without one)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+# ----- precision, quantization, gradient checkpointing ---------------------------------------------------------
+
+
+def keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes (seen with 0.50.2) repacks a 4-bit layer's weight for fast inference
+    the first time it runs in eval mode without gradients (as the context embedding does); the repacked layer then
+    passes no gradient back, so the LoRA adapters below it would stop learning (and layers narrower than the
+    64-value quantization block fail to repack). A trained backbone keeps the plain layout."""
+    for module in backbone.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def match_backbone_dtype(model: PreTrainedModel, backbone: PreTrainedModel, quantized: bool) -> PreTrainedModel:
+    """Put the heads (and adapter) in the backbone's dtype. Under DeepSpeed ZeRO-3 a bf16 run partitions the
+    backbone in bf16 as it loads; heads left in fp32 would make a mixed-dtype partition, which DeepSpeed's
+    coalesced all-gather has failed on (deepspeed#8072). On a bitsandbytes-quantized backbone the trainable
+    parameters go to bf16, as TRL trains those of quantized models (QLoRA); quantized weights and norms stay."""
+    if quantized:
+        for param in model.parameters():
+            if param.requires_grad and param.dtype.is_floating_point:
+                param.data = param.data.to(torch.bfloat16)
+        return model
+    dtype = backbone.dtype
+    return model.to(dtype) if dtype.is_floating_point else model
+
+
+def enable_checkpointing(backbone: PreTrainedModel, checkpointing_kwargs: dict | None, **kwargs) -> None:
+    """Checkpoint the backbone's activations; `kwargs` are what the installed transformers passes along."""
+    # transformers >= 5.x names it activation checkpointing; the old name is a deprecated alias there.
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs, **kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs, **kwargs)
+    backbone.enable_input_require_grads()
+
+
+def disable_checkpointing(backbone: PreTrainedModel) -> None:
+    if hasattr(backbone, "activation_checkpointing_disable"):
+        backbone.activation_checkpointing_disable()
+    else:
+        backbone.gradient_checkpointing_disable()
