@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 from datasets import Dataset
+from transformers import set_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,25 +61,26 @@ SERVE_K = 16  # the K of the per-user accuracies, z's R^2 and the serving times
 MODELS = {"vpl": "vae", "btl": "base", "dpl_mean_and_variance": "mean_and_variance", "dpl_categorical": "categorical"}
 
 
-def reward_config(model_type: str, output_dir: Path) -> VPLRewardConfig:
+def reward_config(model_type: str, output_dir: Path, seed: int) -> VPLRewardConfig:
     """`population.yaml` for `model_type`. Baselines see each training pair as many times as VPL does (VPL sees it
     once per context draw), so every model gets the same number of updates."""
     settings = {k: v for k, v in yaml.safe_load(CONFIG.read_text()).items() if k != "dataset"}
     if model_type != "vae":
         settings["num_train_epochs"] = settings["num_train_epochs"] * settings.pop("train_context_draws", 1)
-    return VPLRewardConfig(output_dir=str(output_dir), model_type=model_type, seed=0, **settings)
+    return VPLRewardConfig(output_dir=str(output_dir), model_type=model_type, seed=seed, **settings)
 
 
-def train_models(train: Dataset, output_dir: Path) -> tuple[dict[str, VPLRewardTrainer], dict[str, float]]:
+def train_models(train: Dataset, output_dir: Path, seed: int) -> tuple[dict[str, VPLRewardTrainer], dict[str, float]]:
     trainers, seconds = {}, {}
     for name, model_type in MODELS.items():
         start = time.perf_counter()
-        trainer = VPLRewardTrainer(model=DEFAULT_MODEL, args=reward_config(model_type, output_dir / name),
+        set_seed(seed)  # the heads' initialization
+        trainer = VPLRewardTrainer(model=DEFAULT_MODEL, args=reward_config(model_type, output_dir / name, seed),
                                    train_dataset=train)
         trainer.train()
         trainer.save_model(str(output_dir / name))
         trainers[name], seconds[name] = trainer, time.perf_counter() - start
-        print(f"trained {name} in {seconds[name]:.0f} s")
+        print(f"seed {seed}: trained {name} in {seconds[name]:.0f} s")
     return trainers, seconds
 
 
@@ -239,6 +241,27 @@ def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, d
     return result
 
 
+def average(results: list[Any]) -> Any:
+    """The mean of every number across results of the same shape (dicts and lists walked, None kept)."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {key: average([r[key] for r in results]) for key in first}
+    if isinstance(first, list):
+        return [average(list(items)) for items in zip(*results)]
+    if isinstance(first, int) and not isinstance(first, bool) and len(set(results)) == 1:
+        return first  # a count, the same in every run
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return float(np.mean(results))
+    return first
+
+
+def spread(results: list[Any]) -> Any:
+    """The standard deviation across seeds of every number (dicts walked)."""
+    if isinstance(results[0], dict):
+        return {key: spread([r[key] for r in results]) for key in results[0]}
+    return float(np.std(results))
+
+
 def _mean_per_user(runs: list[dict]) -> dict[str, float]:
     users = runs[0]["per_user"]
     return {u: float(np.mean([run["per_user"][u] for run in runs])) for u in users}
@@ -318,6 +341,10 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def pct_spread(value: float, spread_: float | None) -> str:
+    return pct(value) if spread_ is None else f"{100 * value:.1f} ± {100 * spread_:.1f}%"
+
+
 def render_results(summary: dict[str, Any], stem: str) -> str:
     r = summary["new_users"]
     data = summary["data"]
@@ -336,16 +363,17 @@ def render_results(summary: dict[str, Any], stem: str) -> str:
         "## New users against K", "",
         "| model | " + " | ".join(f"K={k}" for k in ks) + " |",
         "|---|" + "---|" * len(ks),
-        "| VPL | " + " | ".join(pct(r["vpl"][k]) for k in ks) + " |",
-        "| LoRe-style | " + " | ".join(pct(r["lore"][k]) for k in ks) + " |",
+        "| VPL | " + " | ".join(pct_spread(r["vpl"][k], r["seed_spread"]["vpl"][k]) for k in ks) + " |",
+        "| LoRe-style | " + " | ".join(pct_spread(r["lore"][k], r["seed_spread"]["lore"][k]) for k in ks) + " |",
         "| gap closed by VPL | " + " | ".join("-" if r["gap_closed"][k] is None else f"{100 * r['gap_closed'][k]:.0f}%"
                                               for k in ks) + " |",
         "| VPL against labels | " + " | ".join(pct(r["vpl_labels"][k]) for k in ks) + " |",
-        "", f"Mean over {summary['draws']} random draws of K of each user's context pairs (one at K=32). "
-        "Gap closed: (VPL - Bradley-Terry) / (oracle - Bradley-Terry).", "",
+        "", f"Mean ± std over {summary['seeds']} training seeds of every model; each seed's accuracy is the mean over "
+        f"{summary['draws']} random draws of K of each user's context pairs (one at K=32). Gap closed: "
+        "(VPL - Bradley-Terry) / (oracle - Bradley-Terry), from the means.", "",
         "| model (no context) | true preference | labels |", "|---|---|---|",
         f"| label agreement (the labels themselves) | {pct(r['label_agreement'])} | - |",
-        *(f"| {name} | {pct(r[key])} | {pct(r[key + '_labels'])} |" for name, key in (
+        *(f"| {name} | {pct_spread(r[key], r['seed_spread'].get(key))} | {pct(r[key + '_labels'])} |" for name, key in (
             ("oracle: VPL decoder with the true weights", "oracle"), ("Bradley-Terry", "btl"),
             ("DPL mean-and-variance", "dpl_mean_and_variance"), ("DPL categorical", "dpl_categorical"))),
         "", f"![accuracy against K]({stem}_accuracy_vs_k.png)", "",
@@ -387,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train_users", "--train-users", type=int, default=defaults.train_users)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--lore_rank", "--lore-rank", type=int, default=8)
-    parser.add_argument("--draws", type=int, default=3, help="random context draws per K")
+    parser.add_argument("--draws", type=int, default=2, help="random context draws per K")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds of every model (results are averaged)")
     parser.add_argument("--note", default=None, help="a line added to the results file")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -400,31 +429,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = load_preference_splits(output_dir / "data")
     population = Population.load(output_dir / "data" / "users.json")
 
-    trainers, train_seconds = train_models(splits["train"], output_dir / "models")
     from vpl_trl.data.population import dialogue_prompt, load_pool
 
     pool_rows = [{"prompt": dialogue_prompt(r["prompt"]), "response": " " + r["response"]} for r in load_pool()]
-    embeddings = PoolEmbeddings(trainers["vpl"], pool_rows)
     train_rows = dataset_rows(splits["train"])
     user_index = {u: i for i, u in enumerate(sorted({r["user_id"] for r in train_rows}))}
-    train_pairs = embeddings.pairs(train_rows, user_index)
     true_weights = torch.tensor(np.stack([population.weights(u) for u in user_index]), dtype=torch.float32)
-    vpl_config = trainers["vpl"].accelerator.unwrap_model(trainers["vpl"].model).config
-    t = time.perf_counter()
-    oracle = fit_oracle_reward(embeddings.matrix, train_pairs, true_weights, hidden_dim=vpl_config.hidden_dim,
-                               decoder_type=vpl_config.decoder_type, seed=args.seed)
-    train_seconds["oracle"] = time.perf_counter() - t
-    t = time.perf_counter()
-    lore = fit_low_rank_reward(embeddings.matrix, train_pairs, len(user_index), rank=args.lore_rank, seed=args.seed)
-    train_seconds["lore"] = time.perf_counter() - t
-
-    new_users = evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, args.draws)
+    per_seed, seconds_per_seed = [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        trainers, train_seconds = train_models(splits["train"], output_dir / "models" / f"seed{seed}", seed)
+        embeddings = PoolEmbeddings(trainers["vpl"], pool_rows)
+        train_pairs = embeddings.pairs(train_rows, user_index)
+        vpl_config = trainers["vpl"].accelerator.unwrap_model(trainers["vpl"].model).config
+        t = time.perf_counter()
+        oracle = fit_oracle_reward(embeddings.matrix, train_pairs, true_weights, hidden_dim=vpl_config.hidden_dim,
+                                   decoder_type=vpl_config.decoder_type, seed=seed)
+        train_seconds["oracle"] = time.perf_counter() - t
+        t = time.perf_counter()
+        lore = fit_low_rank_reward(embeddings.matrix, train_pairs, len(user_index), rank=args.lore_rank, seed=seed)
+        train_seconds["lore"] = time.perf_counter() - t
+        per_seed.append(evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, args.draws))
+        seconds_per_seed.append(train_seconds)
+        print(f"seed {seed}: new users, K=16: VPL {pct(per_seed[-1]['vpl']['16'])}, "
+              f"LoRe {pct(per_seed[-1]['lore']['16'])}, Bradley-Terry {pct(per_seed[-1]['btl'])}, "
+              f"oracle {pct(per_seed[-1]['oracle'])}")
+    new_users = average(per_seed)
+    new_users["gap_closed"] = {k: (a - new_users["btl"]) / (new_users["oracle"] - new_users["btl"])
+                               for k, a in new_users["vpl"].items()}
+    new_users["seed_spread"] = {key: spread([r[key] for r in per_seed]) for key in ("vpl", "lore", "btl", "oracle")}
+    new_users["per_seed"] = [{key: r[key] for key in ("vpl", "lore", "btl", "oracle", "gap_closed", "worst_decile",
+                                                     "z_r2")} for r in per_seed]
     summary = {
         "new_users": new_users,
         "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
         "lore_rank": args.lore_rank,
         "draws": args.draws,
-        "train_seconds": train_seconds,
+        "seeds": args.seeds,
+        "train_seconds": average(seconds_per_seed),
         "machine": f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
         "note": args.note,
         "seconds": time.perf_counter() - start,
@@ -439,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary["seconds"] = time.perf_counter() - start
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     results.write_text(render_results(summary, results.stem))
-    print(f"new users, K=16: VPL {pct(new_users['vpl']['16'])}, LoRe {pct(new_users['lore']['16'])}, "
+    print(f"new users, K=16, mean of {args.seeds} seeds: VPL {pct(new_users['vpl']['16'])}, LoRe {pct(new_users['lore']['16'])}, "
           f"Bradley-Terry {pct(new_users['btl'])}, oracle {pct(new_users['oracle'])}; "
           f"{summary['seconds'] / 60:.1f} min; results in {results}")
     return summary

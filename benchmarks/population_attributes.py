@@ -47,10 +47,11 @@ K_VALUES = (1, 2, 4, 8, 16, 32)
 
 def embed_pool(pool: list[dict], max_length: int = 512, batch_size: int = 16) -> np.ndarray:
     """Frozen SmolLM2 embeddings of each answer after its prompt, as the reward trainer embeds them."""
+    from transformers import AutoTokenizer
+
     from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
     from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
     from vpl_trl.models import VPLRewardModel
-    from transformers import AutoTokenizer
 
     model = VPLRewardModel.from_backbone(DEFAULT_MODEL, embedding_mode="frozen").eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(DEFAULT_MODEL))

@@ -50,7 +50,6 @@ from vpl_trl.distributed import cpu_launch_defaults, full_weights_for_generation
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.generation import GenerationSettings
 from vpl_trl.logs import show_info_logs
-from vpl_trl.scoring import PersonalizedRewardScorer
 from vpl_trl.policy import (
     BestOfNDistillationTrainer,
     ConditionedGRPOTrainer,
@@ -72,6 +71,7 @@ from vpl_trl.policy import (
     write_policy_config,
     write_results,
 )
+from vpl_trl.scoring import PersonalizedRewardScorer
 
 MODES = ("conditioned", "per_user")
 SIGNALS = ("bon_sft", "grpo")

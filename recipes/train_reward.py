@@ -15,13 +15,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import vpl_trl  # noqa: F401  (before transformers and trl: it imports peft without bitsandbytes)
 import datasets
 import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
+import vpl_trl  # noqa: F401  (before transformers and trl: it imports peft without bitsandbytes)
 from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 from vpl_trl.data.registry import load_named_dataset
 from vpl_trl.distributed import cpu_launch_defaults

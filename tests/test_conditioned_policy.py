@@ -15,7 +15,6 @@ from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
 from vpl_trl.generation import policy_input_text
-from vpl_trl.scoring import PersonalizedRewardScorer
 from vpl_trl.policy import (
     LATENT_TOKEN,
     PolicyConditioning,
@@ -28,6 +27,7 @@ from vpl_trl.policy import (
 )
 from vpl_trl.policy.latent_prompt import save_latent_prompt
 from vpl_trl.sample import main as sample_main
+from vpl_trl.scoring import PersonalizedRewardScorer
 
 USERS = ("harmless", "helpful")
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")

@@ -192,7 +192,7 @@ def test_shipped_pool_is_varied_and_builds_a_population(tmp_path):
     scores = raw_attributes([r["response"] for r in rows])
     assert (scores.std(axis=0) > 0).all()
     stats = build_population(tmp_path, PopulationConfig(train_users=5, new_users=3, seed=0))
-    assert stats["rows"] == {"train": 5 * 32, "test": 5 * 8, "new_users": 3 * 16}
+    assert stats["rows"] == {"train": 5 * 32, "test": 5 * 8, "new_users": 3 * 64}
     assert len(read_jsonl(tmp_path / "new_users.jsonl")[0]["context"]) == 32
 
 

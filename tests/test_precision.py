@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from transformers import AutoTokenizer
 
 from vpl_trl import VPLRewardModel

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from vpl_trl.best_of_n import PersonalizedBestOfN
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
-from vpl_trl.embeddings import _tokenize, render_text
-from vpl_trl.best_of_n import PersonalizedBestOfN
 from vpl_trl.data.user_files import load_user_context, read_prompts
+from vpl_trl.embeddings import _tokenize, render_text
 from vpl_trl.generation import GenerationSettings, generate_candidates, load_policy
-from vpl_trl.scoring import PersonalizedRewardScorer
 from vpl_trl.sample import main
+from vpl_trl.scoring import PersonalizedRewardScorer
 
 FAST = ["--max_new_tokens", "6", "--batch_size", "4"]
 

@@ -43,7 +43,7 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.chosen)
 
-    def subset(self, index) -> "PairSet":
+    def subset(self, index) -> PairSet:
         index = torch.as_tensor(index, dtype=torch.long)
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return PairSet(*(pick(t) for t in (self.chosen, self.rejected, self.context_chosen, self.context_rejected,

@@ -2,8 +2,8 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_vpl import REWARD_TYPES, VPLConfig
 from .backbone import load_backbone, local_model_folder
+from .configuration_vpl import REWARD_TYPES, VPLConfig
 from .modeling_vpl import UserContextEncoder, VPLRewardModel, VPLRewardOutput
 
 # saved folders load with the Auto classes too (AutoTokenizer reads config.json to find the model type)

@@ -226,7 +226,7 @@ class VPLRewardModel(PreTrainedModel):
         dtype: torch.dtype | None = None,
         backbone_kwargs: dict | None = None,
         **config_kwargs,
-    ) -> "VPLRewardModel":
+    ) -> VPLRewardModel:
         """A new (untrained) VPL model on a pretrained backbone given by hub id, folder or model object;
         `backbone_kwargs` go to the backbone's `from_pretrained` (e.g. `quantization_config`)."""
         if isinstance(backbone_name_or_path, PreTrainedModel):
@@ -419,7 +419,7 @@ class VPLRewardModel(PreTrainedModel):
         backbone: PreTrainedModel | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs,
-    ) -> "VPLRewardModel":
+    ) -> VPLRewardModel:
         """Load a saved VPL model; its backbone is loaded from `config.backbone_name_or_path` unless `backbone`
         (a model or a hub id/folder) is given, and must match the backbone the model was trained on."""
         folder = local_model_folder(pretrained_model_name_or_path)

@@ -11,7 +11,6 @@ from .conditioned_policy import (
 )
 from .conditioning import PolicyConditioning, build_policy_dataset, context_preamble, policy_prompt
 from .distillation import BestOfNDistillationTrainer, DistillationSettings
-from .latent_prompt import LATENT_TOKEN, LatentConditionedEmbedding, LatentPrompt, add_latent_prompt, conditioned_on
 from .evaluation import (
     format_results,
     generate_for_user,
@@ -22,6 +21,7 @@ from .evaluation import (
     summarize,
     write_results,
 )
+from .latent_prompt import LATENT_TOKEN, LatentConditionedEmbedding, LatentPrompt, add_latent_prompt, conditioned_on
 from .reward import PersonalizedRewardFunction
 from .trainers import ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
 from .users import draw_context, load_prompt_list, load_user_pairs, resolve_data_source

@@ -37,8 +37,8 @@ from ..embeddings import (
 )
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
-from ..models.configuration_vpl import peft_config_to_dict
 from ..models.backbone import keep_4bit_layers_differentiable, load_backbone
+from ..models.configuration_vpl import peft_config_to_dict
 from ..models.modeling_vpl import WEIGHTS_NAME
 from .vpl_reward_config import VPLRewardConfig
 
