@@ -287,10 +287,11 @@ def plot_accuracy_vs_k(result: dict[str, Any], path: Path) -> None:
         means = np.array(list(result[name].values()))
         spread = np.array(list(result[f"{name}_draw_spread"].values()))
         ax.errorbar(ks, 100 * means, yerr=100 * spread, marker="o", capsize=3, label=label, color=color)
-    for name, label, style in (("oracle", "oracle (true weights)", "k--"), ("btl", "Bradley-Terry", "r:"),
-                               ("dpl_mean_and_variance", "DPL mean-variance", "g-."),
-                               ("dpl_categorical", "DPL categorical", "m-.")):
-        ax.axhline(100 * result[name], linestyle=style[1:], color=style[0], label=label, linewidth=1.2)
+    for name, label, style, width in (("oracle", "oracle (true weights)", "k--", 1.2),
+                                      ("dpl_mean_and_variance", "DPL mean-variance", "g-.", 1.0),
+                                      ("dpl_categorical", "DPL categorical", "m-.", 1.0),
+                                      ("btl", "Bradley-Terry", "r:", 2.0)):  # last: on top of a DPL line it equals
+        ax.axhline(100 * result[name], linestyle=style[1:], color=style[0], label=label, linewidth=width)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K: the new user's context pairs")
@@ -312,8 +313,9 @@ def plot_per_user(result: dict[str, Any], path: Path) -> None:
         values = list(result["per_user_accuracy"][name].values())
         ax.hist(values, bins=bins, histtype="step", linewidth=1.6, color=color,
                 label=f"{label} (worst 10%: {100 * result['worst_decile'][name]:.0f}%)")
-    ax.set_xlabel("a new user's accuracy against their true preference")
+    ax.set_xlabel("a new user's accuracy against their true preference (mean over seeds)")
     ax.set_ylabel("users")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -404,6 +406,16 @@ def render_results(summary: dict[str, Any], stem: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(summary: dict[str, Any], results: Path) -> None:
+    """The results file and its PNGs beside it."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    new_users = summary["new_users"]
+    plot_accuracy_vs_k(new_users, results.parent / f"{results.stem}_accuracy_vs_k.png")
+    plot_per_user(new_users, results.parent / f"{results.stem}_per_user.png")
+    plot_active(new_users, results.parent / f"{results.stem}_active.png")
+    results.write_text(render_results(summary, results.stem))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     defaults = PopulationConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -418,9 +430,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--draws", type=int, default=2, help="random context draws per K")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of every model (results are averaged)")
     parser.add_argument("--note", default=None, help="a line added to the results file")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rewrite the results file and plots from DIR/summary.json (no training)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
+    if args.replot:
+        summary = json.loads((output_dir / "summary.json").read_text())
+        write_results(summary, Path(args.results))
+        return summary
     torch.manual_seed(args.seed)
 
     config = dataclasses.replace(defaults, attributes=parse_attributes(args.attributes), temperature=args.temperature,
@@ -473,15 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    plot_accuracy_vs_k(new_users, results.parent / f"{results.stem}_accuracy_vs_k.png")
-    plot_per_user(new_users, results.parent / f"{results.stem}_per_user.png")
-    plot_active(new_users, results.parent / f"{results.stem}_active.png")
-    summary["seconds"] = time.perf_counter() - start
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    results.write_text(render_results(summary, results.stem))
-    print(f"new users, K=16, mean of {args.seeds} seeds: VPL {pct(new_users['vpl']['16'])}, LoRe {pct(new_users['lore']['16'])}, "
-          f"Bradley-Terry {pct(new_users['btl'])}, oracle {pct(new_users['oracle'])}; "
+    write_results(summary, results)
+    print(f"new users, K=16, mean of {args.seeds} seeds: VPL {pct(new_users['vpl']['16'])}, "
+          f"LoRe {pct(new_users['lore']['16'])}, Bradley-Terry {pct(new_users['btl'])}, oracle {pct(new_users['oracle'])}; "
           f"{summary['seconds'] / 60:.1f} min; results in {results}")
     return summary
 

@@ -5,7 +5,8 @@ embedding, and how far one pooled Bradley-Terry reward sits below the users' own
         [--output benchmarks/results/population_attributes.md]
 
 - Probe R^2: ridge regression from the frozen backbone's embedding of `prompt + answer` (rendered as the
-  reward trainer renders it, last-token pooling, cached) to each standardized attribute, cross-validated
+  reward trainer renders it, `--pooling` mean as `recipes/configs/population.yaml`, cached) to each standardized
+  attribute, cross-validated
   in 5 folds grouped by prompt (so a probe is scored on answers to prompts it never saw).
 - Users: the population is built with its defaults; accuracies are against the new users' true preference
   on their test pairs. In attribute space: the true weights (100% by definition), one pooled Bradley-Terry
@@ -45,7 +46,7 @@ from vpl_trl.data.population import (  # noqa: E402
 K_VALUES = (1, 2, 4, 8, 16, 32)
 
 
-def embed_pool(pool: list[dict], max_length: int = 512, batch_size: int = 16) -> np.ndarray:
+def embed_pool(pool: list[dict], pooling: str = "mean", max_length: int = 512, batch_size: int = 16) -> np.ndarray:
     """Frozen SmolLM2 embeddings of each answer after its prompt, as the reward trainer embeds them."""
     from transformers import AutoTokenizer
 
@@ -53,7 +54,7 @@ def embed_pool(pool: list[dict], max_length: int = 512, batch_size: int = 16) ->
     from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
     from vpl_trl.models import VPLRewardModel
 
-    model = VPLRewardModel.from_backbone(DEFAULT_MODEL, embedding_mode="frozen").eval()
+    model = VPLRewardModel.from_backbone(DEFAULT_MODEL, embedding_mode="frozen", pooling=pooling).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(DEFAULT_MODEL))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     texts = [render_text(tokenizer, dialogue_prompt(r["prompt"]), " " + r["response"]) for r in pool]
@@ -183,7 +184,7 @@ def correlations(scores: np.ndarray, names: list[str]) -> list[str]:
     return lines
 
 
-def report(pool, names, r2, alphas, r2_seen, scores, users, config, seconds) -> str:
+def report(pool, names, r2, alphas, r2_seen, scores, users, config, seconds, pooling) -> str:
     chosen = set(config.attributes)
     styles = sorted({r["style"] for r in pool})
     lines = [
@@ -195,7 +196,7 @@ def report(pool, names, r2, alphas, r2_seen, scores, users, config, seconds) -> 
         "",
         "## Linear-probe R² of each attribute from the frozen SmolLM2 embedding",
         "",
-        "Ridge regression from the last-token embedding of `Human: prompt\\n\\nAssistant: answer` (as the reward "
+        f"Ridge regression from the {pooling}-pooled embedding of `Human: prompt\\n\\nAssistant: answer` (as the reward "
         "trainer embeds it) to the standardized attribute; 5-fold cross-validation grouped by prompt (the probe "
         "never saw the prompt), and, in the last column, by answer (it saw other answers to the same prompts).",
         "",
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=PopulationConfig.temperature)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attributes", default=None, help="attributes users weigh (default: the data set's)")
+    parser.add_argument("--pooling", default="mean", choices=["mean", "last"], help="how the embedding pools tokens")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     names = list(ATTRIBUTES)
     raw = raw_attributes([r["response"] for r in pool], names)
     scores = Standardization.fit(raw).apply(raw)
-    embeddings = embed_pool(pool)
+    embeddings = embed_pool(pool, args.pooling)
     r2, alphas, predicted = ridge_probe(embeddings, scores, np.array([r["prompt"] for r in pool]))
     config = PopulationConfig(temperature=args.temperature, seed=args.seed,
                               attributes=parse_attributes(args.attributes))
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     r2_seen, _, predicted_seen = ridge_probe(embeddings, scores, np.arange(len(pool)))
     users = user_experiments(pool, scores[:, columns], predicted[:, columns], embeddings, config,
                              predicted_seen[:, columns])
-    text = report(pool, names, r2, alphas, r2_seen, scores, users, config, time.perf_counter() - start)
+    text = report(pool, names, r2, alphas, r2_seen, scores, users, config, time.perf_counter() - start, args.pooling)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(text)

@@ -3,8 +3,9 @@
     accelerate launch recipes/train_reward.py --model_type {vae,base,mean_and_variance,categorical} \
         --dataset {pets,pets_controversial,PATH} --output_dir DIR [--config recipe.yaml] [any VPLRewardConfig flag]
 
-After training it evaluates on the test split (and on `--extra_eval_datasets`), writes `DIR/eval_results.json`
-and prints a per-user accuracy table.
+After training it evaluates on the test split, on the `new_users` split where the data set has one (users absent
+from training, each with their own context) and on `--extra_eval_datasets`, writes `DIR/eval_results.json` and
+prints a per-user accuracy table.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {"model_type": args.model_type, "dataset": script_args.dataset}
     test_sets = {script_args.dataset: test} if test is not None else {}
+    if "new_users" in data:  # users absent from training, each with their own context
+        test_sets[f"{script_args.dataset} (new users)"] = data["new_users"]
     for name in script_args.extra_eval_datasets:
         with args.main_process_first(desc=f"loading {name}"):
             extra = load_named_dataset(name, script_args.data_dir, script_args.column_mapping, personalized)

@@ -29,7 +29,7 @@ def test_missing_chosen_names_the_field(tmp_path):
 
 def test_missing_user_id_is_reported(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", ['{"chosen": "a", "rejected": "b"}'])
-    with pytest.raises(PreferenceDataError, match="missing field `user_id`"):
+    with pytest.raises(PreferenceDataError, match=r"d\.jsonl: missing field `user_id`.*model_type='base'"):
         load_preference_file(path)
 
 

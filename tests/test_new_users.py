@@ -3,6 +3,8 @@ accuracy, unknown controversy, context limits and curves, the LoRe-style and ora
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,28 @@ def test_new_user_active_queries_are_scored_against_the_true_preference(populati
     mirrored = simulate_new_user_queries(trainer, flipped, num_queries=2, num_samples=8)
     assert original["random"]["accuracy"] == mirrored["random"]["accuracy"]
     assert original["num_candidates"] == 8
+
+
+def test_recipe_trains_on_a_population_and_evaluates_its_new_users(tiny_backbone, population_dir, tmp_path, capsys,
+                                                                   train_reward_recipe):
+    """The final evaluation once crashed on users absent from the training pool (KeyError in the context swap)."""
+    results = train_reward_recipe.main([
+        "--model_name_or_path", tiny_backbone, "--dataset", str(population_dir), "--model_type", "vae",
+        "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "population.yaml"), "--latent_dim", "4", "--hidden_dim", "16", "--max_steps", "3",
+        "--train_context_draws", "2", "--output_dir", str(tmp_path / "run"),
+    ])
+    new = results["by_test_set"][f"{population_dir} (new users)"]
+    assert new["n_eval"] == 36 and len(new["per_user"]) == 6 and "true_accuracy" in new
+    assert "true_accuracy" in new["context_swap"]
+    table = capsys.readouterr().out
+    assert "worst 10% of users" in table and "true preference" in table  # 24 training users: no column each
+
+
+def test_table_of_many_users_reports_the_worst_users():
+    from vpl_trl.evaluation import format_table
+
+    per_user = {f"u{i:02d}": i / 20 for i in range(20)}
+    table = format_table({"vpl": {"accuracy": 0.5, "per_user": per_user, "true_accuracy": 0.6}})
+    assert "user u00" not in table and "| vpl | 50.0% | 2.5% |" in table and "60.0%" in table
+    two = format_table({"vpl": {"accuracy": 0.5, "per_user": {"a": 1.0, "b": 0.0}}})
+    assert "user a" in two and "true preference" not in two

@@ -169,17 +169,29 @@ def evaluate_reward_model(
     return metrics
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A markdown table of several runs' metrics: one row per run, accuracy per user and pair type."""
+def format_table(results: dict[str, dict[str, Any]], max_user_columns: int = 12) -> str:
+    """A markdown table of several runs' metrics: one row per run, accuracy per user (for more than
+    `max_user_columns` users, the worst 10% of users instead) and pair type, and against the true preference
+    where the data knows it."""
     users = sorted({u for r in results.values() for u in r.get("per_user", {})})
-    header = ["run", "accuracy", *[f"user {u}" for u in users], "controversial", "agreed", "ctx swap (contr.)"]
+    many = len(users) > max_user_columns
+    truth = any("true_accuracy" in r for r in results.values())
+    user_columns = ["worst 10% of users"] if many else [f"user {u}" for u in users]
+    header = ["run", "accuracy", *user_columns, "controversial", "agreed", "ctx swap (contr.)"]
+    header += ["true preference", "ctx swap (true)"] if truth else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, metrics in results.items():
-        swap = (metrics.get("context_swap") or {}).get("controversial_accuracy")
+        swap = metrics.get("context_swap") or {}
+        per_user = metrics.get("per_user", {})
         cells = [run, format_percent(metrics.get("accuracy"))]
-        cells += [format_percent(metrics.get("per_user", {}).get(u)) for u in users]
+        if many:
+            cells.append(format_percent(worst_fraction_mean(list(per_user.values())) if per_user else None))
+        else:
+            cells += [format_percent(per_user.get(u)) for u in users]
         cells += [format_percent(metrics.get(key)) for key in ("controversial_accuracy", "agreed_accuracy")]
-        cells.append(format_percent(swap))
+        cells.append(format_percent(swap.get("controversial_accuracy")))
+        if truth:
+            cells += [format_percent(metrics.get("true_accuracy")), format_percent(swap.get("true_accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ def _is_text_or_chat(value: Any) -> bool:
 def validate_example(example: Mapping[str, Any], where: str, require_user: bool = False) -> None:
     """Check one example; `where` names it in the error (e.g. `data/train.jsonl, line 3`)."""
     for column in REQUIRED_COLUMNS:
-        if column not in example:
+        if example.get(column) is None:  # a row read as a table has every column, null where the line lacks it
             raise PreferenceDataError(f"{where}: missing field `{column}` (expected a string or a chat message list).")
         if not _is_text_or_chat(example[column]):
             raise PreferenceDataError(
@@ -106,14 +106,24 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> i
     return count
 
 
-def load_preference_file(path: str | os.PathLike, require_user: bool = True) -> Dataset:
-    """Load and validate one JSONL file in our format as a `datasets.Dataset`."""
-    rows = read_jsonl(path)
-    if not rows:
+def load_preference_file(path: str | os.PathLike, require_user: bool = True, column_mapping=None) -> Dataset:
+    """Load one file in our format with `datasets`' own readers (JSONL, optionally `.gz`, or Parquet), rename
+    columns by `column_mapping` and validate every row. A JSONL line the reader cannot parse is named with its
+    line number."""
+    path = Path(path)
+    reader = "parquet" if path.suffix == ".parquet" else "json"
+    try:
+        dataset = load_dataset(reader, data_files=str(path), split="train")
+    except Exception as error:  # the reader says what failed but not where: find the line
+        if reader == "json":
+            for _ in iter_jsonl(path):
+                pass
+        raise PreferenceDataError(f"{path}: cannot be read as {reader} rows ({error}).") from error
+    if len(dataset) == 0:
         raise PreferenceDataError(f"{path}: no examples.")
-    for number, row in enumerate(rows, start=1):
-        validate_example(row, f"{path}, example {number}", require_user=require_user)
-    return Dataset.from_list(rows)
+    dataset = rename_columns(dataset, column_mapping)
+    validate_dataset(dataset, str(path), require_user=require_user)
+    return dataset
 
 
 def rename_columns(dataset: Dataset, column_mapping: Mapping[str, str] | None) -> Dataset:
@@ -130,17 +140,24 @@ def rename_columns(dataset: Dataset, column_mapping: Mapping[str, str] | None) -
 
 def validate_dataset(dataset: Dataset, name: str, require_user: bool = True) -> None:
     """Validate every row of a `datasets.Dataset` in our format."""
-    missing = [c for c in REQUIRED_COLUMNS + (("user_id",) if require_user else ()) if c not in dataset.column_names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise PreferenceDataError(
             f"{name}: missing column(s) {missing}; it has {dataset.column_names}. "
             "Use a column mapping to rename columns."
+        )
+    if require_user and "user_id" not in dataset.column_names:
+        raise PreferenceDataError(
+            f"{name}: missing field `user_id` (who labelled each pair) in every example; it has "
+            f"{dataset.column_names}. Name that column with a column mapping (--column_mapping 'annotator=user_id'), "
+            "or train a model without users (model_type='base')."
         )
     for number, row in enumerate(dataset, start=1):
         validate_example(row, f"{name}, example {number}", require_user=require_user)
 
 
 SPLIT_FILES = ("train", "validation", "test", "new_users")
+SPLIT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
 
 def load_preference_splits(
@@ -149,24 +166,24 @@ def load_preference_splits(
     require_user: bool = True,
 ) -> DatasetDict:
     """Load the splits of a folder of `train.jsonl` and any of `validation.jsonl`, `test.jsonl`,
-    `new_users.jsonl` (users absent from training, each row with its user's own `context`), of a
-    `save_to_disk` folder, of a single JSONL file (train only), or of a hub dataset id."""
+    `new_users.jsonl` (users absent from training, each row with its user's own `context`), also `.jsonl.gz` or
+    `.parquet`; of a `save_to_disk` folder; of a single file (train only); or of a hub dataset id."""
     source_path = Path(source)
-    if source_path.is_dir() and any((source_path / f"train{s}").exists() for s in (".jsonl", ".jsonl.gz")):
+    if source_path.is_dir() and any((source_path / f"train{s}").exists() for s in SPLIT_SUFFIXES):
         splits = {}
         for split in SPLIT_FILES:
-            for suffix in (".jsonl", ".jsonl.gz"):
+            for suffix in SPLIT_SUFFIXES:
                 file = source_path / f"{split}{suffix}"
                 if file.exists():
-                    splits[split] = _load_file(file, column_mapping, require_user)
+                    splits[split] = load_preference_file(file, require_user, column_mapping)
                     break
         return DatasetDict(splits)
     if source_path.is_dir() and (source_path / "dataset_dict.json").exists():
         loaded = load_from_disk(str(source_path))
     elif source_path.is_file():
-        return DatasetDict({"train": _load_file(source_path, column_mapping, require_user)})
+        return DatasetDict({"train": load_preference_file(source_path, require_user, column_mapping)})
     elif source_path.exists():
-        raise PreferenceDataError(f"{source}: expected train.jsonl/test.jsonl in this folder.")
+        raise PreferenceDataError(f"{source}: expected train.jsonl (or .jsonl.gz, .parquet) in this folder.")
     else:
         loaded = load_dataset(str(source))
     loaded = DatasetDict({split: rename_columns(ds, column_mapping) for split, ds in loaded.items()})
@@ -174,10 +191,3 @@ def load_preference_splits(
         validate_dataset(ds, f"{source} [{split}]", require_user=require_user)
     return loaded
 
-
-def _load_file(path: Path, column_mapping: Mapping[str, str] | None, require_user: bool) -> Dataset:
-    if not column_mapping:
-        return load_preference_file(path, require_user=require_user)
-    dataset = rename_columns(Dataset.from_list(read_jsonl(path)), column_mapping)
-    validate_dataset(dataset, str(path), require_user=require_user)
-    return dataset
