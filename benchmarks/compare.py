@@ -30,7 +30,9 @@ DEFAULT_FLAGS = [
 ]
 
 
-def run_one(recipe, model_type: str, seed: int, dataset: str, data_dir: str, output_dir: Path, flags: list[str]) -> dict:
+def run_one(
+    recipe, model_type: str, seed: int, dataset: str, data_dir: str, output_dir: Path, flags: list[str]
+) -> dict:
     argv = [
         "--model_type", model_type, "--dataset", dataset, "--data_dir", data_dir, "--seed", str(seed),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--report_to", "none", "--save_strategy", "no",

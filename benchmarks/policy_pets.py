@@ -134,11 +134,13 @@ def mode_section(name: str, run_dir: Path, summary: dict, results_dir: Path, ste
         f"## `{name}`{' (the recipe default)' if summary['default'] else ''}", "",
         f"Signal `{results['signal']}`, conditioning `{results['conditioning']['kind']}`; {summary['steps']} steps "
         f"in {summary['train_seconds'] / 60:.1f} min of training (" + ", ".join(
-            f"{run_name}: {run['steps']} steps in {run['train_seconds']:.0f} s" for run_name, run in results["runs"].items()
+            f"{run_name}: {run['steps']} steps in {run['train_seconds']:.0f} s"
+            for run_name, run in results["runs"].items()
         ) + f"). Per step: generation {per_step['generation']:.1f} s, reward scoring {per_step['scoring']:.1f} s, "
         f"update {per_step['update']:.1f} s. Evaluated on {results['eval_prompts']} held-out prompts x "
         f"{results['eval_samples_per_prompt']} samples per user"
-        + (", each user conditioned on pairs from the test split (as a new user)" if results.get("eval_contexts_held_out")
+        + (", each user conditioned on pairs from the test split (as a new user)"
+           if results.get("eval_contexts_held_out")
            else "") + ".", "",
         "| user | own reward before | after | gain | margin after | margin 95% CI |", "|---|---|---|---|---|---|",
     ]
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         f"recipe config `{CONFIG.relative_to(ROOT)}`{' plus ' + ' '.join(extra) if extra else ''}; each mode trains "
         f"for {args.budget_seconds / 60:.0f} min of wall time, both users together. Machine: {platform.machine()}, "
         f"{torch.get_num_threads()} threads, "
-        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; {time.strftime('%Y-%m-%d')}.",
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+        f"{time.strftime('%Y-%m-%d')}.",
         *(["", args.note] if args.note else []),
         "", "`margin`: the user's own reward minus the other user's policy's reward under this user's reward, after "
         "training, with a 95% bootstrap interval over the evaluation samples.", "",

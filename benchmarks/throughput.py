@@ -106,7 +106,9 @@ def build_trl_trainer(model_name: str, mode: str, dataset, batch_size: int, step
                          processing_class=tokenizer, peft_config=peft_config)
 
 
-def build_vpl_trainer(model_name: str, mode: str, reward_type: str, dataset, batch_size: int, steps: int, output_dir: str):
+def build_vpl_trainer(
+    model_name: str, mode: str, reward_type: str, dataset, batch_size: int, steps: int, output_dir: str
+):
     from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 
     lora = {"lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
@@ -239,7 +241,8 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
         f"## Training step ({args.batch_size} preference pairs per step, Pets, median of {args.steps} steps after "
         f"{args.warmup} warm-up steps)",
         "",
-        "| trainer | mode | reward | step time (s), median [min-max] | × TRL, same mode (median / min) | tokens / sequence | "
+        "| trainer | mode | reward | step time (s), median [min-max] | × TRL, same mode (median / min) | "
+        "tokens / sequence | "
         "trainable parameters | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -266,7 +269,8 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
         "",
         "| measurement | value |",
         "|---|---|",
-        f"| infer z from 8 labelled pairs: embed 16 texts ({inference['context_mean_tokens']:.0f} tokens each) + encode "
+        f"| infer z from 8 labelled pairs: embed 16 texts ({inference['context_mean_tokens']:.0f} tokens each) "
+        "+ encode "
         f"| {1000 * inference['infer_z_from_texts_s']:.1f} ms |",
         "| infer z from 8 pairs' cached embeddings (encoder only) | "
         f"{1000 * inference['infer_z_from_embeddings_s']:.2f} ms |",

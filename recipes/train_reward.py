@@ -33,7 +33,9 @@ from vpl_trl.logs import show_info_logs
 
 @dataclass
 class ScriptArguments:
-    dataset: str = field(default="pets", metadata={"help": "pets, pets_controversial, a folder/file in our format, or a hub id."})
+    dataset: str = field(
+        default="pets", metadata={"help": "pets, pets_controversial, a folder/file in our format, or a hub id."}
+    )
     data_dir: str = field(default="data", metadata={"help": "Where built-in datasets are generated."})
     column_mapping: str | None = field(default=None, metadata={"help": "Rename columns: JSON or 'theirs=ours,...'."})
     extra_eval_datasets: list[str] = field(default_factory=list, metadata={"help": "More test sets to report."})
@@ -49,7 +51,8 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> N
     last = get_last_checkpoint(str(output_dir))
     hint = f"--resume_from_checkpoint {last} to continue, or " if last else ""
     raise SystemExit(
-        f"error: output directory {output_dir} is not empty ({', '.join(sorted(p.name for p in output_dir.iterdir())[:5])}); "
+        f"error: output directory {output_dir} is not empty "
+        f"({', '.join(sorted(p.name for p in output_dir.iterdir())[:5])}); "
         f"pass {hint}--overwrite_output_dir to write over it."
     )
 

@@ -121,7 +121,9 @@ def test_saved_latent_policy_reloads_and_serves_a_new_user(tiny_backbone, tiny_r
     new_user = pairs_of(pets_data, "harmless", k=3)
     latent = scorer.user_latent(new_user)
     original = completion_logprob(model, tokenizer, prompt, " Cats are calm.", latent)
-    assert completion_logprob(reloaded, reloaded_tokenizer, prompt, " Cats are calm.", latent) == pytest.approx(original, abs=1e-5)
+    assert completion_logprob(reloaded, reloaded_tokenizer, prompt, " Cats are calm.", latent) == pytest.approx(
+        original, abs=1e-5
+    )
 
     context_file = tmp_path / "new_user.json"
     context_file.write_text(json.dumps(new_user))

@@ -22,7 +22,9 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 
 
 def test_missing_chosen_names_the_field(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", ['{"chosen": "a", "rejected": "b", "user_id": "u"}', '{"rejected": "b", "user_id": "u"}'])
+    path = write_lines(
+        tmp_path / "d.jsonl", ['{"chosen": "a", "rejected": "b", "user_id": "u"}', '{"rejected": "b", "user_id": "u"}']
+    )
     with pytest.raises(PreferenceDataError, match=r"d\.jsonl, example 2: missing field `chosen`"):
         load_preference_file(path)
 
@@ -51,7 +53,10 @@ def test_context_of_the_wrong_shape_is_rejected(tmp_path, context, message):
 
 def _pairs(users):
     return Dataset.from_list(
-        [{"prompt": "p", "chosen": f"{u} good {i}", "rejected": f"{u} bad {i}", "user_id": u} for i, u in enumerate(users)]
+        [
+            {"prompt": "p", "chosen": f"{u} good {i}", "rejected": f"{u} bad {i}", "user_id": u}
+            for i, u in enumerate(users)
+        ]
     )
 
 

@@ -71,7 +71,9 @@ def test_batching_does_not_change_embeddings(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     texts = ["A short one.", "A much longer sentence about a cheerful budgie in a roomy cage."]
     one_by_one = torch.cat([compute_embeddings(model, tokenizer, [t]) for t in texts])
-    torch.testing.assert_close(compute_embeddings(model, tokenizer, texts, batch_size=2), one_by_one, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        compute_embeddings(model, tokenizer, texts, batch_size=2), one_by_one, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_cache_folder_depends_on_the_backbone_weights_and_pooling(model_and_tokenizer, other_backbone):
@@ -86,7 +88,9 @@ def test_chat_messages_are_rendered_with_the_chat_template(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert render_text(tokenizer, None, chat) == "<user>Hi<eos><assistant>Hello<eos>"
-    assert render_text(tokenizer, "Hi", [{"role": "assistant", "content": "Hello"}]) == "<user>Hi<eos><assistant>Hello<eos>"
+    assert render_text(tokenizer, "Hi", [{"role": "assistant", "content": "Hello"}]) == (
+        "<user>Hi<eos><assistant>Hello<eos>"
+    )
     assert render_text(tokenizer, "Q: ", "A") == "Q: A"
 
 

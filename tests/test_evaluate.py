@@ -78,7 +78,9 @@ def test_the_recipe_s_test_numbers_are_reproduced(vae_dir, pets_dir, tmp_path):
     splits = load_preference_splits(pets_dir)
     trainer = VPLRewardTrainer(
         model=VPLRewardModel.from_pretrained(vae_dir),
-        args=VPLRewardConfig(output_dir=str(tmp_path / "t"), report_to="none", num_context="4", seed=42, disable_tqdm=True),
+        args=VPLRewardConfig(
+            output_dir=str(tmp_path / "t"), report_to="none", num_context="4", seed=42, disable_tqdm=True
+        ),
         train_dataset=splits["train"],
     )
     expected = evaluate_reward_model(trainer, splits["test"], name=f"test-{pets_dir}")

@@ -112,7 +112,9 @@ def test_refuses_to_overwrite_and_reports_bad_rows(folder, tmp_path):
 
 
 def test_real_relabeled_sample(tmp_path, capsys):
-    raw = [row for objective in ("helpful", "harmless") for row in read_jsonl(REAL_SAMPLE / objective / "test.jsonl.gz")]
+    raw = [
+        row for objective in ("helpful", "harmless") for row in read_jsonl(REAL_SAMPLE / objective / "test.jsonl.gz")
+    ]
     assert Counter(row["objective"] for row in raw) == {"helpful": 150, "harmless": 150}
     usable = Counter(row["objective"] for row in raw if row["chosen"] != row["rejected"])
     main(["hh-relabeled", "--source", str(REAL_SAMPLE), "--output", str(tmp_path / "out")])
@@ -126,6 +128,8 @@ def test_real_relabeled_sample(tmp_path, capsys):
     for row in rows["train"] + rows["test"]:
         source = sources[row["user_id"], row["source_index"]]
         assert row["prompt"].endswith("\n\nAssistant:")
-        assert (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]) == (source["chosen"], source["rejected"])
+        assert (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]) == (
+            source["chosen"], source["rejected"]
+        )
         assert row["chosen"] == " " + source["responses"][row["label"]]
         assert row["controversial"] is None and row["satisfied_users"] is None

@@ -52,7 +52,10 @@ def test_a_model_built_from_its_config_loads_no_weights(tiny_backbone, tmp_path)
     pretrained = make_model(tiny_backbone)
     built = VPLRewardModel(pretrained.config)  # the backbone from `config.backbone_config`, freshly initialized
     assert type(built.model) is type(pretrained.model)
-    assert built.model.config.hidden_size == 32 and built.config.backbone_signature == pretrained.config.backbone_signature
+    assert (
+        built.model.config.hidden_size == 32
+        and built.config.backbone_signature == pretrained.config.backbone_signature
+    )
     assert not torch.equal(built.model.embed_tokens.weight, pretrained.model.embed_tokens.weight)
     # A configuration saved before `backbone_config` existed builds from the backbone's configuration file.
     pretrained.save_pretrained(tmp_path)

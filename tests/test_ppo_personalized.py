@@ -106,9 +106,13 @@ def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, ti
     output_dir = tmp_path / "per-user"
     config = tmp_path / "recipe.yaml"
     train_prompts, eval_prompts = tmp_path / "train.jsonl", tmp_path / "eval.txt"
-    train_prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": "Human: A pet?\n\nAssistant:"}) + "\n")
+    train_prompts.write_text(
+        json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": "Human: A pet?\n\nAssistant:"}) + "\n"
+    )
     eval_prompts.write_text("Which pet do you like?\nSay something about cats.\n")
-    config.write_text(f"mode: per_user\nnum_iterations: 1\nbeta: 0.0\nprompts: {train_prompts}\neval_prompts: {eval_prompts}\n")
+    config.write_text(
+        f"mode: per_user\nnum_iterations: 1\nbeta: 0.0\nprompts: {train_prompts}\neval_prompts: {eval_prompts}\n"
+    )
     ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--config", str(config)))
     for user in USERS:
         check_adapter(output_dir / "adapters" / user)
@@ -122,7 +126,9 @@ def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data
     contexts = {u: [r for r in pets_data["train"] if r["user_id"] == u][:4] for u in USERS}
     latents = {u: scorer.user_latent(c, user_id=u) for u, c in contexts.items()}
     reward = PersonalizedRewardFunction(scorer, latents)
-    completions = [[{"role": "assistant", "content": " Dogs are loyal."}], [{"role": "assistant", "content": "Cats."}]] * 2
+    completions = [
+        [{"role": "assistant", "content": " Dogs are loyal."}], [{"role": "assistant", "content": "Cats."}]
+    ] * 2
     users = ["harmless", "helpful", "helpful", "harmless"]
     logged = {}
     rewards = reward(["ignored"] * 4, completions, user_id=users, raw_prompt=[PROMPT] * 4,
@@ -143,7 +149,9 @@ def test_conditioning_preamble_and_dataset():
     assert policy_prompt(PROMPT, None, chat=True) == [{"role": "user", "content": "Please talk about one kind of pet."}]
     assert policy_prompt("Hi there", None, chat=True) == [{"role": "user", "content": "Hi there"}]
     chat_prompt = [{"role": "user", "content": "hi"}]
-    assert policy_prompt(chat_prompt, context, chat=True, max_pairs=2) == [{"role": "system", "content": preamble}] + chat_prompt
+    assert policy_prompt(chat_prompt, context, chat=True, max_pairs=2) == (
+        [{"role": "system", "content": preamble}] + chat_prompt
+    )
     dataset = build_policy_dataset(["p1", "p2"], {"a": context, "b": context}, PolicyConditioning("text", 1),
                                    chat=False, rows_per_user=3)
     assert len(dataset) == 6 and set(dataset.column_names) == {"prompt", "raw_prompt", "bare_prompt", "user_id"}
@@ -153,9 +161,13 @@ def test_conditioning_preamble_and_dataset():
 def test_dialogue_prompts_become_chat_turns():
     dialogue = "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: A pet?\n\nAssistant:"
     assert dialogue_messages(dialogue) == [
-        {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A pet?"},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "A pet?"},
     ]
-    for not_a_dialogue in ("Please talk about a pet.", "Human: Hi.\n\nAssistant: Hello!", "Assistant:", "Note\n\nHuman: x\n\nAssistant:"):
+    for not_a_dialogue in (
+        "Please talk about a pet.", "Human: Hi.\n\nAssistant: Hello!", "Assistant:", "Note\n\nHuman: x\n\nAssistant:"
+    ):
         assert dialogue_messages(not_a_dialogue) is None
 
 
@@ -203,6 +215,8 @@ def test_margin_interval_brackets_the_margin():
     noisy = [record("a", 3.0 + 0.5 * (-1) ** i, 0.0) for i in range(16)] + [record("b", 1.0, 5.0)] * 16
     low, high = margin_interval(noisy, "a")
     assert low < 2.0 < high and high - low < 1.0
-    overlapping = [record("a", float(i % 5), 0.0) for i in range(8)] + [record("b", float(i % 5), 0.0) for i in range(8)]
+    overlapping = [record("a", float(i % 5), 0.0) for i in range(8)] + [
+        record("b", float(i % 5), 0.0) for i in range(8)
+    ]
     low, high = margin_interval(overlapping, "a")
     assert low < 0.0 < high

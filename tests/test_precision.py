@@ -24,9 +24,15 @@ def test_bf16_embeddings_are_close_to_fp32_and_cached_apart(tiny_backbone, monke
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
     texts = ["Dogs are loyal and friendly.", "Cats are calm.", "A parrot can talk, and lives for decades."]
     monkeypatch.setenv("VPL_TRL_BF16", "0")
-    fp32, fp32_dir = compute_embeddings(model, tokenizer, texts, EmbeddingCache(None)), default_embedding_cache_dir(model, "mean", 64)
+    fp32, fp32_dir = (
+        compute_embeddings(model, tokenizer, texts, EmbeddingCache(None)),
+        default_embedding_cache_dir(model, "mean", 64),
+    )
     monkeypatch.setenv("VPL_TRL_BF16", "1")
-    bf16, bf16_dir = compute_embeddings(model, tokenizer, texts, EmbeddingCache(None)), default_embedding_cache_dir(model, "mean", 64)
+    bf16, bf16_dir = (
+        compute_embeddings(model, tokenizer, texts, EmbeddingCache(None)),
+        default_embedding_cache_dir(model, "mean", 64),
+    )
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # computed in bf16, stored as fp32
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05 * float(fp32.abs().max()))
     assert bf16_dir != fp32_dir

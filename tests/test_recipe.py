@@ -70,7 +70,9 @@ def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone,
 
     build_pets(tmp_path / "pets", n_train_per_user=40, n_test_per_user=10)
     for split in ("train", "test"):
-        rows = [{k: v for k, v in r.items() if k != "user_id"} for r in read_jsonl(tmp_path / "pets" / f"{split}.jsonl")]
+        rows = [
+            {k: v for k, v in r.items() if k != "user_id"} for r in read_jsonl(tmp_path / "pets" / f"{split}.jsonl")
+        ]
         write_jsonl(rows, tmp_path / "anonymous" / f"{split}.jsonl")
     recipe = train_reward_recipe
     args = base_args(tiny_backbone, tmp_path, "anon") + ["--dataset", str(tmp_path / "anonymous")]

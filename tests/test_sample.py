@@ -89,7 +89,11 @@ def test_cli_text_output_and_prior_user(tiny_reward_model, tiny_backbone, capsys
 @pytest.mark.parametrize(
     "name, content, expected",
     [
-        ("bad.jsonl", '{"chosen": "a", "rejected": "b"}\n\n{"chosen": "a"}\n', "bad.jsonl, line 3: missing field `rejected`"),
+        (
+            "bad.jsonl",
+            '{"chosen": "a", "rejected": "b"}\n\n{"chosen": "a"}\n',
+            "bad.jsonl, line 3: missing field `rejected`",
+        ),
         ("bad.json", '[{"chosen": "a", "rejected": "b"}, 3]', "bad.json, entry 2: expected an object"),
         ("broken.json", '[{"chosen": "a",\n "rejected": }]', "broken.json, line 2: not valid JSON"),
         ("empty.json", "[]", "empty.json: no context pairs"),
@@ -236,5 +240,7 @@ def test_reward_model_loads_from_a_hub_repo_id(tiny_reward_model, context_file, 
     loaded = json.loads(done.stdout)
     assert Path(loaded["tokenizer"]).parts[-2:] == ("snapshots", "0" * 40)  # its own tokenizer, not the backbone's
     local = PersonalizedRewardScorer.from_pretrained(tiny_reward_model)
-    expected = local.score([PROMPT] * 2, ["Dogs are loyal.", "Cats."], local.user_latent(load_user_context(context_file)))
+    expected = local.score(
+        [PROMPT] * 2, ["Dogs are loyal.", "Cats."], local.user_latent(load_user_context(context_file))
+    )
     assert loaded["rewards"] == pytest.approx(expected, abs=1e-6)

@@ -31,7 +31,9 @@ def config(tmp_path, **kwargs):
 @pytest.fixture(scope="module")
 def trained_vae(tiny_backbone, pets_data, tmp_path_factory):
     trainer = VPLRewardTrainer(
-        model=tiny_backbone, args=config(tmp_path_factory.mktemp("vae"), num_train_epochs=10, latent_dim=16, learning_rate=1e-3), train_dataset=pets_data["train"]
+        model=tiny_backbone,
+        args=config(tmp_path_factory.mktemp("vae"), num_train_epochs=10, latent_dim=16, learning_rate=1e-3),
+        train_dataset=pets_data["train"]
     )
     trainer.train()
     return trainer
@@ -54,7 +56,9 @@ def test_training_logs_vpl_metrics(trained_vae):
 
 
 def test_bradley_terry_cannot_tell_the_users_apart(tiny_backbone, pets_data, tmp_path):
-    trainer = VPLRewardTrainer(model=tiny_backbone, args=config(tmp_path, model_type="base"), train_dataset=pets_data["train"])
+    trainer = VPLRewardTrainer(
+        model=tiny_backbone, args=config(tmp_path, model_type="base"), train_dataset=pets_data["train"]
+    )
     trainer.train()
     metrics = evaluate_reward_model(trainer, pets_data["test"])
     assert metrics["agreed_accuracy"] >= 0.65
@@ -65,7 +69,9 @@ def test_bradley_terry_cannot_tell_the_users_apart(tiny_backbone, pets_data, tmp
 @pytest.mark.parametrize("model_type", ["mean_and_variance", "categorical"])
 def test_distributional_baselines_train(tiny_backbone, pets_data, tmp_path, model_type):
     trainer = VPLRewardTrainer(
-        model=tiny_backbone, args=config(tmp_path, model_type=model_type, num_train_epochs=3), train_dataset=pets_data["train"]
+        model=tiny_backbone,
+        args=config(tmp_path, model_type=model_type, num_train_epochs=3),
+        train_dataset=pets_data["train"]
     )
     trainer.train()
     assert "dpl_loss" in {key for entry in trainer.state.log_history for key in entry}
@@ -78,7 +84,9 @@ def test_lora_mode_trains_the_adapter_and_reloads(tiny_backbone, pets_data, tmp_
     trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
     lora_before = {n: p.clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
-    assert lora_before and any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if n in lora_before)
+    assert lora_before and any(
+        not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if n in lora_before
+    )
     trainer.save_model(tmp_path / "saved")
     reloaded = VPLRewardModel.from_pretrained(tmp_path / "saved")
     sample = train.select(range(4))
@@ -123,7 +131,9 @@ def test_saved_model_gives_identical_rewards(trained_vae, pets_data, tmp_path):
 
 def test_resume_from_checkpoint_continues_from_its_step(tiny_backbone, pets_data, tmp_path):
     train = pets_data["train"].select(range(64))
-    args = config(tmp_path, max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=8, logging_steps=1)
+    args = config(
+        tmp_path, max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=8, logging_steps=1
+    )
     full = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
     full.train()
     losses = {e["step"]: e["loss"] for e in full.state.log_history if "loss" in e}
@@ -235,7 +245,9 @@ def test_a_peft_model_trains_its_own_adapter(tiny_backbone, pets_data, tmp_path)
     args = config(tmp_path, model_type="base", embedding_mode=None, max_steps=1, per_device_train_batch_size=8)
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=1)
     peft_model = get_peft_model(classifier, LoraConfig(r=2, init_lora_weights=False))
-    adapter = {n.replace("base_model.model.model.", ""): p.clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    adapter = {
+        n.replace("base_model.model.model.", ""): p.clone() for n, p in peft_model.named_parameters() if "lora_" in n
+    }
     trainer = VPLRewardTrainer(model=peft_model, args=args, train_dataset=train)
     carried = {n.replace("base_model.model.model.", ""): p for n, p in trainer.model.named_parameters() if "lora_" in n}
     assert carried.keys() == adapter.keys() and all(torch.equal(carried[n], adapter[n]) for n in adapter)
@@ -332,7 +344,10 @@ def test_scalar_heads_have_no_bias_and_old_checkpoints_with_one_load(tiny_backbo
 
     model = VPLRewardModel.from_backbone(tiny_backbone, reward_type="vae", latent_dim=4, hidden_dim=8)
     assert model.decoder[-1].bias is None
-    assert VPLRewardModel.from_backbone(tiny_backbone, reward_type="categorical", hidden_dim=8).decoder[-1].bias is not None
+    assert (
+        VPLRewardModel.from_backbone(tiny_backbone, reward_type="categorical", hidden_dim=8).decoder[-1].bias
+        is not None
+    )
     model.save_pretrained(tmp_path / "saved")
     weights = load_file(tmp_path / "saved" / "model.safetensors")
     save_file({**weights, "decoder.4.bias": torch.zeros(1)}, tmp_path / "saved" / "model.safetensors")
@@ -370,7 +385,9 @@ def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny
                                atol=1e-5, rtol=0)
     prepared = fresh._prepare_dataset(sample, fresh.processing_class, args, "eval")
     first = prepared[0]
-    context = [{"chosen": c, "rejected": r} for c, r in zip(first["context_chosen_text"], first["context_rejected_text"])]
+    context = [
+        {"chosen": c, "rejected": r} for c, r in zip(first["context_chosen_text"], first["context_rejected_text"])
+    ]
     scorer = PersonalizedRewardScorer(reloaded, trainer.processing_class, max_length=args.max_length)
     expected_latent = reloaded.normalize_latent(torch.tensor(in_memory["latent_mean"][:1]))
     torch.testing.assert_close(scorer.encode_context(context), expected_latent, atol=1e-5, rtol=0)

@@ -107,7 +107,9 @@ def choose_query(
 
 
 @torch.no_grad()
-def accuracy_given_answers(model, candidates: PairSet, answered: list[int], evaluation: PairSet) -> dict[str, float | None]:
+def accuracy_given_answers(
+    model, candidates: PairSet, answered: list[int], evaluation: PairSet
+) -> dict[str, float | None]:
     """Accuracy on `evaluation` with z the posterior mean given the answered candidates (the prior mean, 0,
     with no answers)."""
     mean, _ = posterior(model, candidates.context_chosen[answered], candidates.context_rejected[answered])
@@ -206,7 +208,9 @@ def simulate_active_queries(
     simulated = []
     for user, indices in sorted(_rows_by_user(dataset).items(), key=lambda item: str(item[0])):
         if len(indices) <= num_candidates:
-            raise ValueError(f"user {user!r} has {len(indices)} pairs: more than num_candidates={num_candidates} needed.")
+            raise ValueError(
+                f"user {user!r} has {len(indices)} pairs: more than num_candidates={num_candidates} needed."
+            )
         for trial in range(users_per_group):
             order = random.Random(f"{seed}-active-{user}-{trial}").sample(indices, len(indices))
             simulated.append((user, [rows[i] for i in order[:num_candidates]],
@@ -287,7 +291,9 @@ def compare_strategies(
         result[strategy] = {key: np.asarray(runs, dtype=float).T.tolist() for key, runs in result[strategy].items()
                             if all(v is not None for run in runs for v in run)}
         if asked_controversial[strategy]:
-            result[strategy]["asked_controversial"] = np.asarray(asked_controversial[strategy], dtype=float).mean(0).tolist()
+            result[strategy]["asked_controversial"] = (
+                np.asarray(asked_controversial[strategy], dtype=float).mean(0).tolist()
+            )
     return result
 
 

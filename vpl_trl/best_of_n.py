@@ -90,7 +90,9 @@ class PersonalizedBestOfN:
         model, tokenizer = load_policy(policy, device=device)
         return cls(model, tokenizer, scorer, settings)
 
-    def rank(self, prompt: Any, context: Sequence[Pair] | None = None, user_id: str | None = None, n: int = 8) -> Ranking:
+    def rank(
+        self, prompt: Any, context: Sequence[Pair] | None = None, user_id: str | None = None, n: int = 8
+    ) -> Ranking:
         """One prompt's n candidates ranked for the user."""
         return self.rank_many([prompt], context=context, user_id=user_id, n=n)[0]
 

@@ -44,7 +44,9 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _cross_validated_probe(features: Any, labels: Sequence[Any], folds: int, seed: int, l2: float, max_iter: int) -> float:
+def _cross_validated_probe(
+    features: Any, labels: Sequence[Any], folds: int, seed: int, l2: float, max_iter: int
+) -> float:
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
     classes, y = np.unique(np.asarray(labels), return_inverse=True)
     if len(classes) < 2:

@@ -327,7 +327,9 @@ def _accuracy_table(metrics: dict[str, Any], breakdown: dict[str, dict[str, Any]
     header += (["true preference"] if has_truth else []) + ["pairs"]
     rows = [["all users", *(format_percent(metrics.get(key)) for key in keys), str(metrics["n_eval"])]]
     if len(breakdown) <= MAX_USER_BARS:
-        rows += [[f"user {u}", *(format_percent(r.get(key)) for key in keys), str(r["n"])] for u, r in breakdown.items()]
+        rows += [
+            [f"user {u}", *(format_percent(r.get(key)) for key in keys), str(r["n"])] for u, r in breakdown.items()
+        ]
     lines = _table(header, rows)
     if len(breakdown) > MAX_USER_BARS:
         per_user = sorted(r["accuracy"] for r in breakdown.values())
@@ -365,7 +367,8 @@ def _latent_sections(metrics: dict[str, Any]) -> list[str]:
                  "controversial pairs)" if swap.get("controversial_accuracy") is not None else "")
               + ": the larger the drop, the more the reward depends on the user's latent. The probe is read against "
               "the untrained encoder's: users' contexts differ, so even random weights may separate them; only a "
-              "trained probe above the untrained one shows that training made z carry the user.", "", f"![latent map]({LATENT_PLOT})", "",
+              "trained probe above the untrained one shows that training made z carry the user.", "",
+              f"![latent map]({LATENT_PLOT})", "",
               "## Accuracy against the number of context pairs", ""]
     curve = metrics["context_curve"]
     has_controversial = curve["controversial_accuracy"][0] is not None
@@ -416,7 +419,10 @@ def _new_user_section(result: dict[str, Any]) -> list[str]:
         ["worst 10% of users (labels)", format_percent(result.get("worst_decile_accuracy"))],
         ["worst 10% of users (true preference)", format_percent(result.get("true_accuracy_worst_decile"))],
         ["controversial pairs", format_percent(result.get("controversial_accuracy"))],
-        ["with another user's context (context swap)", format_percent((result.get("context_swap") or {}).get("accuracy"))],
+        [
+            "with another user's context (context swap)",
+            format_percent((result.get("context_swap") or {}).get("accuracy")),
+        ],
         ["R^2 of the true weights from z (fitted on training users)",
          "-" if result.get("z_r2") is None else f"{result['z_r2']:.3f}"],
     ])
@@ -432,7 +438,11 @@ def _new_user_section(result: dict[str, Any]) -> list[str]:
         lines += ["Active queries among each new user's context pairs (accuracy "
                   f"{'against the true preference' if 'true_accuracy' in result else 'on their labels'}):", ""]
         lines += _table(["queries", "active", "random"], [
-            [str(row["queries"]), f"{100 * row['active_accuracy_mean']:.1f}%", f"{100 * row['random_accuracy_mean']:.1f}%"]
+            [
+                str(row["queries"]),
+                f"{100 * row['active_accuracy_mean']:.1f}%",
+                f"{100 * row['random_accuracy_mean']:.1f}%",
+            ]
             for row in active["summary"]])
         lines += ["", f"![new users' active queries]({NEW_ACTIVE_PLOT})", ""]
     return lines

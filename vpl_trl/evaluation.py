@@ -33,7 +33,10 @@ def preference_metrics(predictions: dict[str, Any]) -> dict[str, Any]:
     true preference (`true_accuracy`; `accuracy` is always against the labels)."""
     margins = np.asarray(predictions["reward_chosen"]) - np.asarray(predictions["reward_rejected"])
     correct = margins > 0
-    metrics: dict[str, Any] = {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "n_eval": len(correct)}
+    metrics: dict[str, Any] = {
+        "accuracy": float(correct.mean()) if len(correct) else float("nan"),
+        "n_eval": len(correct),
+    }
     users = np.asarray(predictions["user_id"]) if "user_id" in predictions else None
     if users is not None:
         metrics["per_user"] = {str(u): float(correct[users == u].mean()) for u in sorted(set(users.tolist()))}
@@ -212,7 +215,10 @@ def per_user_breakdown(predictions: dict[str, Any]) -> dict[str, dict[str, Any]]
         mine = users == user
         row: dict[str, Any] = {"accuracy": float(correct[mine].mean()), "n": int(mine.sum())}
         if controversial is not None:
-            for name, mask in (("controversial_accuracy", mine & controversial), ("agreed_accuracy", mine & ~controversial)):
+            for name, mask in (
+                ("controversial_accuracy", mine & controversial),
+                ("agreed_accuracy", mine & ~controversial),
+            ):
                 row[name] = float(correct[mask].mean()) if mask.any() else None
         breakdown[str(user)] = row
     return breakdown

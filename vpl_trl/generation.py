@@ -22,7 +22,9 @@ from .precision import inference_autocast
 from .scoring import Device, default_device
 
 
-def load_policy(name_or_path: str = DEFAULT_MODEL, device: Device = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_policy(
+    name_or_path: str = DEFAULT_MODEL, device: Device = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM (eval mode) and its tokenizer; the default is the embedded SmolLM2 instruct model."""
     path = resolve_model_name_or_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -46,7 +46,9 @@ class SampleArguments:
         default=None, metadata={"help": "The user's labelled pairs: JSON list or JSONL of {prompt?, chosen, rejected}."}
     )
     prompt: str | None = field(default=None, metadata={"help": "One prompt."})
-    prompts: str | None = field(default=None, metadata={"help": "A file of prompts: one per line, or JSONL with `prompt`."})
+    prompts: str | None = field(
+        default=None, metadata={"help": "A file of prompts: one per line, or JSONL with `prompt`."}
+    )
     n: int = field(default=8, metadata={"help": "Candidates per prompt."})
     policy: str = field(default=DEFAULT_MODEL, metadata={"help": "The policy LLM (hub id or folder), or a conditioned "
                                                                 "policy saved by recipes/ppo_personalized.py."})

@@ -151,7 +151,9 @@ class PersonalizedRewardScorer:
 
     # ----- scores -----------------------------------------------------------------------------------------
 
-    def score(self, prompts: Sequence[Any], completions: Sequence[Any], latent: torch.Tensor | None = None) -> list[float]:
+    def score(
+        self, prompts: Sequence[Any], completions: Sequence[Any], latent: torch.Tensor | None = None
+    ) -> list[float]:
         """r(prompt + completion, z) for each pair; `latent` is (1, d) for one user or (N, d), one row per pair.
         Without `latent`, the prior mean user's."""
         return self.rewards(self.embed_completions(prompts, completions), latent)
@@ -167,7 +169,9 @@ class PersonalizedRewardScorer:
         """Embeddings (N, d) of the scored texts, rendered as in training (adapter enabled)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
-        texts = [render_text(self.tokenizer, p, join_response(p, completion_text(c))) for p, c in zip(prompts, completions)]
+        texts = [
+            render_text(self.tokenizer, p, join_response(p, completion_text(c))) for p, c in zip(prompts, completions)
+        ]
         return self._embed(texts, use_adapter=True, cache=EmbeddingCache(None)).to(self.device)
 
     @torch.no_grad()

@@ -275,7 +275,9 @@ class VPLRewardModel(PreTrainedModel):
         """Set the per-dimension standardization of embeddings from a sample of them (N, d)."""
         embeddings = embeddings.float()
         self.embedding_mean.copy_(embeddings.mean(0))
-        self.embedding_scale.copy_(embeddings.std(0).clamp_min(1e-3) if len(embeddings) > 1 else torch.ones_like(self.embedding_scale))
+        self.embedding_scale.copy_(
+            embeddings.std(0).clamp_min(1e-3) if len(embeddings) > 1 else torch.ones_like(self.embedding_scale)
+        )
 
     def _standardize(self, embeddings: torch.Tensor) -> torch.Tensor:
         dtype = next(self.decoder.parameters()).dtype
@@ -432,7 +434,11 @@ class VPLRewardModel(PreTrainedModel):
         if backbone is None or isinstance(backbone, str):
             backbone = load_backbone(backbone or config.backbone_name_or_path, dtype=dtype or torch.float32)
         vocab_size = config.backbone_signature.get("vocab_size")
-        if config.embedding_mode == "full" and vocab_size and backbone.get_input_embeddings().num_embeddings != vocab_size:
+        if (
+            config.embedding_mode == "full"
+            and vocab_size
+            and backbone.get_input_embeddings().num_embeddings != vocab_size
+        ):
             backbone.resize_token_embeddings(vocab_size)  # the vocabulary was resized in training (chat template)
         model = cls(config, backbone=backbone)
         model = match_backbone_dtype(model, model.model, model.is_quantized_backbone)

@@ -93,12 +93,17 @@ def format_results(results: Mapping[str, Any]) -> str:
     users = results["users"]
     margins = results.get("personalization_margin_after", {})
     intervals = results.get("personalization_margin_ci95_after", {})
-    lines = ["| user | reward before | reward after | gain | margin after | margin 95% CI |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| user | reward before | reward after | gain | margin after | margin 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
     for user in users:
         own = results["own_reward"][user]
         margin = f"{margins[user]:+.4f}" if user in margins else "-"
         interval = "[{:+.2f}, {:+.2f}]".format(*intervals[user]) if user in intervals else "-"
-        lines.append(f"| {user} | {own['before']:+.4f} | {own['after']:+.4f} | {own['gain']:+.4f} | {margin} | {interval} |")
+        lines.append(
+            f"| {user} | {own['before']:+.4f} | {own['after']:+.4f} | {own['gain']:+.4f} | {margin} | {interval} |"
+        )
     lines += ["", "Cross-user rewards after training (rows: policy for user; columns: reward of user)", ""]
     lines.append("| policy for \\ reward of | " + " | ".join(users) + " |")
     lines.append("|---|" + "---|" * len(users))
@@ -131,7 +136,9 @@ def plot_matrices(results: Mapping[str, Any], path: str | Path) -> Path:
         axis.set_ylabel("policy for user")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                axis.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < (low + high) / 2 else "k")
+                axis.text(
+                    j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < (low + high) / 2 else "k"
+                )
     figure.colorbar(image, ax=list(axes), shrink=0.8, label="mean reward")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

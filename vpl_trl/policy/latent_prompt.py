@@ -40,7 +40,9 @@ class LatentPrompt(nn.Module):
         super().__init__()
         self.latent_dim, self.hidden_size, self.num_tokens = latent_dim, hidden_size, num_tokens
         mlp_dim = max(64, min(4 * latent_dim, 1024))
-        self.net = nn.Sequential(nn.Linear(latent_dim, mlp_dim), nn.Tanh(), nn.Linear(mlp_dim, num_tokens * hidden_size))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, mlp_dim), nn.Tanh(), nn.Linear(mlp_dim, num_tokens * hidden_size)
+        )
         if init_embeddings is not None:
             scale = float(init_embeddings.float().std())
             with torch.no_grad():
@@ -169,7 +171,11 @@ def _gathered_for_reading(module: nn.Module):
 
 
 def load_latent_prompt(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike, latent_dim: int, num_tokens: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | os.PathLike,
+    latent_dim: int,
+    num_tokens: int,
 ) -> LatentConditionedEmbedding:
     """Install a soft-prompt module on `model` with the weights saved in `folder`."""
     path = Path(folder) / WEIGHTS_NAME

@@ -47,14 +47,18 @@ def _load_context_mapping(path: Path) -> dict[str, list[dict[str, Any]]]:
     except json.JSONDecodeError as error:
         raise PreferenceDataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from None
     if not isinstance(mapping, dict) or not mapping:
-        raise PreferenceDataError(f"{path}: expected a JSON object mapping each user to a context file or a list of pairs.")
+        raise PreferenceDataError(
+            f"{path}: expected a JSON object mapping each user to a context file or a list of pairs."
+        )
     users = {}
     for user, value in mapping.items():
         if isinstance(value, str):
             users[str(user)] = load_user_context(path.parent / value)
             continue
         if not isinstance(value, list) or not value:
-            raise PreferenceDataError(f"{path}, user {user!r}: expected a context file name or a non-empty list of pairs.")
+            raise PreferenceDataError(
+                f"{path}, user {user!r}: expected a context file name or a non-empty list of pairs."
+            )
         for number, pair in enumerate(value, start=1):
             if not isinstance(pair, dict):
                 raise PreferenceDataError(f"{path}, user {user!r}, pair {number}: expected an object.")

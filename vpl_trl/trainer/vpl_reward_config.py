@@ -19,7 +19,8 @@ class VPLRewardConfig(RewardConfig):
 
     > VPL parameters
 
-    model_type (`str`, defaults to `"vae"`): the reward model's type (`VPLConfig.reward_type`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance`,
+    model_type (`str`, defaults to `"vae"`): the reward model's type (`VPLConfig.reward_type`): `vae` (VPL),
+        `base` (Bradley-Terry), `mean_and_variance`,
         `categorical` (distributional preference learning).
     latent_dim, hidden_dim (`int`, default 512): latent size and encoder/decoder MLP width.
     kl_weight (`float`, default 1e-4): the weight of KL(q(z|context) || N(0, I)) after annealing.

@@ -195,7 +195,8 @@ class VPLRewardTrainer(RewardTrainer):
         if not isinstance(model, str) and is_peft_model(model):
             if peft_config is not None:
                 raise ValueError(
-                    "You passed a `PeftModel` instance together with a `peft_config` to the trainer. Please first merge "
+                    "You passed a `PeftModel` instance together with a `peft_config` to the trainer. "
+                    "Please first merge "
                     "and unload the existing adapter, save the resulting base model, and then pass that base model "
                     "along with the new `peft_config` to the trainer."
                 )
@@ -210,7 +211,9 @@ class VPLRewardTrainer(RewardTrainer):
                 kwargs["device_map"] = None
             model = load_backbone(model, **kwargs)
         elif not isinstance(model, PreTrainedModel):
-            raise TypeError(f"VPLRewardTrainer trains a VPLRewardModel, a backbone or its id, got {type(model).__name__}.")
+            raise TypeError(
+                f"VPLRewardTrainer trains a VPLRewardModel, a backbone or its id, got {type(model).__name__}."
+            )
         elif type(model).__name__.endswith("ForSequenceClassification") and model.config.num_labels != 1:
             raise ValueError(
                 f"The model has `num_labels={model.config.num_labels}`, but reward models require `num_labels=1` "
@@ -310,7 +313,9 @@ class VPLRewardTrainer(RewardTrainer):
         with args.main_process_first(desc=f"drawing the {dataset_name} contexts"):
             if pool is None and args.train_context_draws > 1:  # the training set: one copy of it per draw
                 dataset = concatenate_datasets([
-                    attach_contexts(dataset, args.num_context, args.seed, name=dataset_name + (f"-draw{d}" if d else ""))
+                    attach_contexts(
+                        dataset, args.num_context, args.seed, name=dataset_name + (f"-draw{d}" if d else "")
+                    )
                     for d in range(args.train_context_draws)
                 ])
             else:
@@ -429,7 +434,9 @@ class VPLRewardTrainer(RewardTrainer):
         self._embed_texts(texts, self.args, desc="Embedding contexts with the trained backbone")
         self._contexts_embedded_by = (model, self.state.global_step)
 
-    def predict_preferences(self, dataset: Dataset, batch_size: int | None = None, name: str = "eval") -> dict[str, Any]:
+    def predict_preferences(
+        self, dataset: Dataset, batch_size: int | None = None, name: str = "eval"
+    ) -> dict[str, Any]:
         """Rewards of every pair of `dataset` (contexts attached from the training pool if absent), by
         `Trainer.predict`; the metrics of the evaluation log are left as they were.
 
