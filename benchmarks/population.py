@@ -144,14 +144,15 @@ def lore_margins(lore, embeddings: PoolEmbeddings, rows: list[dict[str, Any]]) -
     return margins, fit_seconds
 
 
-def vpl_serving_seconds(trainer: VPLRewardTrainer, embeddings: PoolEmbeddings, rows: list[dict[str, Any]]) -> list[float]:
+def vpl_serving_seconds(trainer: VPLRewardTrainer, rows: list[dict[str, Any]]) -> list[float]:
     """Seconds of one encoder pass per new user over SERVE_K context pairs (embeddings given, as for LoRe)."""
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     table = trainer.embedding_table
     seconds = []
     for user_rows in _first_row_per_user(rows):
         context = user_rows["context"][:SERVE_K]
-        texts = [[render_text(trainer.processing_class, c["prompt"], c[k]) for c in context] for k in ("chosen", "rejected")]
+        texts = [[render_text(trainer.processing_class, c["prompt"], c[k]) for c in context]
+                 for k in ("chosen", "rejected")]
         chosen, rejected = (table.tensor[torch.tensor([table.index[t] for t in ts])][None] for ts in texts)
         start = time.perf_counter()
         with torch.no_grad():
@@ -209,15 +210,17 @@ def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, d
         for draw in range(1 if k >= max(K_VALUES) else draws):
             limited = limit_contexts(new, k, seed=draw)
             limited_rows = dataset_rows(limited)
-            curves["vpl"].setdefault(k, []).append(accuracies(model_margins(trainers["vpl"], limited, f"new-k{k}-d{draw}"), rows))
+            margins = model_margins(trainers["vpl"], limited, f"new-k{k}-d{draw}")
+            curves["vpl"].setdefault(k, []).append(accuracies(margins, rows))
             margins, seconds = lore_margins(lore, embeddings, limited_rows)
             curves["lore"].setdefault(k, []).append(accuracies(margins, rows))
             if k == SERVE_K:
                 lore_seconds += seconds
     for name in ("vpl", "lore"):
         result[name] = {str(k): float(np.mean([d["true"] for d in runs])) for k, runs in curves[name].items()}
-        result[f"{name}_draw_spread"] = {str(k): float(np.std([d["true"] for d in runs])) for k, runs in curves[name].items()}
-        result[f"{name}_labels"] = {str(k): float(np.mean([d["labels"] for d in runs])) for k, runs in curves[name].items()}
+        runs_by_k = curves[name].items()
+        result[f"{name}_draw_spread"] = {str(k): float(np.std([d["true"] for d in runs])) for k, runs in runs_by_k}
+        result[f"{name}_labels"] = {str(k): float(np.mean([d["labels"] for d in runs])) for k, runs in runs_by_k}
     for name, acc in flat.items():
         result[name] = acc["true"]
         result[f"{name}_labels"] = acc["labels"]
@@ -231,7 +234,7 @@ def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, d
 
     limited = limit_contexts(new, SERVE_K, seed=0)
     result["z_r2"] = z_r2(trainers["vpl"], splits, limited, population)
-    vpl_seconds = vpl_serving_seconds(trainers["vpl"], embeddings, rows)
+    vpl_seconds = vpl_serving_seconds(trainers["vpl"], rows)
     result["serve_seconds_per_user"] = {"vpl": float(np.median(vpl_seconds)), "lore": float(np.median(lore_seconds))}
 
     active = simulate_new_user_queries(trainers["vpl"], new, num_queries=max(QUERY_COUNTS), seed=0)
@@ -356,9 +359,10 @@ def render_results(summary: dict[str, Any], stem: str) -> str:
         f"`python benchmarks/population.py --output_dir DIR`, {summary['seconds'] / 60:.1f} min on "
         f"{summary['machine']}. Data: {data['train_users']} training users x {data['pairs_per_user']} pairs, "
         f"{data['new_users']} new users with {data['context_pairs']} context pairs and {data['new_test_pairs']} test "
-        f"pairs each; attributes {', '.join(data['attributes'])}; temperature {data['temperature']}; seed {data['seed']}. "
+        f"pairs each; attributes {', '.join(data['attributes'])}; temperature {data['temperature']}; "
+        f"seed {data['seed']}. "
         "Frozen SmolLM2-135M embeddings (mean pooling), embedded once. Models: "
-        f"VPL (`recipes/configs/population.yaml`: difference encoder, bilinear decoder), Bradley-Terry and DPL with the "
+        "VPL (`recipes/configs/population.yaml`: difference encoder, bilinear decoder), Bradley-Terry and DPL with the "
         f"same settings and updates, the oracle (the VPL decoder given the true weights), LoRe-style (rank "
         f"{summary['lore_rank']}). Every accuracy is on the new users' held-out pairs against their true preference "
         "unless it says labels.", "",
@@ -388,7 +392,8 @@ def render_results(summary: dict[str, Any], stem: str) -> str:
         f"- R^2 of the true weights from z (posterior mean, K={SERVE_K}; ridge fitted on the training users, scored on "
         f"the new users): {r['z_r2']:.3f}.",
         f"- Serving one new user from {SERVE_K} embedded pairs: VPL's encoder pass "
-        f"{1000 * r['serve_seconds_per_user']['vpl']:.2f} ms, LoRe's weight fit {1000 * r['serve_seconds_per_user']['lore']:.1f} ms "
+        f"{1000 * r['serve_seconds_per_user']['vpl']:.2f} ms, "
+        f"LoRe's weight fit {1000 * r['serve_seconds_per_user']['lore']:.1f} ms "
         "(medians over users).", "",
         "## Active queries", "",
         "| pairs answered | " + " | ".join(r["active"]["active"]) + " |",
@@ -493,7 +498,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = Path(args.results)
     write_results(summary, results)
     print(f"new users, K=16, mean of {args.seeds} seeds: VPL {pct(new_users['vpl']['16'])}, "
-          f"LoRe {pct(new_users['lore']['16'])}, Bradley-Terry {pct(new_users['btl'])}, oracle {pct(new_users['oracle'])}; "
+          f"LoRe {pct(new_users['lore']['16'])}, Bradley-Terry {pct(new_users['btl'])}, "
+          f"oracle {pct(new_users['oracle'])}; "
           f"{summary['seconds'] / 60:.1f} min; results in {results}")
     return summary
 

@@ -196,8 +196,9 @@ def report(pool, names, r2, alphas, r2_seen, scores, users, config, seconds, poo
         "",
         "## Linear-probe R² of each attribute from the frozen SmolLM2 embedding",
         "",
-        f"Ridge regression from the {pooling}-pooled embedding of `Human: prompt\\n\\nAssistant: answer` (as the reward "
-        "trainer embeds it) to the standardized attribute; 5-fold cross-validation grouped by prompt (the probe "
+        f"Ridge regression from the {pooling}-pooled embedding of `Human: prompt\\n\\nAssistant: answer` "
+        "(as the reward trainer embeds it) to the standardized attribute; 5-fold cross-validation grouped by prompt "
+        "(the probe "
         "never saw the prompt), and, in the last column, by answer (it saw other answers to the same prompts).",
         "",
         "| attribute | R² (new prompts) | ridge alpha | weighed by users | R² (seen prompts) |",

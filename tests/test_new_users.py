@@ -263,7 +263,8 @@ def test_recipe_trains_on_a_population_and_evaluates_its_new_users(tiny_backbone
     """The final evaluation once crashed on users absent from the training pool (KeyError in the context swap)."""
     results = train_reward_recipe.main([
         "--model_name_or_path", tiny_backbone, "--dataset", str(population_dir), "--model_type", "vae",
-        "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "population.yaml"), "--latent_dim", "4", "--hidden_dim", "16", "--max_steps", "3",
+        "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "population.yaml"),
+        "--latent_dim", "4", "--hidden_dim", "16", "--max_steps", "3",
         "--train_context_draws", "2", "--output_dir", str(tmp_path / "run"),
     ])
     new = results["by_test_set"][f"{population_dir} (new users)"]
