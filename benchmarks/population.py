@@ -352,6 +352,9 @@ def pct_spread(value: float, spread_: float | None) -> str:
 
 def render_results(summary: dict[str, Any], stem: str) -> str:
     r = summary["new_users"]
+    if summary["seeds"] == 1:  # no spread across seeds to show
+        r = {**r, "seed_spread": {key: {k: None for k in value} if isinstance(value, dict) else None
+                                  for key, value in r["seed_spread"].items()}}
     data = summary["data"]
     ks = list(r["vpl"])
     lines = [
@@ -442,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     if args.replot:
         summary = json.loads((output_dir / "summary.json").read_text())
+        summary["note"] = args.note or summary.get("note")
         write_results(summary, Path(args.results))
         return summary
     torch.manual_seed(args.seed)
