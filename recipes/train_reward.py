@@ -10,6 +10,9 @@ prints a per-user accuracy table.
 
 from __future__ import annotations
 
+import vpl_trl  # noqa: F401  (first, before transformers and trl: it imports peft without bitsandbytes)
+
+# isort: split
 import dataclasses
 import json
 import sys
@@ -22,7 +25,6 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-import vpl_trl  # noqa: F401  (before transformers and trl: it imports peft without bitsandbytes)
 from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 from vpl_trl.data.registry import load_named_dataset
 from vpl_trl.distributed import cpu_launch_defaults
