@@ -108,10 +108,6 @@ class PoolEmbeddings:
         )
 
 
-def dataset_rows(dataset: Dataset) -> list[dict[str, Any]]:
-    return dataset.to_list()
-
-
 def accuracies(margins: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy against the true preference and the labels, and each user's accuracy against the truth."""
     truth = true_correct(margins, {"true_margin": [r["true_margin"] for r in rows]})
@@ -167,7 +163,7 @@ def _first_row_per_user(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def latent_means(trainer: VPLRewardTrainer, dataset: Dataset, name: str) -> tuple[list[str], np.ndarray]:
     """Each user's posterior mean of z, from the first row of each user in `dataset` (with its context)."""
-    first = _first_row_per_user(dataset_rows(dataset))
+    first = _first_row_per_user(dataset.to_list())
     predictions = trainer.predict_preferences(Dataset.from_list(first), name=name)
     return [r["user_id"] for r in first], np.asarray(predictions["latent_mean"])
 
@@ -175,7 +171,7 @@ def latent_means(trainer: VPLRewardTrainer, dataset: Dataset, name: str) -> tupl
 def z_r2(trainer: VPLRewardTrainer, splits, new_limited: Dataset, population: Population) -> float:
     """R^2 of the true weights from z: ridge fitted on the training users' z (SERVE_K of their training pairs),
     scored on the new users'."""
-    one_per_user = Dataset.from_list(_first_row_per_user(dataset_rows(splits["test"])))
+    one_per_user = Dataset.from_list(_first_row_per_user(splits["test"].to_list()))
     if "context" in one_per_user.column_names:
         one_per_user = one_per_user.remove_columns("context")
     with_context = attach_contexts(one_per_user, SERVE_K, 0, pool=splits["train"], name="z-r2-train")
@@ -187,7 +183,7 @@ def z_r2(trainer: VPLRewardTrainer, splits, new_limited: Dataset, population: Po
 
 def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, draws: int) -> dict[str, Any]:
     new = splits["new_users"]
-    rows = dataset_rows(new)
+    rows = new.to_list()
     result: dict[str, Any] = {"users": len({r["user_id"] for r in rows}), "pairs": len(rows)}
     truth_rows = [r["true_margin"] for r in rows]
     result["label_agreement"] = float(np.mean([t > 0 for t in truth_rows if t != 0]))
@@ -209,7 +205,7 @@ def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, d
     for k in K_VALUES:
         for draw in range(1 if k >= max(K_VALUES) else draws):
             limited = limit_contexts(new, k, seed=draw)
-            limited_rows = dataset_rows(limited)
+            limited_rows = limited.to_list()
             margins = model_margins(trainers["vpl"], limited, f"new-k{k}-d{draw}")
             curves["vpl"].setdefault(k, []).append(accuracies(margins, rows))
             margins, seconds = lore_margins(lore, embeddings, limited_rows)
@@ -459,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from vpl_trl.data.population import dialogue_prompt, load_pool
 
     pool_rows = [{"prompt": dialogue_prompt(r["prompt"]), "response": " " + r["response"]} for r in load_pool()]
-    train_rows = dataset_rows(splits["train"])
+    train_rows = splits["train"].to_list()
     user_index = {u: i for i, u in enumerate(sorted({r["user_id"] for r in train_rows}))}
     true_weights = torch.tensor(np.stack([population.weights(u) for u in user_index]), dtype=torch.float32)
     per_seed, seconds_per_seed = [], []
