@@ -46,13 +46,19 @@ sys.path.insert(0, str(ROOT))
 from vpl_trl import VPLRewardConfig, VPLRewardTrainer  # noqa: E402
 from vpl_trl.active_queries import simulate_new_user_queries  # noqa: E402
 from vpl_trl.baselines import PreferencePairs, fit_low_rank_reward, fit_oracle_reward  # noqa: E402
-from vpl_trl.data.context import attach_contexts  # noqa: E402
 from vpl_trl.data.format import load_preference_splits  # noqa: E402
 from vpl_trl.data.population import Population, PopulationConfig, build_population, parse_attributes  # noqa: E402
-from vpl_trl.diagnostics import latent_weight_r2  # noqa: E402
+from vpl_trl.diagnostics import headless_pyplot  # noqa: E402
 from vpl_trl.embedded_model import DEFAULT_MODEL  # noqa: E402
 from vpl_trl.embeddings import render_text  # noqa: E402
-from vpl_trl.evaluation import limit_contexts, predict, true_correct, worst_fraction_mean  # noqa: E402
+from vpl_trl.evaluation import (  # noqa: E402
+    limit_contexts,
+    one_row_per_user,
+    predict,
+    true_correct,
+    worst_fraction_mean,
+    z_weight_r2,
+)
 
 CONFIG = ROOT / "recipes" / "configs" / "population.yaml"
 K_VALUES = (1, 2, 4, 8, 16, 32)
@@ -140,13 +146,13 @@ def lore_margins(lore, embeddings: PoolEmbeddings, rows: list[dict[str, Any]]) -
     return margins, fit_seconds
 
 
-def vpl_serving_seconds(trainer: VPLRewardTrainer, rows: list[dict[str, Any]]) -> list[float]:
+def vpl_serving_seconds(trainer: VPLRewardTrainer, new: Dataset) -> list[float]:
     """Seconds of one encoder pass per new user over SERVE_K context pairs (embeddings given, as for LoRe)."""
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     table = trainer.embedding_table
     seconds = []
-    for user_rows in _first_row_per_user(rows):
-        context = user_rows["context"][:SERVE_K]
+    for context in one_row_per_user(new)["context"]:
+        context = context[:SERVE_K]
         texts = [[render_text(trainer.processing_class, c["prompt"], c[k]) for c in context]
                  for k in ("chosen", "rejected")]
         chosen, rejected = (table.tensor[torch.tensor([table.index[t] for t in ts])][None] for ts in texts)
@@ -155,30 +161,6 @@ def vpl_serving_seconds(trainer: VPLRewardTrainer, rows: list[dict[str, Any]]) -
             model.encode_context(chosen, rejected)
         seconds.append(time.perf_counter() - start)
     return seconds
-
-
-def _first_row_per_user(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return list({r["user_id"]: r for r in reversed(rows)}.values())[::-1]
-
-
-def latent_means(trainer: VPLRewardTrainer, dataset: Dataset, name: str) -> tuple[list[str], np.ndarray]:
-    """Each user's posterior mean of z, from the first row of each user in `dataset` (with its context)."""
-    first = _first_row_per_user(dataset.to_list())
-    predictions = trainer.predict_preferences(Dataset.from_list(first), name=name)
-    return [r["user_id"] for r in first], np.asarray(predictions["latent_mean"])
-
-
-def z_r2(trainer: VPLRewardTrainer, splits, new_limited: Dataset, population: Population) -> float:
-    """R^2 of the true weights from z: ridge fitted on the training users' z (SERVE_K of their training pairs),
-    scored on the new users'."""
-    one_per_user = Dataset.from_list(_first_row_per_user(splits["test"].to_list()))
-    if "context" in one_per_user.column_names:
-        one_per_user = one_per_user.remove_columns("context")
-    with_context = attach_contexts(one_per_user, SERVE_K, 0, pool=splits["train"], name="z-r2-train")
-    train_users, train_z = latent_means(trainer, with_context, "z-r2-train")
-    new_users, new_z = latent_means(trainer, new_limited, f"z-r2-new-k{SERVE_K}")
-    weights = lambda users: np.stack([population.weights(u) for u in users])  # noqa: E731
-    return latent_weight_r2(train_z, weights(train_users), new_z, weights(new_users))
 
 
 def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, draws: int) -> dict[str, Any]:
@@ -229,8 +211,8 @@ def evaluate_new_users(trainers, splits, population, embeddings, lore, oracle, d
     result["worst_decile"] = {name: worst_fraction_mean(list(values.values())) for name, values in per_user.items()}
 
     limited = limit_contexts(new, SERVE_K, seed=0)
-    result["z_r2"] = z_r2(trainers["vpl"], splits, limited, population)
-    vpl_seconds = vpl_serving_seconds(trainers["vpl"], rows)
+    result["z_r2"] = z_weight_r2(trainers["vpl"], splits["test"], splits["train"], limited, population, name="z-r2")
+    vpl_seconds = vpl_serving_seconds(trainers["vpl"], new)
     result["serve_seconds_per_user"] = {"vpl": float(np.median(vpl_seconds)), "lore": float(np.median(lore_seconds))}
 
     active = simulate_new_user_queries(trainers["vpl"], new, num_queries=max(QUERY_COUNTS), seed=0)
@@ -269,17 +251,8 @@ def _mean_per_user(runs: list[dict]) -> dict[str, float]:
 # ----- plots and the results file -------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_accuracy_vs_k(result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ks = [int(k) for k in result["vpl"]]
     for name, label, color in (("vpl", "VPL", "tab:blue"), ("lore", "LoRe-style", "tab:orange")):
@@ -304,7 +277,7 @@ def plot_accuracy_vs_k(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_per_user(result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bins = np.linspace(0, 1, 21)
     for name, label, color in (("btl", "Bradley-Terry", "tab:red"), ("lore", f"LoRe-style, K={SERVE_K}", "tab:orange"),
@@ -322,7 +295,7 @@ def plot_per_user(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_active(result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for strategy, color in (("active", "tab:blue"), ("random", "tab:gray")):
         rows = np.asarray(result["active_raw"][strategy])  # (queries + 1, users)

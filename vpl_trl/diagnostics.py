@@ -163,7 +163,8 @@ def latent_weight_r2(train_latents: Any, train_weights: Any, new_latents: Any, n
     return float(r2.mean())
 
 
-def _pyplot():
+def headless_pyplot():
+    """matplotlib's pyplot on the Agg backend (PNG files, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +178,7 @@ MAX_USER_BARS = 12  # more users than this are plotted and reported as a distrib
 
 def plot_accuracy(metrics: dict[str, Any], breakdown: dict[str, dict[str, Any]], path: str | Path, title: str) -> None:
     """Bars of accuracy overall and per user, split into controversial and agreed pairs where known."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     many = len(breakdown) > MAX_USER_BARS
     groups = {"all users": {k: metrics.get(k) for k in ("accuracy", "controversial_accuracy", "agreed_accuracy")}}
     if not many:
@@ -217,7 +218,7 @@ def _mean_std(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_context_curve(curve: dict[str, Any], path: str | Path, title: str, trained_k: int | None = None) -> None:
     """Accuracy against the number of context pairs K (log2 axis), mean ± std over context draws."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     k = np.asarray(curve["k"])
     for key, label in (("accuracy", "all pairs (labels)" if "true_accuracy" in curve else "all pairs"),
@@ -245,7 +246,7 @@ def plot_context_curve(curve: dict[str, Any], path: str | Path, title: str, trai
 
 def plot_latent_map(diagnostics: dict[str, Any], path: str | Path, title: str) -> None:
     """The users' latents in 2-D (PCA), coloured by user: trained encoder beside an untrained one."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     users = np.asarray(diagnostics["pca"]["users"])
     names = sorted(set(users.tolist()))
     colours = plt.get_cmap("tab10")
@@ -269,7 +270,7 @@ def plot_latent_map(diagnostics: dict[str, Any], path: str | Path, title: str) -
 
 def plot_active_queries(result: dict[str, Any], path: str | Path, title: str) -> None:
     """Accuracy on a new user's held-out pairs against the number of answered queries, active vs random."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     keys = [("accuracy", "all held-out pairs"), ("controversial_accuracy", "controversial held-out pairs")]
     keys = [(key, label) for key, label in keys if result["active"].get(key) is not None]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)

@@ -35,17 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
 from .active_queries import simulate_active_queries, simulate_new_user_queries, summarize_active_queries
-from .data.context import attach_contexts
 from .data.population import Population
 from .data.registry import BUILTIN, builtin_dataset_folder, load_named_dataset
 from .diagnostics import (
     MAX_USER_BARS,
     latent_diagnostics,
-    latent_weight_r2,
     plot_accuracy,
     plot_active_queries,
     plot_context_curve,
@@ -62,6 +59,7 @@ from .evaluation import (
     per_user_breakdown,
     predict,
     worst_fraction_mean,
+    z_weight_r2,
 )
 from .logs import show_info_logs
 from .models import VPLConfig, VPLRewardModel
@@ -244,7 +242,8 @@ def new_user_evaluation(trainer, data, args: EvaluateArguments, output_dir: Path
     result["plots"]["new_users_context_curve"] = NEW_CONTEXT_PLOT
     users_file = dataset_folder(args) / "users.json"
     if users_file.is_file():
-        result["z_r2"] = z_weight_r2(trainer, data, limited, Population.load(users_file), args, name)
+        result["z_r2"] = z_weight_r2(trainer, data[args.split], data["train"], limited, Population.load(users_file),
+                                     seed=args.seed, name=f"{name}-z")
     if args.active:
         active = simulate_new_user_queries(trainer, new, num_queries=min(args.active_queries, longest),
                                            num_samples=args.active_samples, seed=args.seed)
@@ -258,30 +257,6 @@ def new_user_evaluation(trainer, data, args: EvaluateArguments, output_dir: Path
 def dataset_folder(args: EvaluateArguments) -> Path:
     """The folder the evaluated data set was read from (where a simulated population keeps `users.json`)."""
     return builtin_dataset_folder(args.dataset, args.data_dir) if args.dataset in BUILTIN else Path(args.dataset)
-
-
-def z_weight_r2(trainer, data, new_limited, population: Population, args: EvaluateArguments, name: str) -> float:
-    """R^2 of the users' true weights from their posterior mean of z: fitted on the training users (contexts of as
-    many of their training pairs as the new users bring), scored on the new users."""
-    def first_rows(dataset):
-        seen, rows = set(), []
-        for row in dataset.to_list():
-            if row["user_id"] not in seen:
-                seen.add(row["user_id"])
-                rows.append(row)
-        return Dataset.from_list(rows)
-
-    new_first = first_rows(new_limited)
-    k = len(new_first[0]["context"])
-    train_first = first_rows(data[args.split])
-    if "context" in train_first.column_names:
-        train_first = train_first.remove_columns("context")
-    train_first = attach_contexts(train_first, k, args.seed, pool=data["train"], name=f"{name}-z-train")
-    latents = {split: trainer.predict_preferences(ds, name=f"{name}-z-{split}")["latent_mean"]
-               for split, ds in (("train", train_first), ("new", new_first))}
-    weights = {split: [population.weights(u) for u in ds["user_id"]] for split, ds in (("train", train_first),
-                                                                                          ("new", new_first))}
-    return latent_weight_r2(latents["train"], weights["train"], latents["new"], weights["new"])
 
 
 def _fixed_k(num_context: str) -> int | None:

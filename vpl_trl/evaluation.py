@@ -13,6 +13,7 @@ import numpy as np
 from datasets import Dataset
 
 from .data.context import attach_contexts
+from .diagnostics import latent_weight_r2
 from .trainer.vpl_reward_trainer import count_active_units
 
 WORST_FRACTION = 0.1  # the worst-served users reported beside the mean
@@ -170,6 +171,32 @@ def evaluate_reward_model(
             if key in swap_metrics
         }
     return metrics
+
+
+def one_row_per_user(dataset: Dataset) -> Dataset:
+    """The first row of each user, users in the order they first appear."""
+    first: dict[Any, int] = {}
+    for index, user in enumerate(dataset["user_id"]):
+        first.setdefault(user, index)
+    return dataset.select(list(first.values()))
+
+
+def z_weight_r2(trainer, train_users: Dataset, pool: Dataset, new_users: Dataset, population, seed: int = 0,
+                name: str = "z") -> float:
+    """R^2 of simulated users' true weights (`population.weights(user)`) from their posterior mean of z, by
+    `diagnostics.latent_weight_r2`: fitted on the users of `train_users`, each given a context of as many of
+    their `pool` pairs as the new users bring, and scored on the users of `new_users`, each with their own
+    context."""
+    new_first = one_row_per_user(new_users)
+    train_first = one_row_per_user(train_users)
+    if "context" in train_first.column_names:
+        train_first = train_first.remove_columns("context")
+    train_first = attach_contexts(train_first, len(new_first[0]["context"]), seed, pool=pool, name=f"{name}-train")
+    latents, weights = {}, {}
+    for split, users in (("train", train_first), ("new", new_first)):
+        latents[split] = trainer.predict_preferences(users, name=f"{name}-{split}")["latent_mean"]
+        weights[split] = [population.weights(u) for u in users["user_id"]]
+    return latent_weight_r2(latents["train"], weights["train"], latents["new"], weights["new"])
 
 
 def format_table(results: dict[str, dict[str, Any]], max_user_columns: int = 12) -> str:
