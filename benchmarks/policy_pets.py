@@ -7,8 +7,9 @@ each trained for the same wall-time budget; one results file and `summary.json`.
 Without `--reward_model`, it first trains the VPL reward model on Pets controversial (`pets_demo.yaml`, frozen
 SmolLM2). Then each mode runs `recipes/ppo_personalized.py` with `recipes/configs/ppo_pets.yaml` and
 `--max_train_seconds BUDGET` (both users together): `per_user` (GRPO, one adapter per user) and the recipe's
-default conditioned mode (latent conditioning, best-of-n distillation). `--full` adds the other conditioned
-combinations (text conditioning; GRPO), on the same budget. A finished mode is reused with `--reuse`.
+default conditioned mode (latent conditioning, DPO on reward-ranked pairs). `--full` adds the other conditioned
+combinations (text conditioning; best-of-n distillation; GRPO), on the same budget. A finished mode is
+reused with `--reuse`.
 
 `DIR/summary.json`: `{"modes": {NAME: {"default", "train_seconds", "seconds_per_step", "users": {USER:
 {"own_before", "own_after", "margin", "margin_ci95"}}}}, "seconds"}`, where `margin` is the user's own reward minus
@@ -38,12 +39,14 @@ REWARD_CONFIG = ROOT / "recipes" / "configs" / "pets_demo.yaml"
 # name: (recipe flags, whether it is the recipe's default conditioned mode)
 MODES = {
     "per_user": (["--mode", "per_user", "--signal", "grpo"], False),
-    "conditioned_latent_bon_sft": (["--mode", "conditioned", "--conditioning", "latent", "--signal", "bon_sft"], True),
+    "conditioned_latent_dpo": (["--mode", "conditioned", "--conditioning", "latent", "--signal", "dpo"], True),
 }
 FULL_MODES = {
+    "conditioned_latent_bon_sft": (["--mode", "conditioned", "--conditioning", "latent", "--signal", "bon_sft"], False),
     "conditioned_text_bon_sft": (["--mode", "conditioned", "--conditioning", "text", "--signal", "bon_sft"], False),
     "conditioned_latent_grpo": (["--mode", "conditioned", "--conditioning", "latent", "--signal", "grpo"], False),
     "conditioned_text_grpo": (["--mode", "conditioned", "--conditioning", "text", "--signal", "grpo"], False),
+    "conditioned_text_dpo": (["--mode", "conditioned", "--conditioning", "text", "--signal", "dpo"], False),
 }
 KIND_WORDS = {
     "dog": r"\b(dogs?|pupp(y|ies)|retrievers?|terriers?|beagles?|poodles?|spaniels?)\b",

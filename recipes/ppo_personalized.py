@@ -1,7 +1,7 @@
-"""Optimize a policy against a personalized (VPL) reward, one policy for every user or one per user.
+"""Optimize a policy against a personalized (VPL) reward: one policy for every user, one per user, or a user-blind one.
 
     accelerate launch recipes/ppo_personalized.py --reward_model outputs/vpl-pets --user_contexts pets \
-        --mode {conditioned,per_user} --output_dir outputs/ppo-pets [--config recipe.yaml] [any GRPOConfig flag]
+        --mode {conditioned,per_user,shared} --output_dir outputs/ppo-pets [--config recipe.yaml] [any GRPOConfig flag]
 
 Each user's latent `z` comes from their context pairs (`--num_context` pairs drawn from their labelled pairs in a
 dataset folder, or a JSON mapping user -> context file) through the reward model's encoder, once per user. Every
@@ -10,14 +10,23 @@ completion is scored under the latent of the user it was written for.
 - `conditioned`: one LoRA policy for every user, a new one included, given only their pairs. `--conditioning`:
   `latent` (default: `z` of a fresh draw of the user's pairs becomes `--latent_tokens` soft-prompt vectors, a
   small module trained with the adapter) or `text` (`--preamble_pairs` of the user's pairs in a system message).
-  `--signal`: `bon_sft` (default: conditioned best-of-n distillation with TRL's `SFTTrainer`, `--bon_n`
-  candidates per user and prompt, the best `--bon_keep` distilled, a new round every `--bon_epochs_per_round`
-  epochs) or `grpo` (TRL's `GRPOTrainer`). Saved to `output_dir` with `vpl_policy.json`, which
-  `python -m vpl_trl.sample --policy DIR --user-context FILE` reads.
+  `--signal`: `dpo` (default: rounds of `--bon_n` candidates per user and prompt sampled under the user's
+  conditioning and ranked by their reward; TRL's `DPOTrainer` on `--bon_keep` best-against-worst pairs per user
+  and prompt, against the policy as each round began, for `--bon_epochs_per_round` epochs), `bon_sft` (TRL's
+  `SFTTrainer` on the best `--bon_keep` of the same rounds: best-of-n distillation) or `grpo` (TRL's
+  `GRPOTrainer`). Saved to `output_dir` with
+  `vpl_policy.json`, which `python -m vpl_trl.sample --policy DIR --user-context FILE` reads. Every scored
+  candidate of the bon_sft and dpo rounds goes to `--candidates_file` (default `output_dir/round_candidates.jsonl`).
+- `shared`: one user-blind LoRA policy on the bare prompts, trained against every user's reward (default signal
+  `bon_sft`); with a `base` (Bradley-Terry) reward model, the standard RLHF policy that personalization is
+  measured against. Saved like a conditioned policy (conditioning `none`).
 - `per_user`: one LoRA adapter per user, trained on the bare prompts against that user's reward (default signal
   `grpo`), saved to `output_dir/adapters/<user>`.
 
-`--max_train_seconds` caps each mode's training wall time (per_user: split equally among the users).
+`--max_train_seconds` caps each mode's training wall time (per_user: split equally among the users), counted
+from each launch. Checkpoints (`--save_strategy steps --save_steps N`) hold the policy, its soft-prompt module and
+the best-of-n rounds' state; `--resume_from_checkpoint DIR` (or `true`: the newest in `output_dir`, per user for
+`per_user`) continues from one.
 
 Before and after training, the policy for each user answers held-out prompts (`--eval_prompts`; a conditioned
 policy sees pairs drawn from the user's test split, which no training prompt showed, as a new user's would be)
@@ -43,7 +52,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import AutoTokenizer, TrainingArguments
-from trl import GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
+from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
 
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.distributed import cpu_launch_defaults, full_weights_for_generation, replicated_loading
@@ -53,9 +62,10 @@ from vpl_trl.logs import show_info_logs
 from vpl_trl.policy import (
     BestOfNDistillationTrainer,
     ConditionedGRPOTrainer,
-    DistillationSettings,
     PersonalizedRewardFunction,
     PolicyConditioning,
+    RewardRankedDPOTrainer,
+    RoundSettings,
     TimeBudgetCallback,
     build_policy,
     build_policy_dataset,
@@ -71,11 +81,12 @@ from vpl_trl.policy import (
     write_policy_config,
     write_results,
 )
+from vpl_trl.resume import resolve_resume
 from vpl_trl.scoring import PersonalizedRewardScorer
 
-MODES = ("conditioned", "per_user")
-SIGNALS = ("bon_sft", "grpo")
-DEFAULT_SIGNAL = {"conditioned": "bon_sft", "per_user": "grpo"}
+MODES = ("conditioned", "per_user", "shared")
+SIGNALS = ("bon_sft", "dpo", "grpo")
+DEFAULT_SIGNAL = {"conditioned": "dpo", "per_user": "grpo", "shared": "bon_sft"}
 
 
 @dataclass
@@ -94,14 +105,16 @@ class ScriptArguments:
         default=None, metadata={"help": "Held-out prompts (file or dataset folder, its test split); default: the "
                                         "test split of the prompts' dataset, else the training prompts."}
     )
-    mode: str = field(default="conditioned", metadata={"help": "conditioned or per_user.", "choices": list(MODES)})
+    mode: str = field(default="conditioned",
+                      metadata={"help": "conditioned, per_user or shared.", "choices": list(MODES)})
     conditioning: str = field(
         default="latent", metadata={"help": "How the conditioned policy is told its user: `latent` (z as a soft "
                                             "prompt) or `text` (pairs in the prompt).", "choices": ["latent", "text"]}
     )
     signal: str | None = field(
-        default=None, metadata={"help": "Training signal: `bon_sft` (best-of-n distillation) or `grpo`; default: "
-                                        "bon_sft for conditioned, grpo for per_user.", "choices": list(SIGNALS)}
+        default=None, metadata={"help": "Training signal: `bon_sft` (best-of-n distillation), `dpo` (DPO on "
+                                        "reward-ranked pairs) or `grpo`; default: dpo for conditioned, bon_sft "
+                                        "for shared, grpo for per_user.", "choices": list(SIGNALS)}
     )
     users: list[str] | None = field(default=None, metadata={"help": "Only these users (default: all)."})
     num_context: int = field(default=8, metadata={"help": "Context pairs per user that define their latent z."})
@@ -109,11 +122,28 @@ class ScriptArguments:
     latent_tokens: int = field(default=4, metadata={"help": "Soft-prompt vectors of a latent-conditioned policy."})
     rows_per_user: int = field(default=64, metadata={"help": "Training prompts per user (prompts cycled), each "
                                                              "with its own draw of the user's pairs."})
-    bon_n: int = field(default=16, metadata={"help": "bon_sft: candidates per user and prompt."})
-    bon_keep: int = field(default=2, metadata={"help": "bon_sft: best candidates distilled per user and prompt."})
-    bon_epochs_per_round: int = field(default=6, metadata={"help": "bon_sft: SFT epochs before new candidates."})
+    bon_n: int = field(default=16, metadata={"help": "bon_sft and dpo: candidates per user and prompt."})
+    bon_keep: int = field(default=2, metadata={"help": "bon_sft: best candidates distilled per user and prompt; "
+                                                       "dpo: best-against-worst pairs per user and prompt."})
+    bon_epochs_per_round: int = field(default=6, metadata={"help": "bon_sft and dpo: epochs before new candidates."})
     bon_learning_rate: float | None = field(
         default=None, metadata={"help": "bon_sft: the SFT learning rate (default: --learning_rate)."}
+    )
+    dpo_learning_rate: float = field(
+        default=2e-4, metadata={"help": "dpo: the learning rate of the adapter and the soft prompt (at 5e-4 without "
+                                        "the NLL term, the soft prompt collapsed on Pets)."}
+    )
+    dpo_beta: float = field(default=0.1, metadata={"help": "dpo: DPO's beta (the strength of the KL bound to the "
+                                                           "policy as each round began)."})
+    dpo_sft_weight: float = field(
+        default=1.0, metadata={"help": "dpo: weight of the chosen answers' negative log-likelihood added to DPO's "
+                                       "loss (RPO, as in iterative RPO, Pang et al. 2024): it keeps the chosen "
+                                       "answers likely instead of letting both answers' likelihood fall; 0: plain "
+                                       "DPO."}
+    )
+    candidates_file: str | None = field(
+        default=None, metadata={"help": "bon_sft and dpo: a JSONL file that receives every scored candidate of every "
+                                        "round (default: `output_dir/round_candidates.jsonl`)."}
     )
     max_train_seconds: float | None = field(
         default=None, metadata={"help": "Training wall-time budget of the mode (per_user: split among users)."}
@@ -161,12 +191,13 @@ def lora_config(model_args: ModelConfig):
     return get_peft_config(model_args)
 
 
-def sft_config(args: TrainingArguments) -> SFTConfig:
-    """An `SFTConfig` with the same `TrainingArguments` (best-of-n distillation trains with TRL's SFTTrainer)."""
+def round_config(args: TrainingArguments, config_class: type[SFTConfig] | type[DPOConfig], **overrides):
+    """An `SFTConfig` or `DPOConfig` with the same `TrainingArguments` (the best-of-n signals train with TRL's
+    SFTTrainer or DPOTrainer), and `overrides`."""
     names = {f.name for f in fields(TrainingArguments) if f.init}
     values = {k: v for k, v in args.to_dict().items() if k in names}
     values["gradient_checkpointing"] = bool(values.get("gradient_checkpointing"))  # SFTConfig's default is True
-    return SFTConfig(**values)
+    return config_class(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def select_users(pairs: Mapping[str, list], users: Sequence[str] | None) -> dict[str, list]:
@@ -254,13 +285,23 @@ def train_policy(
         trainer = ConditionedGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                                          processing_class=tokenizer, callbacks=callbacks)
     else:
-        distillation = DistillationSettings(script_args.bon_n, script_args.bon_keep, script_args.bon_epochs_per_round,
-                                            generation=settings)
-        sft_args = sft_config(args)
-        sft_args.learning_rate = script_args.bon_learning_rate or args.learning_rate
-        trainer = BestOfNDistillationTrainer(model, sft_args, dataset, reward, distillation, tokenizer,
-                                             callbacks=callbacks, deadline=start + budget if budget else None)
-    trainer.train()
+        rounds = RoundSettings(script_args.bon_n, script_args.bon_keep, script_args.bon_epochs_per_round,
+                               replay=signal == "bon_sft", generation=settings,
+                               candidates_file=script_args.candidates_file
+                               or str(Path(args.output_dir) / "round_candidates.jsonl"))
+        deadline = start + budget if budget else None
+        if signal == "dpo":
+            sft = script_args.dpo_sft_weight
+            dpo_args = round_config(args, DPOConfig, learning_rate=script_args.dpo_learning_rate,
+                                    beta=script_args.dpo_beta, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
+                                    loss_weights=[1.0, sft] if sft else None)
+            trainer = RewardRankedDPOTrainer(model, dpo_args, dataset, reward, rounds, tokenizer, callbacks=callbacks,
+                                             deadline=deadline)
+        else:
+            sft_args = round_config(args, SFTConfig, learning_rate=script_args.bon_learning_rate)
+            trainer = BestOfNDistillationTrainer(model, sft_args, dataset, reward, rounds, tokenizer,
+                                                 callbacks=callbacks, deadline=deadline)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     elapsed = time.perf_counter() - start
     trainer.save_model(args.output_dir)
     return trainer, elapsed
@@ -294,6 +335,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
     output_dir = Path(args.output_dir)
     conditioned = script_args.mode == "conditioned"
+    resume = args.resume_from_checkpoint
+    if script_args.mode == "per_user" and resume and str(resume).lower() not in ("true", "last"):
+        raise SystemExit("error: --mode per_user resumes each user's run from the newest checkpoint in its own folder: "
+                         "pass --resume_from_checkpoint true.")
     signal = script_args.signal or DEFAULT_SIGNAL[script_args.mode]
     conditioning = PolicyConditioning(script_args.conditioning if conditioned else "none",
                                       script_args.preamble_pairs, script_args.latent_tokens)
@@ -349,22 +394,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     after: Matrix = {}
     runs = {}
-    training = [("all", users, args)] if conditioned else [
+    training = [("all", users, args)] if script_args.mode != "per_user" else [
         (user, [user], _with_output_dir(args, output_dir / "adapters" / user)) for user in users
     ]
     for name, run_users, run_args in training:
         if policy is None:
             policy = build_policy(policy_path, tokenizer, conditioning, latent_dim, lora)
         dataset = policy_dataset({user: pairs[user] for user in run_users})
+        # per_user: each user's run resumes from its own folder's newest checkpoint, or starts afresh without one
+        run_args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, run_args.output_dir,
+                                                         required=script_args.mode != "per_user")
         run_budget = budget / len(training) if budget else None
         trainer, seconds = train_policy(policy, tokenizer, dataset, reward, run_args, script_args, signal, settings,
                                         run_budget)
         runs[name] = run_record(trainer, seconds, run_args.output_dir)
-        if is_main and conditioned:
+        if is_main and script_args.mode != "per_user":
             write_policy_config(run_args.output_dir, conditioning, latent_dim, script_args.reward_model, policy_path,
                                 signal=signal)
         with full_weights_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-            row, records = evaluate(model, tokenizer, users=users if conditioned else run_users, stage="after",
+            row, records = evaluate(model, tokenizer, users=run_users, stage="after",
                                     **eval_kwargs)
         after.update(row)
         completions += records

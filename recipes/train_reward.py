@@ -31,6 +31,7 @@ from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.evaluation import evaluate_reward_model, format_table
 from vpl_trl.logs import show_info_logs
+from vpl_trl.resume import resolve_resume
 
 
 @dataclass
@@ -57,15 +58,6 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> N
         f"({', '.join(sorted(p.name for p in output_dir.iterdir())[:5])}); "
         f"pass {hint}--overwrite_output_dir to write over it."
     )
-
-
-def resolve_resume(value: str | None, output_dir: Path) -> str | None:
-    if value is None or value.lower() not in ("true", "last"):
-        return value
-    last = get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
-    if last is None:
-        raise SystemExit(f"error: --resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
-    return last
 
 
 def model_inputs(model_args: ModelConfig, args: VPLRewardConfig) -> dict:

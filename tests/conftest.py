@@ -110,15 +110,13 @@ def pets_data(tmp_path_factory):
     return load_preference_splits(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_reward_model(tmp_path_factory, tiny_backbone, pets_data) -> str:
-    """A tiny VPL (`vae`) reward model trained briefly on Pets, saved with its tokenizer."""
+def train_tiny_reward_model(folder: Path, backbone: str, pets_data, model_type: str) -> str:
+    """A tiny reward model of `model_type` trained briefly on Pets, saved with its tokenizer."""
     from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 
-    folder = tmp_path_factory.mktemp("tiny-vpl-reward")
     args = VPLRewardConfig(
         output_dir=str(folder / "run"),
-        model_type="vae",
+        model_type=model_type,
         latent_dim=8,
         hidden_dim=32,
         learning_rate=1e-3,
@@ -130,7 +128,19 @@ def tiny_reward_model(tmp_path_factory, tiny_backbone, pets_data) -> str:
         disable_tqdm=True,
         embedding_mode="frozen",
     )
-    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=pets_data["train"].select(range(160)))
+    trainer = VPLRewardTrainer(model=backbone, args=args, train_dataset=pets_data["train"].select(range(160)))
     trainer.train()
     trainer.save_model(str(folder / "model"))
     return str(folder / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, tiny_backbone, pets_data) -> str:
+    """A tiny VPL (`vae`) reward model trained briefly on Pets, saved with its tokenizer."""
+    return train_tiny_reward_model(tmp_path_factory.mktemp("tiny-vpl-reward"), tiny_backbone, pets_data, "vae")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_reward_model(tmp_path_factory, tiny_backbone, pets_data) -> str:
+    """A tiny Bradley-Terry (`base`) reward model: the same reward for every user."""
+    return train_tiny_reward_model(tmp_path_factory.mktemp("tiny-bt-reward"), tiny_backbone, pets_data, "base")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
@@ -165,10 +166,103 @@ def test_policy_errors(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_
                              user_latent=scorer.user_latent)
 
 
-def test_conditioned_mode_refuses_a_reward_model_without_latent(ppo_recipe, tiny_backbone, pets_data, small_pets,
-                                                                 tmp_path):
-    base_reward = train_tiny_reward(tmp_path / "base", tiny_backbone, pets_data, model_type="base")
+def test_conditioned_mode_refuses_a_reward_model_without_latent(ppo_recipe, tiny_backbone, tiny_base_reward_model,
+                                                                 small_pets, tmp_path):
+    base_reward = tiny_base_reward_model
     with pytest.raises(SystemExit, match="no user latent.*--mode per_user"):
         ppo_recipe.main(["--reward_model", base_reward, "--user_contexts", str(small_pets), "--model_name_or_path",
                          tiny_backbone, "--output_dir", str(tmp_path / "out"), "--mode", "conditioned",
                          "--report_to", "none"])
+
+
+def test_reward_ranked_dpo_pairs_reference_and_update(tiny_backbone, scorer, pets_data, tmp_path):
+    """Each pair's chosen answer outranks its rejected one under the pair's user; the reference is the policy as the
+    round begins (so DPO starts at log 2 with both users' latents); training widens the policy's margin."""
+    from trl import DPOConfig
+
+    from vpl_trl.generation import GenerationSettings
+    from vpl_trl.policy import PersonalizedRewardFunction, RewardRankedDPOTrainer, RoundSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    latents = {user: scorer.user_latent(pairs[user]) for user in USERS}
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 2, num_context=3,
+                                   user_latent=scorer.user_latent)
+    candidates = tmp_path / "candidates.jsonl"
+    settings = RoundSettings(n=4, keep=2, epochs_per_round=100, replay=False, candidates_file=str(candidates),
+                             generation=GenerationSettings(max_new_tokens=6, batch_size=8))
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, learning_rate=5e-3,
+                     num_train_epochs=10, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
+                     bf16=False)
+    trainer = RewardRankedDPOTrainer(model, args, dataset, PersonalizedRewardFunction(scorer, latents), settings,
+                                     tokenizer)
+    assert "ref" not in trainer.model.peft_config  # TRL's adapter copy is not this trainer's reference
+
+    scored = [json.loads(line) for line in candidates.read_text().splitlines()]
+    assert {r["user_id"] for r in scored} == set(USERS) and {r["round"] for r in scored} == {0}
+    examples = trainer.train_dataset.data
+    user_of = {tuple(row["user_latent"]): row["user_id"] for row in dataset}
+    assert len(examples) == 2 * len(USERS)  # `keep` pairs per (user, prompt): 1st against 4th, 2nd against 3rd
+    for example in examples:
+        user = user_of[tuple(example["user_latent"])]
+        rewards = {r["completion"]: r["reward"] for r in scored if r["user_id"] == user}
+        text = [tokenizer.decode(example[k], skip_special_tokens=True).strip() for k in ("chosen_ids", "rejected_ids")]
+        assert rewards[text[0]] >= rewards[text[1]]
+
+    def policy_margin() -> tuple[float, float]:
+        batch = trainer.data_collator([examples[i] for i in range(len(examples))])
+        with torch.no_grad():
+            loss = float(trainer.compute_loss(trainer.model, dict(batch)))
+        margin = trainer._metrics["train"]["rewards/margins"][-1]
+        return loss, margin
+
+    loss, margin = policy_margin()
+    assert loss == pytest.approx(np.log(2), abs=1e-4) and margin == pytest.approx(0.0, abs=1e-3)
+    trainer.train()
+    loss, margin = policy_margin()
+    assert margin > 0.05 and loss < np.log(2)
+
+
+def test_best_of_n_distillation_resumes_from_a_checkpoint(tiny_backbone, scorer, pets_data, tmp_path):
+    """A resumed run trains on the round its checkpoint was saved in (no new sampling at the resumed epoch), with
+    the checkpoint's soft prompt, and ends where an uninterrupted run does."""
+    from safetensors.torch import load_file
+    from trl import SFTConfig
+
+    from vpl_trl.generation import GenerationSettings
+    from vpl_trl.policy import BestOfNDistillationTrainer, PersonalizedRewardFunction, RoundSettings
+    from vpl_trl.policy.latent_prompt import WEIGHTS_NAME, find_latent_embedding
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    pairs = {user: pairs_of(pets_data, user, k=4) for user in USERS}
+    reward = PersonalizedRewardFunction(scorer, {user: scorer.user_latent(pairs[user]) for user in USERS})
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 1, num_context=2,
+                                   user_latent=scorer.user_latent)
+    settings = RoundSettings(n=2, keep=1, epochs_per_round=1, generation=GenerationSettings(max_new_tokens=4))
+
+    def trainer_for(output_dir, resume=None):
+        model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+        args = SFTConfig(output_dir=str(output_dir), per_device_train_batch_size=1, num_train_epochs=3,
+                         learning_rate=1e-3, save_strategy="steps", save_steps=1, report_to="none", bf16=False,
+                         disable_tqdm=True, resume_from_checkpoint=resume)
+        return BestOfNDistillationTrainer(model, args, dataset, reward, settings, tokenizer)
+
+    full = trainer_for(tmp_path / "full")
+    full.train()
+    assert full.state.global_step == 6 and len(full.rounds) == 3  # 2 examples a round, a round each epoch
+
+    for checkpoint in (3, 4):  # within the second epoch's round, and at its end
+        folder = tmp_path / "full" / f"checkpoint-{checkpoint}"
+        saved = json.loads((folder / "best_of_n_rounds.json").read_text())
+        resumed = trainer_for(tmp_path / f"resumed-{checkpoint}", resume=str(folder))
+        assert resumed.rounds == saved["rounds"] and len(resumed.rounds) == 2
+        assert resumed.train_dataset.data.to_list() == saved["prepared"]
+        resumed.train(resume_from_checkpoint=str(folder))
+        assert resumed.state.global_step == 6 and [r["round"] for r in resumed.rounds] == [0, 1, 2]
+
+        resumed._load_from_checkpoint(str(folder))
+        prompt = find_latent_embedding(resumed.model).prompt.state_dict()
+        assert all(torch.equal(prompt[name], tensor) for name, tensor in load_file(str(folder / WEIGHTS_NAME)).items())

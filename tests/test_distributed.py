@@ -232,10 +232,11 @@ def test_zero3_bf16_partition_has_one_dtype(tiny_backbone, launch_env):
     assert loaded == {"partitioned": True, "dtypes": ["torch.bfloat16"]}
 
 
-@pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_conditioned_policy_recipe_under_deepspeed(config, tiny_reward_model, tiny_backbone, launch_env, tmp_path):
-    """The default conditioned recipe (latent soft prompt, best-of-n distillation) for 2 steps on 2 processes: every
-    process generates, trains and evaluates together; the saved policy reloads in one process."""
+@pytest.mark.parametrize("config,signal", [("zero2", "dpo"), ("zero3", "dpo"), ("zero3", "bon_sft")])
+def test_conditioned_policy_recipe_under_deepspeed(config, signal, tiny_reward_model, tiny_backbone, launch_env,
+                                                   tmp_path):
+    """The conditioned recipe (latent soft prompt; DPO, the default, or best-of-n distillation) for 2 steps on 2
+    processes: every process generates, trains and evaluates together; the saved policy reloads in one process."""
     from vpl_trl.data import build_pets
     from vpl_trl.policy import conditioned_on, load_conditioned_policy
 
@@ -244,13 +245,14 @@ def test_conditioned_policy_recipe_under_deepspeed(config, tiny_reward_model, ti
     output_dir = tmp_path / "policy"
     launch(config, [
         "--reward_model", tiny_reward_model, "--user_contexts", str(data), "--model_name_or_path", tiny_backbone,
-        "--mode", "conditioned", "--max_steps", "2", "--max_completion_length", "6", "--num_context", "3",
-        "--rows_per_user", "4", "--bon_n", "3", "--per_device_train_batch_size", "2", "--eval_samples", "2",
+        "--mode", "conditioned", "--signal", signal, "--max_steps", "2", "--max_completion_length", "6",
+        "--num_context", "3", "--rows_per_user", "4", "--bon_n", "4", "--per_device_train_batch_size", "2",
+        "--eval_samples", "2",
         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(output_dir),
     ], launch_env, tmp_path / "cache", recipe=POLICY_RECIPE)
 
     results = json.loads((output_dir / "eval_results.json").read_text())
-    assert results["signal"] == "bon_sft" and results["conditioning"]["kind"] == "latent"
+    assert results["signal"] == signal and results["conditioning"]["kind"] == "latent"
     assert results["runs"]["all"]["steps"] == 2
     records = [json.loads(line) for line in (output_dir / "eval_completions.jsonl").read_text().splitlines()]
     # both processes' generations were gathered: every user's policy answered every sample, before and after

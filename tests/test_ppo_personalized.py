@@ -77,13 +77,13 @@ def check_results(output_dir: Path, mode: str) -> dict:
     return results
 
 
-@pytest.mark.parametrize("conditioning,signal", [("latent", "bon_sft"), ("latent", "grpo"), ("text", "bon_sft"),
-                                                 ("text", "grpo")])
+@pytest.mark.parametrize("conditioning,signal", [("latent", "bon_sft"), ("latent", "grpo"), ("latent", "dpo"),
+                                                 ("text", "bon_sft"), ("text", "grpo"), ("text", "dpo")])
 def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys,
                                  conditioning, signal):
     output_dir = tmp_path / "conditioned"
     ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned",
-                                "--conditioning", conditioning, "--signal", signal, "--bon_n", "3"))
+                                "--conditioning", conditioning, "--signal", signal, "--bon_n", "4"))
     check_adapter(output_dir)
     assert (output_dir / "latent_prompt.safetensors").exists() == (conditioning == "latent")
     policy_config = json.loads((output_dir / "vpl_policy.json").read_text())
@@ -120,6 +120,24 @@ def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, ti
     assert results["eval_prompts_held_out"] is True and results["eval_prompts"] == 2
     assert "eval_contexts_held_out" not in results  # per-user policies see no user context
     assert {u: r["steps"] for u, r in results["runs"].items()} == {u: 2 for u in USERS}
+
+
+def test_recipe_shared_mode_trains_one_user_blind_policy(ppo_recipe, tiny_base_reward_model, tiny_backbone,
+                                                         small_pets, tmp_path):
+    """The standard RLHF baseline: one policy, blind to users, against a Bradley-Terry reward."""
+    output_dir = tmp_path / "shared"
+    ppo_recipe.main(recipe_args(tiny_base_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "shared",
+                                "--bon_n", "2"))
+    check_adapter(output_dir)
+    policy_config = json.loads((output_dir / "vpl_policy.json").read_text())
+    assert policy_config["conditioning"]["kind"] == "none" and policy_config["signal"] == "bon_sft"
+    results = check_results(output_dir, "shared")
+    assert list(results["runs"]) == ["all"] and results["runs"]["all"]["steps"] == 2
+    # one policy that sees no user, and one reward for all: every user is served and scored alike
+    assert results["matrix_after"]["harmless"] == results["matrix_after"]["helpful"]
+    assert results["matrix_after"]["harmless"]["harmless"] == results["matrix_after"]["harmless"]["helpful"]
+    rounds = [json.loads(line) for line in (output_dir / "round_candidates.jsonl").read_text().splitlines()]
+    assert {r["user_id"] for r in rounds} == set(USERS) and all(isinstance(r["reward"], float) for r in rounds)
 
 
 def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data):

@@ -1,5 +1,6 @@
 """Policy optimization against personalized rewards: user conditioning, the reward function, evaluation."""
 
+from .best_of_n_rounds import RoundSettings
 from .conditioned_policy import (
     POLICY_CONFIG,
     PolicyError,
@@ -10,7 +11,7 @@ from .conditioned_policy import (
     write_policy_config,
 )
 from .conditioning import PolicyConditioning, build_policy_dataset, context_preamble, policy_prompt
-from .distillation import BestOfNDistillationTrainer, DistillationSettings
+from .distillation import BestOfNDistillationTrainer
 from .evaluation import (
     format_results,
     generate_for_user,
@@ -22,17 +23,18 @@ from .evaluation import (
     write_results,
 )
 from .latent_prompt import LATENT_TOKEN, LatentConditionedEmbedding, LatentPrompt, add_latent_prompt, conditioned_on
+from .ranked_dpo import RewardRankedDPOTrainer
 from .reward import PersonalizedRewardFunction
-from .trainers import ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
+from .trainers import ConditionedDPOTrainer, ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
 from .users import draw_context, load_prompt_list, load_user_pairs, resolve_data_source
 
 __all__ = [
     "LATENT_TOKEN",
     "POLICY_CONFIG",
     "BestOfNDistillationTrainer",
+    "ConditionedDPOTrainer",
     "ConditionedGRPOTrainer",
     "ConditionedSFTTrainer",
-    "DistillationSettings",
     "LatentConditionedEmbedding",
     "LatentPrompt",
     "PolicyConditioning",
@@ -47,6 +49,8 @@ __all__ = [
     "read_policy_config",
     "write_policy_config",
     "PersonalizedRewardFunction",
+    "RewardRankedDPOTrainer",
+    "RoundSettings",
     "build_policy_dataset",
     "context_preamble",
     "draw_context",

@@ -170,6 +170,22 @@ def _gathered_for_reading(module: nn.Module):
     return deepspeed.zero.GatheredParameters(partitioned)
 
 
+def load_latent_prompt_weights(model: nn.Module, folder: str | os.PathLike) -> bool:
+    """Load `folder/latent_prompt.safetensors` into `model`'s soft-prompt module; False for a policy without one.
+    A latent-conditioned policy's folder must hold the weights."""
+    layer = find_latent_embedding(model)
+    if layer is None:
+        return False
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no soft-prompt weights for this latent-conditioned policy.")
+    state = load_file(str(path))
+    with torch.no_grad():
+        for name, tensor in layer.prompt.state_dict().items():
+            tensor.copy_(state[name].to(tensor.dtype))
+    return True
+
+
 def load_latent_prompt(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -6,7 +6,10 @@ conditioning (no latent column) they behave exactly as TRL's.
 
 - `ConditionedGRPOTrainer`: `trl.GRPOTrainer` (PPO's clipped surrogate with group-relative advantages).
 - `ConditionedSFTTrainer`: `trl.SFTTrainer`, the base of best-of-n distillation (`vpl_trl.policy.distillation`).
+- `ConditionedDPOTrainer`: `trl.DPOTrainer`, the base of reward-ranked DPO (`vpl_trl.policy.ranked_dpo`).
 - `TimeBudgetCallback`: stops training after a wall-time budget, on every process together.
+
+All three save the soft-prompt module with the adapter and load it back when resuming (`LatentPromptCheckpoints`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
-from trl import GRPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .latent_prompt import conditioned_on, save_latent_prompt
+from .latent_prompt import conditioned_on, load_latent_prompt_weights, save_latent_prompt
 
 LATENT_COLUMN = "user_latent"
 
@@ -46,13 +50,22 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_training_stop = True
 
 
-def _save_with_latent_prompt(trainer, output_dir: str | None) -> None:
-    """Save the soft-prompt module beside the adapter (every process takes part in gathering it under ZeRO-3)."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    save_latent_prompt(model, output_dir or trainer.args.output_dir, write=trainer.args.should_save)
+class LatentPromptCheckpoints:
+    """Trainer mixin: the soft-prompt module is saved beside the adapter (final model and checkpoints), and a run
+    resumed from a checkpoint loads it back (PEFT's adapter checkpoint does not hold it; DeepSpeed's does)."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        # every process takes part in gathering the module under ZeRO-3
+        model = self.accelerator.unwrap_model(self.model)
+        save_latent_prompt(model, output_dir or self.args.output_dir, write=self.args.should_save)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_latent_prompt_weights(model or self.model, resume_from_checkpoint)
 
 
-class ConditionedGRPOTrainer(GRPOTrainer):
+class ConditionedGRPOTrainer(LatentPromptCheckpoints, GRPOTrainer):
     """`trl.GRPOTrainer` for a latent-conditioned policy: the rows' `user_latent` condition generation, the old
     and reference log-probabilities and the loss. The soft-prompt module is saved with the adapter."""
 
@@ -122,10 +135,6 @@ class ConditionedGRPOTrainer(GRPOTrainer):
         aux = torch.stack([c[2] for c in chunks]).mean() if chunks[0][2] is not None else None
         return logps, entropies, aux
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
-        _save_with_latent_prompt(self, output_dir)
-
 
 class LatentDataCollator(DataCollatorForLanguageModeling):
     """TRL's language-modeling collator, passing each example's `user_latent` through as a (batch, d) tensor."""
@@ -137,7 +146,7 @@ class LatentDataCollator(DataCollatorForLanguageModeling):
         return output
 
 
-class ConditionedSFTTrainer(SFTTrainer):
+class ConditionedSFTTrainer(LatentPromptCheckpoints, SFTTrainer):
     """`trl.SFTTrainer` for a latent-conditioned policy: each example's `user_latent` conditions its forward."""
 
     def __init__(self, *args, data_collator=None, **kwargs):
@@ -159,6 +168,46 @@ class ConditionedSFTTrainer(SFTTrainer):
         with conditioned_on(model, latents):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
-        _save_with_latent_prompt(self, output_dir)
+
+class LatentPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator, passing each pair's `user_latent` through as a (batch, d) tensor."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if LATENT_COLUMN in examples[0]:
+            output[LATENT_COLUMN] = torch.tensor([example[LATENT_COLUMN] for example in examples], dtype=torch.float32)
+        return output
+
+
+def _chosen_and_rejected(latents: torch.Tensor | None) -> torch.Tensor | None:
+    """TRL's preference batches stack the chosen rows, then the rejected ones: each pair's latent serves both."""
+    return None if latents is None else torch.cat([latents, latents])
+
+
+class ConditionedDPOTrainer(LatentPromptCheckpoints, DPOTrainer):
+    """`trl.DPOTrainer` for a latent-conditioned policy: each pair's `user_latent` conditions the policy's (and the
+    reference's) forward of both its completions. The soft-prompt module is saved with the adapter."""
+
+    def __init__(self, *args, data_collator=None, **kwargs):
+        super().__init__(*args, data_collator=data_collator, **kwargs)
+        if data_collator is None and type(self.data_collator) is DataCollatorForPreference:
+            collator = self.data_collator
+            self.data_collator = LatentPreferenceCollator(
+                pad_token_id=collator.pad_token_id, max_length=collator.max_length,
+                truncation_mode=collator.truncation_mode, pad_to_multiple_of=collator.pad_to_multiple_of,
+            )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if LATENT_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        latents = inputs.pop(LATENT_COLUMN, None)
+        with conditioned_on(model, _chosen_and_rejected(latents)):
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        latents = inputs.pop(LATENT_COLUMN, None)
+        with conditioned_on(model, _chosen_and_rejected(latents)):
+            return super().compute_ref_log_probs(model, inputs)
