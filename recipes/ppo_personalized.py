@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     conditioned = script_args.mode == "conditioned"
     resume = args.resume_from_checkpoint
-    if script_args.mode == "per_user" and resume and str(resume).lower() not in ("true", "last"):
+    if script_args.mode != "per_user":  # one run: its checkpoint, found before any model is loaded
+        args.resume_from_checkpoint = resolve_resume(resume, output_dir)
+    elif resume and str(resume).lower() not in ("true", "last"):
         raise SystemExit("error: --mode per_user resumes each user's run from the newest checkpoint in its own folder: "
                          "pass --resume_from_checkpoint true.")
     signal = script_args.signal or DEFAULT_SIGNAL[script_args.mode]
@@ -401,9 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if policy is None:
             policy = build_policy(policy_path, tokenizer, conditioning, latent_dim, lora)
         dataset = policy_dataset({user: pairs[user] for user in run_users})
-        # per_user: each user's run resumes from its own folder's newest checkpoint, or starts afresh without one
-        run_args.resume_from_checkpoint = resolve_resume(args.resume_from_checkpoint, run_args.output_dir,
-                                                         required=script_args.mode != "per_user")
+        if script_args.mode == "per_user":  # each user's run: its folder's newest checkpoint, or afresh without one
+            run_args.resume_from_checkpoint = resolve_resume(resume, run_args.output_dir, required=False)
         run_budget = budget / len(training) if budget else None
         trainer, seconds = train_policy(policy, tokenizer, dataset, reward, run_args, script_args, signal, settings,
                                         run_budget)

@@ -140,6 +140,16 @@ def test_recipe_shared_mode_trains_one_user_blind_policy(ppo_recipe, tiny_base_r
     assert {r["user_id"] for r in rounds} == set(USERS) and all(isinstance(r["reward"], float) for r in rounds)
 
 
+def test_resume_flags_fail_before_any_model_loads(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets,
+                                                  tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint-\\* folder in"):
+        ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, tmp_path / "fresh",
+                                    "--resume_from_checkpoint", "true"))
+    with pytest.raises(SystemExit, match="per_user resumes each user's run .* --resume_from_checkpoint true"):
+        ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, tmp_path / "users", "--mode",
+                                    "per_user", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")))
+
+
 def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data):
     contexts = {u: [r for r in pets_data["train"] if r["user_id"] == u][:4] for u in USERS}
     latents = {u: scorer.user_latent(c, user_id=u) for u, c in contexts.items()}
