@@ -105,11 +105,6 @@ def new_user_contexts(data: Path, n_users: int, k: int, seed: int) -> dict[str, 
     return contexts
 
 
-def sample(model, tokenizer, prompts: list[Any], n: int, settings: GenerationSettings,
-           latents: torch.Tensor | None = None, label: str = "") -> list[list[str]]:
-    return generate_candidates(model, tokenizer, prompts, n, settings, latents=latents, progress=label)
-
-
 def evaluate_new_users(folder: Path, data: Path, test_prompts: list[str], vpl: str, contexts: dict[str, list],
                        samples: int, pool: int, settings: GenerationSettings) -> dict[str, Any]:
     """Each new user's answers from every policy, with their true utility and VPL reward."""
@@ -121,7 +116,7 @@ def evaluate_new_users(folder: Path, data: Path, test_prompts: list[str], vpl: s
 
     base, base_tokenizer = load_policy(DEFAULT_MODEL, device="cpu")
     bare = [PolicyConditioning("none").prompt(p, None, True) for p in test_prompts]
-    pooled = sample(base, base_tokenizer, bare, pool, settings, label="Untrained policy")
+    pooled = generate_candidates(base, base_tokenizer, bare, pool, settings, progress="Untrained policy")
     flat = [(p, t) for p, texts in zip(test_prompts, pooled) for t in texts]
     answers["untrained"] = {user: [(p, t) for p, texts in zip(test_prompts, pooled) for t in texts[:samples]]
                             for user in users}
@@ -147,15 +142,16 @@ def evaluate_new_users(folder: Path, data: Path, test_prompts: list[str], vpl: s
     del base
 
     policy, tokenizer, conditioning, _ = load_conditioned_policy(folder / "bt_blind", device="cpu")
-    blind = sample(policy, tokenizer, [conditioning.prompt(p, None, True) for p in test_prompts], samples, settings,
-                   label="Bradley-Terry policy")
+    blind = generate_candidates(policy, tokenizer, [conditioning.prompt(p, None, True) for p in test_prompts], samples,
+                                settings, progress="Bradley-Terry policy")
     answers["bt_blind"] = {user: [(p, t) for p, texts in zip(test_prompts, blind) for t in texts] for user in users}
     del policy
 
     policy, tokenizer, conditioning, _ = load_conditioned_policy(folder / "conditioned", device="cpu")
     prompts = [conditioning.prompt(p, None, True) for _ in users for p in test_prompts]
     row_latents = torch.cat([latents[u] for u in users for _ in test_prompts])
-    texts = sample(policy, tokenizer, prompts, samples, settings, latents=row_latents, label="Conditioned policy")
+    texts = generate_candidates(policy, tokenizer, prompts, samples, settings, latents=row_latents,
+                                progress="Conditioned policy")
     answers["conditioned"] = {
         user: [(p, t) for p, ts in zip(test_prompts, texts[i * len(test_prompts) : (i + 1) * len(test_prompts)])
                for t in ts]

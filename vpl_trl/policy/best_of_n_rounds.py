@@ -100,12 +100,45 @@ class _NextRound(TrainerCallback):
 
 
 class BestOfNRounds:
-    """Mixin for a TRL trainer that trains on rounds of reward-ranked on-policy candidates.
+    """Mixin for a TRL trainer that trains on rounds of reward-ranked on-policy candidates. A subclass implements
+    `_select` (a row's ranked candidates -> its examples) and `_prepare_round` (a round's examples -> the trainer's
+    tokenized dataset), and may adjust the trainer around its `__init__` (`_before_trainer_init`,
+    `_after_trainer_init`).
 
-    A subclass calls `_start_rounds` before the trainer's `__init__` (it returns the first round's examples, sampled
-    from the untrained policy) and `_install_rounds` after it, and implements `_select` (a row's ranked candidates
-    -> its examples) and `_prepare_round` (a round's examples -> the trainer's tokenized dataset).
+    Args:
+        model: the policy (a PEFT model; latent-conditioned or not).
+        args: the TRL trainer's config (`SFTConfig`, `DPOConfig`).
+        prompt_dataset: rows with `prompt` (what the policy sees), `raw_prompt` (what the reward scores),
+            `bare_prompt` (the prompt without conditioning, for the shared first round), `user_id` and, for latent
+            conditioning, `user_latent` (`vpl_trl.policy.build_policy_dataset` makes them).
+        reward_function: TRL's reward-function signature, `f(prompts, completions, user_id, raw_prompt) -> list`.
+        settings: [`RoundSettings`].
+        deadline: a `time.perf_counter()` value past which no new round starts (a wall-time budget).
     """
+
+    def __init__(
+        self,
+        model,
+        args,
+        prompt_dataset: Dataset,
+        reward_function: Callable[..., list[float]],
+        settings: RoundSettings,
+        processing_class,
+        callbacks=None,
+        deadline: float | None = None,
+    ):
+        first = self._start_rounds(model, prompt_dataset, reward_function, settings, processing_class, args, deadline)
+        self._before_trainer_init(args)
+        super().__init__(model=model, args=args, train_dataset=first, processing_class=processing_class,
+                         callbacks=callbacks)
+        self._after_trainer_init()
+        self._install_rounds()
+
+    def _before_trainer_init(self, args) -> None:
+        """Adjust `args` before the TRL trainer's `__init__` (the first round is sampled by then)."""
+
+    def _after_trainer_init(self) -> None:
+        """Adjust the trainer and its first round's prepared examples after the TRL trainer's `__init__`."""
 
     def _start_rounds(self, model, prompt_dataset: Dataset, reward_function: Callable[..., list[float]],
                       settings: RoundSettings, processing_class, args, deadline: float | None) -> Dataset:

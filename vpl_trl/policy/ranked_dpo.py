@@ -10,7 +10,6 @@ to it. A latent-conditioned policy's soft prompt is then part of the reference t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,41 +24,24 @@ from .trainers import LATENT_COLUMN, ConditionedDPOTrainer
 
 class RewardRankedDPOTrainer(BestOfNRounds, ConditionedDPOTrainer):
     """[`ConditionedDPOTrainer`] on best-against-worst pairs of `n` samples per (user, prompt), refreshed every
-    round, against the policy as the round began.
+    round, against the policy as the round began. Its arguments are [`BestOfNRounds`]' (`args`: a `DPOConfig`, whose
+    `precompute_ref_log_probs` is implied; `settings.keep`: the pairs per (user, prompt))."""
 
-    Args:
-        model: the policy (a PEFT model; latent-conditioned or not).
-        args: a `DPOConfig` (`precompute_ref_log_probs` is implied: the reference is each round's starting policy).
-        prompt_dataset: rows as for [`BestOfNDistillationTrainer`] (`vpl_trl.policy.build_policy_dataset`).
-        reward_function: TRL's reward-function signature, `f(prompts, completions, user_id, raw_prompt) -> list`.
-        settings: [`RoundSettings`]; `keep` is the number of pairs per (user, prompt).
-        deadline: a `time.perf_counter()` value past which no new round starts (a wall-time budget).
-    """
-
-    def __init__(
-        self,
-        model,
-        args,
-        prompt_dataset: Dataset,
-        reward_function: Callable[..., list[float]],
-        settings: RoundSettings,
-        processing_class,
-        callbacks=None,
-        deadline: float | None = None,
-    ):
+    def _start_rounds(self, model, prompt_dataset, reward_function, settings: RoundSettings, *args, **kwargs):
         if settings.n < 2 * settings.keep:
             raise ValueError(f"{settings.keep} pairs per prompt need at least {2 * settings.keep} candidates; "
                              f"got n={settings.n}.")
-        first = self._start_rounds(model, prompt_dataset, reward_function, settings, processing_class, args, deadline)
+        return super()._start_rounds(model, prompt_dataset, reward_function, settings, *args, **kwargs)
+
+    def _before_trainer_init(self, args) -> None:
         args.precompute_ref_log_probs = False  # TRL's would score against the base model: computed here per round
-        super().__init__(model=model, args=args, train_dataset=first, processing_class=processing_class,
-                         callbacks=callbacks)
+
+    def _after_trainer_init(self) -> None:
         self._drop_reference_adapter()
         self.precompute_ref_logps = True  # the loss reads the round's reference log-probabilities from the batch
         if self._resumed is None:  # a resumed run reads the round's reference log-probabilities from its checkpoint
             with full_weights_for_generation(self.model) as policy:
                 self.train_dataset = self._with_reference_logps(self.train_dataset, policy)
-        self._install_rounds()
 
     def _drop_reference_adapter(self) -> None:
         """TRL copies a PEFT policy's adapter into a frozen `ref` adapter for its reference; this trainer's reference
