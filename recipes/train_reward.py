@@ -13,6 +13,7 @@ from __future__ import annotations
 import vpl_trl  # noqa: F401  (first, before transformers and trl: it imports peft without bitsandbytes)
 
 # isort: split
+import contextlib
 import dataclasses
 import json
 import sys
@@ -22,16 +23,15 @@ from pathlib import Path
 import datasets
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+from vpl_trl.checkpoints import LOCK_NAME, CheckpointSaveError, OutputDirLock, checkpoint_folders, resolve_resume
 from vpl_trl.data.registry import load_named_dataset
 from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from vpl_trl.evaluation import evaluate_reward_model, format_table
 from vpl_trl.logs import show_info_logs
-from vpl_trl.resume import resolve_resume
 
 
 @dataclass
@@ -49,13 +49,12 @@ class ScriptArguments:
 
 def check_output_dir(output_dir: Path, overwrite: bool, resume: str | None) -> None:
     """Refuse to write over a previous run unless told to resume or overwrite."""
-    if resume or overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+    entries = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME) if output_dir.exists() else []
+    if resume or overwrite or not entries:
         return
-    last = get_last_checkpoint(str(output_dir))
-    hint = f"--resume_from_checkpoint {last} to continue, or " if last else ""
+    hint = "--resume_from_checkpoint true to continue, or " if checkpoint_folders(output_dir) else ""
     raise SystemExit(
-        f"error: output directory {output_dir} is not empty "
-        f"({', '.join(sorted(p.name for p in output_dir.iterdir())[:5])}); "
+        f"error: output directory {output_dir} is not empty ({', '.join(entries[:5])}); "
         f"pass {hint}--overwrite_output_dir to write over it."
     )
 
@@ -90,6 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = TrlParser((ScriptArguments, VPLRewardConfig, ModelConfig))
     parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
+    # One run at a time per output folder: the main process holds its lock until the run ends (or is killed).
+    with OutputDirLock(args.output_dir) if args.process_index == 0 else contextlib.nullcontext():
+        try:
+            return train_and_evaluate(script_args, args, model_args)
+        except CheckpointSaveError as error:
+            raise SystemExit(f"error: {error}") from error
+
+
+def train_and_evaluate(script_args: ScriptArguments, args: VPLRewardConfig, model_args: ModelConfig) -> dict:
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.process_index == 0:

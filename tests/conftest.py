@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,34 @@ def train_reward_recipe():
 @pytest.fixture(scope="session")
 def ppo_recipe():
     return load_recipe("ppo_personalized")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """An inference precision (`VPL_TRL_BF16`) and the tolerances of comparing what ran in it by two paths
+    (batched and alone, scorer and forward): fp32's rounding, or bf16's 8-bit mantissa (torch's bf16 defaults)."""
+
+    bf16: bool
+    atol: float
+    rtol: float
+
+    def approx(self, expected):
+        return pytest.approx(expected, abs=self.atol, rel=self.rtol)
+
+    def assert_close(self, actual, expected) -> None:
+        torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), atol=self.atol, rtol=self.rtol)
+
+
+PRECISIONS = {"bf16": Precision(True, atol=1e-2, rtol=1.6e-2), "fp32": Precision(False, atol=1e-5, rtol=1e-4)}
+
+
+@pytest.fixture(params=list(PRECISIONS))
+def precision(request, monkeypatch) -> Precision:
+    """Runs a precision-sensitive test once in bf16 and once in fp32, whatever this CPU would choose by itself
+    (bf16 runs on any CPU, emulated where it is not native), and gives the tolerances of each."""
+    chosen = PRECISIONS[request.param]
+    monkeypatch.setenv("VPL_TRL_BF16", "1" if chosen.bf16 else "0")
+    return chosen
 
 
 def build_tiny_backbone(folder: Path, hidden_size: int = 32, seed: int = 0) -> Path:

@@ -232,6 +232,7 @@ def test_best_of_n_distillation_resumes_from_a_checkpoint(tiny_backbone, scorer,
     from safetensors.torch import load_file
     from trl import SFTConfig
 
+    from vpl_trl.checkpoints import MANIFEST_NAME
     from vpl_trl.generation import GenerationSettings
     from vpl_trl.policy import BestOfNDistillationTrainer, PersonalizedRewardFunction, RoundSettings
     from vpl_trl.policy.latent_prompt import WEIGHTS_NAME, find_latent_embedding
@@ -257,6 +258,8 @@ def test_best_of_n_distillation_resumes_from_a_checkpoint(tiny_backbone, scorer,
 
     for checkpoint in (3, 4):  # within the second epoch's round, and at its end
         folder = tmp_path / "full" / f"checkpoint-{checkpoint}"
+        # the manifest covers the rounds' state and the soft prompt, written after the trainer's own files
+        assert {"best_of_n_rounds.json", WEIGHTS_NAME} <= set(json.loads((folder / MANIFEST_NAME).read_text())["files"])
         saved = json.loads((folder / "best_of_n_rounds.json").read_text())
         resumed = trainer_for(tmp_path / f"resumed-{checkpoint}", resume=str(folder))
         assert resumed.rounds == saved["rounds"] and len(resumed.rounds) == 2

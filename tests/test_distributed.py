@@ -136,6 +136,7 @@ def single_process_run(tiny_backbone, data_dir, tmp_path_factory, train_reward_r
     return output_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_two_processes_match_a_single_process_run(
     config, single_process_run, tiny_backbone, data_dir, launch_env, tmp_path
@@ -159,6 +160,7 @@ def test_two_processes_match_a_single_process_run(
     )
 
 
+@pytest.mark.slow
 def test_zero3_vpl_run_saves_a_single_process_folder_and_resumes(
     tiny_backbone, data_dir, launch_env, tmp_path
 ):
@@ -218,6 +220,7 @@ print(json.dumps({"partitioned": is_zero3_partitioned(model.backbone),
 """
 
 
+@pytest.mark.slow
 def test_zero3_bf16_partition_has_one_dtype(tiny_backbone, launch_env):
     """Under ZeRO-3 in bf16, the encoder, decoder and LoRA adapter take the dtype of the partitioned backbone."""
     with socket.socket() as free:
@@ -232,6 +235,7 @@ def test_zero3_bf16_partition_has_one_dtype(tiny_backbone, launch_env):
     assert loaded == {"partitioned": True, "dtypes": ["torch.bfloat16"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,signal", [("zero2", "dpo"), ("zero3", "dpo"), ("zero3", "bon_sft")])
 def test_conditioned_policy_recipe_under_deepspeed(config, signal, tiny_reward_model, tiny_backbone, launch_env,
                                                    tmp_path):

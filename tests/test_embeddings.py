@@ -67,13 +67,11 @@ def test_throughput_is_logged_at_info(model_and_tokenizer, caplog):
     assert all(record.levelno == logging.INFO for record in caplog.records if record.name.startswith("vpl_trl"))
 
 
-def test_batching_does_not_change_embeddings(model_and_tokenizer):
+def test_batching_does_not_change_embeddings(model_and_tokenizer, precision):
     model, tokenizer = model_and_tokenizer
     texts = ["A short one.", "A much longer sentence about a cheerful budgie in a roomy cage."]
     one_by_one = torch.cat([compute_embeddings(model, tokenizer, [t]) for t in texts])
-    torch.testing.assert_close(
-        compute_embeddings(model, tokenizer, texts, batch_size=2), one_by_one, atol=1e-5, rtol=1e-4
-    )
+    precision.assert_close(compute_embeddings(model, tokenizer, texts, batch_size=2), one_by_one)
 
 
 def test_cache_folder_depends_on_the_backbone_weights_and_pooling(model_and_tokenizer, other_backbone):

@@ -258,6 +258,7 @@ def test_new_user_active_queries_are_scored_against_the_true_preference(populati
     assert original["num_candidates"] == 8
 
 
+@pytest.mark.slow
 def test_recipe_trains_on_a_population_and_evaluates_its_new_users(tiny_backbone, population_dir, tmp_path, capsys,
                                                                    train_reward_recipe):
     """The final evaluation once crashed on users absent from the training pool (KeyError in the context swap)."""

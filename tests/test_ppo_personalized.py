@@ -77,6 +77,7 @@ def check_results(output_dir: Path, mode: str) -> dict:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning,signal", [("latent", "bon_sft"), ("latent", "grpo"), ("latent", "dpo"),
                                                  ("text", "bon_sft"), ("text", "grpo"), ("text", "dpo")])
 def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys,
@@ -102,6 +103,7 @@ def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, s
     assert "| policy for \\ reward of | harmless | helpful |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path):
     output_dir = tmp_path / "per-user"
     config = tmp_path / "recipe.yaml"
@@ -122,6 +124,7 @@ def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, ti
     assert {u: r["steps"] for u, r in results["runs"].items()} == {u: 2 for u in USERS}
 
 
+@pytest.mark.slow
 def test_recipe_shared_mode_trains_one_user_blind_policy(ppo_recipe, tiny_base_reward_model, tiny_backbone,
                                                          small_pets, tmp_path):
     """The standard RLHF baseline: one policy, blind to users, against a Bradley-Terry reward."""
@@ -142,7 +145,7 @@ def test_recipe_shared_mode_trains_one_user_blind_policy(ppo_recipe, tiny_base_r
 
 def test_resume_flags_fail_before_any_model_loads(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets,
                                                   tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint-\\* folder in"):
+    with pytest.raises(SystemExit, match="no intact checkpoint-\\* folder in"):
         ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, tmp_path / "fresh",
                                     "--resume_from_checkpoint", "true"))
     with pytest.raises(SystemExit, match="per_user resumes each user's run .* --resume_from_checkpoint true"):
@@ -150,7 +153,7 @@ def test_resume_flags_fail_before_any_model_loads(ppo_recipe, tiny_reward_model,
                                     "per_user", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")))
 
 
-def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data):
+def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data, precision):
     contexts = {u: [r for r in pets_data["train"] if r["user_id"] == u][:4] for u in USERS}
     latents = {u: scorer.user_latent(c, user_id=u) for u, c in contexts.items()}
     reward = PersonalizedRewardFunction(scorer, latents)
@@ -163,7 +166,8 @@ def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data
                      log_metric=logged.__setitem__, trainer_state=None)
     texts = ["Dogs are loyal.", "Cats.", "Dogs are loyal.", "Cats."]
     for reward_value, text, user in zip(rewards, texts, users):
-        assert reward_value == pytest.approx(scorer.score([PROMPT], [text], latents[user])[0], abs=1e-5)
+        # scored in one batch of four, and alone: padding differs, so bf16 rounds differently
+        assert reward_value == precision.approx(scorer.score([PROMPT], [text], latents[user])[0])
     assert set(logged) == {"reward/harmless", "reward/helpful"}
     with pytest.raises(KeyError, match="carol"):
         reward(["p"], ["x"], user_id=["carol"], raw_prompt=[PROMPT])

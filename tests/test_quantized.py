@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BitsAndBytesConfig
 from trl import ModelConfig
 
 from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 from vpl_trl.embeddings import _tokenize, render_text
 from vpl_trl.models.backbone import load_backbone
+
+pytestmark = pytest.mark.slow  # quantized backbones (make test-fast skips them)
 
 QUANTIZED_LAYER = {"load_in_4bit": Linear4bit, "load_in_8bit": Linear8bitLt}
 
@@ -106,3 +108,28 @@ def test_bitsandbytes_is_imported_only_for_a_quantized_backbone(tiny_backbone):
     run = subprocess.run([sys.executable, "-c", LAZY_BITSANDBYTES, tiny_backbone], cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+def test_4bit_layers_keep_passing_gradients_after_inference(tiny_backbone):
+    """The path of a CPU with AVX512-BF16: there bitsandbytes would repack a 4-bit weight for its inference kernel the
+    first time the layer runs without gradients, and the layer would then pass none back to the adapters below it
+    (and fail to repack a layer narrower than a quantization block). Every loaded backbone keeps the trainable
+    layout; on other CPUs the same steps run the plain path."""
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = VPLRewardModel.from_backbone(tiny_backbone, dtype=torch.bfloat16, embedding_mode="lora", latent_dim=4,
+                                         hidden_dim=8, backbone_kwargs={"quantization_config": quantization})
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    batch = _tokenize(tokenizer, ["Dogs are loyal.", "A calm cat sleeps all day long."], max_length=64)
+
+    model.eval()
+    with torch.no_grad():  # as contexts are embedded, and as evaluation runs
+        model.embed(batch["input_ids"], batch["attention_mask"], use_adapter=False)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+    model.train()
+    model.embed(batch["input_ids"], batch["attention_mask"]).float().pow(2).sum().backward()
+    # lora_B starts at zero, so the first layer's adapter gets a gradient only back through the 4-bit layers above
+    first = model.backbone.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert first.grad is not None and first.grad.abs().sum() > 0

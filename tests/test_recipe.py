@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # recipe runs (make test-fast skips them)
+
 
 def base_args(tiny_backbone, tmp_path, output="run"):
     return [

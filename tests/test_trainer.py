@@ -355,7 +355,8 @@ def test_scalar_heads_have_no_bias_and_old_checkpoints_with_one_load(tiny_backbo
     assert torch.equal(reloaded.decoder[-1].weight, model.decoder[-1].weight)
 
 
-def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny_backbone, pets_data, tmp_path):
+def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny_backbone, pets_data, tmp_path,
+                                                                           precision):
     from vpl_trl.embeddings import compute_embeddings
     from vpl_trl.scoring import PersonalizedRewardScorer
 
@@ -374,15 +375,14 @@ def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny
     texts = list(table.index)
     with torch.no_grad():
         by_reloaded = compute_embeddings(reloaded, trainer.processing_class, texts, max_length=args.max_length)
-    torch.testing.assert_close(table.tensor[[table.index[t] for t in texts]], by_reloaded)
+    precision.assert_close(table.tensor[[table.index[t] for t in texts]], by_reloaded)
     assert not torch.allclose(pretrained_contexts, table.tensor[: len(pretrained_contexts)])  # the backbone trained
 
     # The same contexts give the reloaded model the same latents and rewards, in a new trainer and in the scorer.
     fresh = VPLRewardTrainer(model=reloaded, args=args, train_dataset=train)
     again = fresh.predict_preferences(sample)
-    assert again["reward_chosen"] == pytest.approx(in_memory["reward_chosen"], abs=1e-5)
-    torch.testing.assert_close(torch.tensor(again["latent_mean"]), torch.tensor(in_memory["latent_mean"]),
-                               atol=1e-5, rtol=0)
+    assert again["reward_chosen"] == precision.approx(in_memory["reward_chosen"])
+    precision.assert_close(again["latent_mean"], in_memory["latent_mean"])
     prepared = fresh._prepare_dataset(sample, fresh.processing_class, args, "eval")
     first = prepared[0]
     context = [
@@ -390,4 +390,4 @@ def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny
     ]
     scorer = PersonalizedRewardScorer(reloaded, trainer.processing_class, max_length=args.max_length)
     expected_latent = reloaded.normalize_latent(torch.tensor(in_memory["latent_mean"][:1]))
-    torch.testing.assert_close(scorer.encode_context(context), expected_latent, atol=1e-5, rtol=0)
+    precision.assert_close(scorer.encode_context(context), expected_latent)

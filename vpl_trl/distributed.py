@@ -25,7 +25,8 @@ from .embedded_model import cache_dir
 
 def configure_torch_extensions_dir() -> str:
     """Default `$TORCH_EXTENSIONS_DIR` (where DeepSpeed's one-time op builds go) to `<vpl-trl cache>/torch_extensions`
-    when unset; returns the folder in use."""
+    when unset; returns the folder in use. Called as a run sets up (`VPLRewardConfig`, the policy recipe), never on
+    import."""
     return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
 
 

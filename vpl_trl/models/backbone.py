@@ -95,9 +95,7 @@ def inject_lora_adapter(backbone: PreTrainedModel, config) -> PreTrainedModel:
     from peft import inject_adapter_in_model
 
     backbone.requires_grad_(False)
-    backbone = inject_adapter_in_model(lora_config(config), backbone)
-    keep_4bit_layers_differentiable(backbone)
-    return backbone
+    return inject_adapter_in_model(lora_config(config), backbone)
 
 
 @contextlib.contextmanager
@@ -119,10 +117,14 @@ def adapter_disabled(backbone: nn.Module):
 
 
 def keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes (seen with 0.50.2) repacks a 4-bit layer's weight for fast inference
-    the first time it runs in eval mode without gradients (as the context embedding does); the repacked layer then
-    passes no gradient back, so the LoRA adapters below it would stop learning (and layers narrower than the
-    64-value quantization block fail to repack). A trained backbone keeps the plain layout."""
+    """Keep bitsandbytes' 4-bit layers in their trainable layout on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weight for its fused inference kernel the
+    first time the layer runs in eval mode without gradients (as context embedding and evaluation do), and keeps it
+    repacked: from then on the layer passes no gradient back to the LoRA adapters below it, and a layer whose input
+    width is not a multiple of the 64-value quantization block fails to repack (`shape '[N, 0]' is invalid`).
+    Turning that path off costs inference speed on such CPUs only; CPUs without AVX512-BF16 never take it.
+    """
     for module in backbone.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False

@@ -24,6 +24,7 @@ from .backbone import (
     disable_checkpointing,
     enable_checkpointing,
     inject_lora_adapter,
+    keep_4bit_layers_differentiable,
     load_backbone,
     local_model_folder,
     match_backbone_dtype,
@@ -204,6 +205,7 @@ class VPLRewardModel(PreTrainedModel):
         # A bitsandbytes-quantized backbone: flag the whole model as TRL and Trainer test it (QLoRA handling).
         self.is_loaded_in_4bit = bool(getattr(backbone, "is_loaded_in_4bit", False))
         self.is_loaded_in_8bit = bool(getattr(backbone, "is_loaded_in_8bit", False))
+        keep_4bit_layers_differentiable(backbone)
         if self.config.embedding_mode == "lora":
             backbone = inject_lora_adapter(backbone, self.config)
         elif self.config.embedding_mode == "frozen":

@@ -12,11 +12,12 @@ from typing import Any
 
 from datasets import Dataset
 
+from ..checkpoints import FaultTolerantCheckpoints
 from .best_of_n_rounds import BestOfNRounds, Ranked, as_completion, with_latent
 from .trainers import ConditionedSFTTrainer
 
 
-class BestOfNDistillationTrainer(BestOfNRounds, ConditionedSFTTrainer):
+class BestOfNDistillationTrainer(FaultTolerantCheckpoints, BestOfNRounds, ConditionedSFTTrainer):
     """[`ConditionedSFTTrainer`] on the best `keep` of `n` samples per (user, prompt), refreshed every round; its
     arguments are [`BestOfNRounds`]' (`args`: an `SFTConfig`)."""
 

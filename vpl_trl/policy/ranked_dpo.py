@@ -16,13 +16,14 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 
+from ..checkpoints import FaultTolerantCheckpoints
 from ..distributed import full_weights_for_generation
 from .best_of_n_rounds import BestOfNRounds, Ranked, RoundSettings, as_completion, with_latent
 from .latent_prompt import conditioned_on
 from .trainers import LATENT_COLUMN, ConditionedDPOTrainer
 
 
-class RewardRankedDPOTrainer(BestOfNRounds, ConditionedDPOTrainer):
+class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, ConditionedDPOTrainer):
     """[`ConditionedDPOTrainer`] on best-against-worst pairs of `n` samples per (user, prompt), refreshed every
     round, against the policy as the round began. Its arguments are [`BestOfNRounds`]' (`args`: a `DPOConfig`, whose
     `precompute_ref_log_probs` is implied; `settings.keep`: the pairs per (user, prompt))."""

@@ -24,6 +24,7 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from ..checkpoints import FaultTolerantCheckpoints
 from .latent_prompt import conditioned_on, load_latent_prompt_weights, save_latent_prompt
 
 LATENT_COLUMN = "user_latent"
@@ -65,7 +66,7 @@ class LatentPromptCheckpoints:
         load_latent_prompt_weights(model or self.model, resume_from_checkpoint)
 
 
-class ConditionedGRPOTrainer(LatentPromptCheckpoints, GRPOTrainer):
+class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentPromptCheckpoints, GRPOTrainer):
     """`trl.GRPOTrainer` for a latent-conditioned policy: the rows' `user_latent` condition generation, the old
     and reference log-probabilities and the loss. The soft-prompt module is saved with the adapter."""
 

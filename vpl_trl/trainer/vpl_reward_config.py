@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import RewardConfig
 
+from ..distributed import configure_torch_extensions_dir
 from ..models.configuration_vpl import DECODER_TYPES, EMBEDDING_MODES, ENCODER_TYPES, POOLINGS, REWARD_TYPES
 
 
@@ -114,6 +115,7 @@ class VPLRewardConfig(RewardConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        configure_torch_extensions_dir()  # before TrainingArguments' set-up, where DeepSpeed builds its ops
         super().__post_init__()
         from ..data.context import parse_num_context
 

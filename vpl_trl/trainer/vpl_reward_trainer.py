@@ -18,11 +18,11 @@ from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from ..checkpoints import FaultTolerantCheckpoints
 from ..data.context import attach_contexts
 from ..data.format import PreferenceDataError
 from ..distributed import (
     barrier,
-    configure_torch_extensions_dir,
     gathered_parameters,
     is_zero3_partitioned,
     union_across_processes,
@@ -37,7 +37,7 @@ from ..embeddings import (
 )
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
-from ..models.backbone import keep_4bit_layers_differentiable, load_backbone
+from ..models.backbone import load_backbone
 from ..models.configuration_vpl import peft_config_to_dict
 from ..models.modeling_vpl import WEIGHTS_NAME
 from .vpl_reward_config import VPLRewardConfig
@@ -48,9 +48,6 @@ INDEX_COLUMNS = ("chosen_index", "rejected_index")
 CONTEXT_COLUMNS = ("context_chosen_index", "context_rejected_index")
 ACTIVE_UNIT_THRESHOLD = 0.01
 STATISTICS_SAMPLE = 256  # training pairs whose embeddings standardize a trained backbone's (without contexts)
-
-# DeepSpeed builds its ops on first use (during `TrainingArguments` set-up): keep the builds in the vpl-trl cache.
-configure_torch_extensions_dir()
 
 
 @dataclass
@@ -84,7 +81,7 @@ class DataCollatorForVPL(DataCollatorForPreference):
         return output
 
 
-class VPLRewardTrainer(RewardTrainer):
+class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
     """`trl.RewardTrainer` for a [`VPLRewardModel`] (VPL, or a Bradley-Terry / DPL baseline) on preference data
     with users. It takes what `RewardTrainer` takes, and means the same by it: a model id, a backbone, or a
     sequence-classification model (whose backbone gets VPL's heads), `args.model_init_kwargs`, `peft_config`,
@@ -483,11 +480,9 @@ class VPLRewardTrainer(RewardTrainer):
         finally:
             self.model = wrapped
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+    def _check_resume_checkpoint(self, folder: Path) -> None:
         # Checked here, not in `_load_from_checkpoint`, which DeepSpeed runs never reach.
-        if isinstance(resume_from_checkpoint, (str, Path)):
-            check_checkpoint_matches(resume_from_checkpoint, self.accelerator.unwrap_model(self.model).config)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        check_checkpoint_matches(folder, self.accelerator.unwrap_model(self.model).config)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         weights = Path(resume_from_checkpoint) / WEIGHTS_NAME
@@ -596,7 +591,6 @@ def _train_heads_under_peft(model: VPLRewardModel, adapter: dict[str, torch.Tens
     for module in (getattr(model, "encoder", None), model.decoder):
         if module is not None:
             module.requires_grad_(True)
-    keep_4bit_layers_differentiable(model.backbone)
     if adapter:
         unexpected = model.load_state_dict(adapter, strict=False).unexpected_keys
         if unexpected:
