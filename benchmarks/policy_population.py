@@ -51,11 +51,12 @@ sys.path.insert(0, str(ROOT))
 
 from vpl_trl.data.format import load_preference_splits  # noqa: E402
 from vpl_trl.data.population import Population, build_population  # noqa: E402
-from vpl_trl.diagnostics import headless_pyplot  # noqa: E402
 from vpl_trl.embedded_model import DEFAULT_MODEL  # noqa: E402
-from vpl_trl.generation import GenerationSettings, generate_candidates, load_policy  # noqa: E402
+from vpl_trl.evaluation.diagnostics import headless_pyplot  # noqa: E402
+from vpl_trl.inference.generation import GenerationSettings, generate_candidates  # noqa: E402
+from vpl_trl.inference.scoring import PersonalizedRewardScorer  # noqa: E402
+from vpl_trl.models.causal_lm import load_policy  # noqa: E402
 from vpl_trl.policy import PolicyConditioning, draw_context, load_conditioned_policy  # noqa: E402
-from vpl_trl.scoring import PersonalizedRewardScorer  # noqa: E402
 
 REWARD_CONFIG = ROOT / "recipes" / "configs" / "population.yaml"
 POLICY_CONFIG = ROOT / "recipes" / "configs" / "ppo_population.yaml"

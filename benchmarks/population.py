@@ -44,14 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vpl_trl import VPLRewardConfig, VPLRewardTrainer  # noqa: E402
-from vpl_trl.active_queries import simulate_new_user_queries  # noqa: E402
 from vpl_trl.baselines import PreferencePairs, fit_low_rank_reward, fit_oracle_reward  # noqa: E402
 from vpl_trl.data.format import load_preference_splits  # noqa: E402
 from vpl_trl.data.population import Population, PopulationConfig, build_population, parse_attributes  # noqa: E402
-from vpl_trl.diagnostics import headless_pyplot  # noqa: E402
 from vpl_trl.embedded_model import DEFAULT_MODEL  # noqa: E402
-from vpl_trl.embeddings import render_text  # noqa: E402
-from vpl_trl.evaluation import (  # noqa: E402
+from vpl_trl.evaluation.active_queries import simulate_new_user_queries  # noqa: E402
+from vpl_trl.evaluation.diagnostics import headless_pyplot  # noqa: E402
+from vpl_trl.evaluation.metrics import (  # noqa: E402
     limit_contexts,
     one_row_per_user,
     predict,
@@ -59,6 +58,7 @@ from vpl_trl.evaluation import (  # noqa: E402
     worst_fraction_mean,
     z_weight_r2,
 )
+from vpl_trl.text import render_text  # noqa: E402
 
 CONFIG = ROOT / "recipes" / "configs" / "population.yaml"
 K_VALUES = (1, 2, 4, 8, 16, 32)

@@ -51,8 +51,9 @@ def embed_pool(pool: list[dict], pooling: str = "mean", max_length: int = 512, b
     from transformers import AutoTokenizer
 
     from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-    from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
+    from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir
     from vpl_trl.models import VPLRewardModel
+    from vpl_trl.text import render_text
 
     model = VPLRewardModel.from_backbone(DEFAULT_MODEL, embedding_mode="frozen", pooling=pooling).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(DEFAULT_MODEL))

@@ -164,7 +164,8 @@ def measure_inference(model_name: str, batch_size: int, repeats: int) -> dict:
 
     from vpl_trl import VPLRewardModel
     from vpl_trl.embedded_model import resolve_model_name_or_path
-    from vpl_trl.embeddings import _tokenize, render_text
+    from vpl_trl.embeddings import _tokenize
+    from vpl_trl.text import render_text
 
     model = VPLRewardModel.from_backbone(model_name, reward_type="vae", latent_dim=512, hidden_dim=512).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(model_name))

@@ -64,7 +64,8 @@ from vpl_trl.distributed import (
     replicated_loading,
 )
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-from vpl_trl.generation import GenerationSettings
+from vpl_trl.inference.generation import GenerationSettings
+from vpl_trl.inference.scoring import PersonalizedRewardScorer
 from vpl_trl.logs import show_info_logs
 from vpl_trl.policy import (
     BestOfNDistillationTrainer,
@@ -88,7 +89,6 @@ from vpl_trl.policy import (
     write_policy_config,
     write_results,
 )
-from vpl_trl.scoring import PersonalizedRewardScorer
 
 MODES = ("conditioned", "per_user", "shared")
 SIGNALS = ("bon_sft", "dpo", "grpo")

@@ -30,7 +30,7 @@ from vpl_trl.checkpoints import LOCK_NAME, CheckpointSaveError, OutputDirLock, c
 from vpl_trl.data.registry import load_named_dataset
 from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-from vpl_trl.evaluation import evaluate_reward_model, format_table
+from vpl_trl.evaluation.metrics import evaluate_reward_model, format_table
 from vpl_trl.logs import show_info_logs
 
 

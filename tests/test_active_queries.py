@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vpl_trl.active_queries import (
+from vpl_trl.evaluation.active_queries import (
     PairSet,
     choose_query,
     information_gain,

@@ -15,7 +15,9 @@ from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
-from vpl_trl.generation import policy_input_text
+from vpl_trl.inference.sample import main as sample_main
+from vpl_trl.inference.scoring import PersonalizedRewardScorer
+from vpl_trl.models.latent_prompt import save_latent_prompt
 from vpl_trl.policy import (
     LATENT_TOKEN,
     PolicyConditioning,
@@ -26,9 +28,7 @@ from vpl_trl.policy import (
     load_user_pairs,
     write_policy_config,
 )
-from vpl_trl.policy.latent_prompt import save_latent_prompt
-from vpl_trl.sample import main as sample_main
-from vpl_trl.scoring import PersonalizedRewardScorer
+from vpl_trl.text import policy_input_text
 
 USERS = ("harmless", "helpful")
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -181,7 +181,7 @@ def test_reward_ranked_dpo_pairs_reference_and_update(tiny_backbone, scorer, pet
     round begins (so DPO starts at log 2 with both users' latents); training widens the policy's margin."""
     from trl import DPOConfig
 
-    from vpl_trl.generation import GenerationSettings
+    from vpl_trl.inference.generation import GenerationSettings
     from vpl_trl.policy import PersonalizedRewardFunction, RewardRankedDPOTrainer, RoundSettings
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
@@ -233,9 +233,9 @@ def test_best_of_n_distillation_resumes_from_a_checkpoint(tiny_backbone, scorer,
     from trl import SFTConfig
 
     from vpl_trl.checkpoints import MANIFEST_NAME
-    from vpl_trl.generation import GenerationSettings
+    from vpl_trl.inference.generation import GenerationSettings
+    from vpl_trl.models.latent_prompt import WEIGHTS_NAME, find_latent_embedding
     from vpl_trl.policy import BestOfNDistillationTrainer, PersonalizedRewardFunction, RoundSettings
-    from vpl_trl.policy.latent_prompt import WEIGHTS_NAME, find_latent_embedding
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
     conditioning = PolicyConditioning("latent", latent_tokens=2)

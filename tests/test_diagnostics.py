@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from vpl_trl.diagnostics import (
+from vpl_trl.evaluation.diagnostics import (
     chance_accuracy,
     latent_diagnostics,
     linear_probe_accuracy,
@@ -19,7 +19,7 @@ from vpl_trl.diagnostics import (
     plot_latent_map,
     untrained_encoder,
 )
-from vpl_trl.evaluation import context_size_curve, default_context_sizes, per_user_breakdown
+from vpl_trl.evaluation.metrics import context_size_curve, default_context_sizes, per_user_breakdown
 from vpl_trl.models import VPLConfig, VPLRewardModel
 from vpl_trl.models.modeling_vpl import UserContextEncoder
 

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 from vpl_trl import VPLRewardModel
 from vpl_trl.distributed import cpu_launch_defaults
-from vpl_trl.embeddings import _tokenize, render_text
+from vpl_trl.embeddings import _tokenize
+from vpl_trl.text import render_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_reward.py"

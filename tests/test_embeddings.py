@@ -9,8 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from vpl_trl import embeddings
-from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
+from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir
 from vpl_trl.models import VPLRewardModel
+from vpl_trl.text import render_text
 
 
 @pytest.fixture(scope="module")

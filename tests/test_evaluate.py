@@ -7,7 +7,7 @@ import pytest
 
 from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 from vpl_trl.data import build_pets, load_preference_splits
-from vpl_trl.evaluate import main
+from vpl_trl.evaluation.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_vae_report_with_context_curve_latent_diagnostics_and_active_queries(vae
 
 def test_the_recipe_s_test_numbers_are_reproduced(vae_dir, pets_dir, tmp_path):
     """With the training seed and K, the contexts are the ones the recipe drew, hence the same accuracy."""
-    from vpl_trl.evaluation import evaluate_reward_model
+    from vpl_trl.evaluation.metrics import evaluate_reward_model
     from vpl_trl.models import VPLRewardModel
 
     splits = load_preference_splits(pets_dir)

@@ -11,8 +11,8 @@ import torch
 from datasets import Dataset
 
 from vpl_trl.baselines import PreferencePairs, fit_low_rank_reward, fit_oracle_reward
-from vpl_trl.diagnostics import latent_weight_r2
-from vpl_trl.evaluation import (
+from vpl_trl.evaluation.diagnostics import latent_weight_r2
+from vpl_trl.evaluation.metrics import (
     context_size_curve,
     limit_contexts,
     own_contexts,
@@ -217,7 +217,7 @@ def population_vae(tiny_backbone, population_dir, tmp_path_factory):
 
 
 def test_evaluate_reports_new_users_of_a_population(population_vae, population_dir, tmp_path):
-    from vpl_trl.evaluate import main
+    from vpl_trl.evaluation.cli import main
 
     out = tmp_path / "eval"
     metrics = main(["--model", population_vae, "--dataset", str(population_dir), "--output_dir", str(out),
@@ -242,8 +242,8 @@ def test_new_user_active_queries_are_scored_against_the_true_preference(populati
     """Evaluation pairs are turned so that `chosen` is the truly preferred response: a user whose labels all
     contradict their true preference is still scored against the truth."""
     from vpl_trl import VPLRewardConfig, VPLRewardTrainer
-    from vpl_trl.active_queries import simulate_new_user_queries
     from vpl_trl.data import load_preference_splits
+    from vpl_trl.evaluation.active_queries import simulate_new_user_queries
     from vpl_trl.models import VPLRewardModel
 
     splits = load_preference_splits(population_dir)
@@ -276,7 +276,7 @@ def test_recipe_trains_on_a_population_and_evaluates_its_new_users(tiny_backbone
 
 
 def test_table_of_many_users_reports_the_worst_users():
-    from vpl_trl.evaluation import format_table
+    from vpl_trl.evaluation.metrics import format_table
 
     per_user = {f"u{i:02d}": i / 20 for i in range(20)}
     table = format_table({"vpl": {"accuracy": 0.5, "per_user": per_user, "true_accuracy": 0.6}})

@@ -11,7 +11,7 @@ import pytest
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
-from vpl_trl.generation import dialogue_messages
+from vpl_trl.inference.scoring import PersonalizedRewardScorer
 from vpl_trl.policy import (
     PersonalizedRewardFunction,
     PolicyConditioning,
@@ -20,7 +20,7 @@ from vpl_trl.policy import (
     load_user_pairs,
     policy_prompt,
 )
-from vpl_trl.scoring import PersonalizedRewardScorer
+from vpl_trl.text import dialogue_messages
 
 USERS = ("harmless", "helpful")
 

@@ -12,8 +12,9 @@ from transformers import AutoTokenizer, BitsAndBytesConfig
 from trl import ModelConfig
 
 from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
-from vpl_trl.embeddings import _tokenize, render_text
+from vpl_trl.embeddings import _tokenize
 from vpl_trl.models.backbone import load_backbone
+from vpl_trl.text import render_text
 
 pytestmark = pytest.mark.slow  # quantized backbones (make test-fast skips them)
 

@@ -53,7 +53,7 @@ def test_recipe_reads_a_yaml_config_and_refuses_to_overwrite(tiny_backbone, tmp_
 
 
 def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys, train_reward_recipe):
-    from vpl_trl.report import main as report
+    from vpl_trl.evaluation.report import main as report
 
     recipe = train_reward_recipe
     for model_type in ("vae", "base"):

@@ -1,5 +1,5 @@
-"""Personalized best-of-n, on tiny models: the `python -m vpl_trl.sample` CLI and the Python API (`vpl_trl.best_of_n`,
-`vpl_trl.generation`, `vpl_trl.scoring`)."""
+"""Personalized best-of-n, on tiny models: the `python -m vpl_trl.sample` CLI and the Python API
+(`vpl_trl.inference.best_of_n`, `vpl_trl.inference.generation`, `vpl_trl.inference.scoring`)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vpl_trl.best_of_n import PersonalizedBestOfN
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
 from vpl_trl.data.user_files import load_user_context, read_prompts
-from vpl_trl.embeddings import _tokenize, render_text
-from vpl_trl.generation import GenerationSettings, generate_candidates, load_policy
-from vpl_trl.sample import main
-from vpl_trl.scoring import PersonalizedRewardScorer
+from vpl_trl.embeddings import _tokenize
+from vpl_trl.inference.best_of_n import PersonalizedBestOfN
+from vpl_trl.inference.generation import GenerationSettings, generate_candidates
+from vpl_trl.inference.sample import main
+from vpl_trl.inference.scoring import PersonalizedRewardScorer
+from vpl_trl.models.causal_lm import load_policy
+from vpl_trl.text import render_text
 
 FAST = ["--max_new_tokens", "6", "--batch_size", "4"]
 
@@ -205,7 +207,7 @@ def test_generation_batches_and_seeds(tiny_backbone):
 
 
 def test_reward_scorer_from_pretrained_errors(tmp_path):
-    from vpl_trl.scoring import RewardModelError
+    from vpl_trl.inference.scoring import RewardModelError
 
     with pytest.raises(RewardModelError, match="no config.json"):
         PersonalizedRewardScorer.from_pretrained(tmp_path)
@@ -228,7 +230,7 @@ def test_reward_model_loads_from_a_hub_repo_id(tiny_reward_model, context_file, 
     publish_to_hub_cache(tiny_reward_model, "someone/tiny-vpl", cache)
     code = (
         "import json, sys; from vpl_trl.data.user_files import load_user_context; "
-        "from vpl_trl.scoring import PersonalizedRewardScorer; "
+        "from vpl_trl.inference.scoring import PersonalizedRewardScorer; "
         "scorer = PersonalizedRewardScorer.from_pretrained('someone/tiny-vpl'); "
         f"latent = scorer.user_latent(load_user_context({context_file!r})); "
         f"print(json.dumps({{'tokenizer': scorer.tokenizer.name_or_path, 'rewards': scorer.score([{PROMPT!r}] * 2, "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
-from vpl_trl.evaluation import evaluate_reward_model
+from vpl_trl.evaluation.metrics import evaluate_reward_model
 
 
 def config(tmp_path, **kwargs):
@@ -358,7 +358,7 @@ def test_scalar_heads_have_no_bias_and_old_checkpoints_with_one_load(tiny_backbo
 def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny_backbone, pets_data, tmp_path,
                                                                            precision):
     from vpl_trl.embeddings import compute_embeddings
-    from vpl_trl.scoring import PersonalizedRewardScorer
+    from vpl_trl.inference.scoring import PersonalizedRewardScorer
 
     train = pets_data["train"].select(range(32))
     args = config(tmp_path, model_type="vae", embedding_mode="full", max_steps=3, per_device_train_batch_size=8,

@@ -22,29 +22,11 @@ from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
-from trl.data_utils import is_conversational
 
 from .embedded_model import cache_dir
 from .precision import inference_autocast, inference_bf16
 
 logger = logging.get_logger(__name__)
-
-
-def is_chat(value: Any) -> bool:
-    """Whether a prompt or response is chat messages (TRL's conversational format) rather than text; an empty
-    message list counts as chat."""
-    return value == [] or is_conversational({"prompt": value})
-
-
-def render_text(tokenizer, prompt: Any, response: Any) -> str:
-    """The text that is scored: prompt + response, or the chat rendered with the tokenizer's template."""
-    if is_chat(response) or is_chat(prompt):
-        messages = []
-        if prompt:
-            messages += prompt if is_chat(prompt) else [{"role": "user", "content": prompt}]
-        messages += response if is_chat(response) else [{"role": "assistant", "content": response}]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return (prompt or "") + response
 
 
 def text_key(text: str) -> str:

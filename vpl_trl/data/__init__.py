@@ -1,15 +1,7 @@
 """Preference data with users: our format, context sampling and dataset builders."""
 
 from .context import attach_contexts, parse_num_context
-from .format import (
-    PreferenceDataError,
-    load_preference_file,
-    load_preference_splits,
-    read_jsonl,
-    validate_context,
-    validate_example,
-    write_jsonl,
-)
+from .format import PreferenceDataError, load_preference_file, load_preference_splits, read_jsonl, validate_context, validate_example, write_jsonl
 from .hh_rlhf import build_hh_relabeled
 from .pets import build_pets
 from .population import Population, build_population, true_utility, utility_from_weights

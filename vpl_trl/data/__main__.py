@@ -54,14 +54,7 @@ def _hh_relabeled(args: argparse.Namespace) -> None:
 
 
 def _population(args: argparse.Namespace) -> None:
-    from .population import (
-        OUTPUT_FILES,
-        PopulationConfig,
-        build_population,
-        parse_attributes,
-        parse_shared_weights,
-        summarize,
-    )
+    from .population import OUTPUT_FILES, PopulationConfig, build_population, parse_attributes, parse_shared_weights, summarize
 
     output = Path(args.output)
     _refuse_overwrite(output, args.overwrite, OUTPUT_FILES)

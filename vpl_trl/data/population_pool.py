@@ -124,7 +124,7 @@ def trim_to_sentence(text: str) -> str:
 def _jobs(tokenizer, prompts, styles, samples: int) -> list[tuple]:
     """(prompt_id, prompt, style, opening, input text, sample), ordered by sample first: the first `len(prompts) *
     len(styles)` jobs answer every prompt in every style once."""
-    from ..generation import policy_input_text
+    from ..text import policy_input_text
 
     jobs = []
     for sample in range(samples):
@@ -153,7 +153,7 @@ def generate_pool(policy: str | None = None, samples: int = 2, seed: int = 0, ba
     from tqdm.auto import tqdm
 
     from ..embedded_model import DEFAULT_MODEL
-    from ..generation import load_policy
+    from ..models.causal_lm import load_policy
 
     model, tokenizer = load_policy(policy or DEFAULT_MODEL)
     device = next(model.parameters()).device

@@ -1,5 +1,13 @@
 """Policy optimization against personalized rewards: user conditioning, the reward function, evaluation."""
 
+from ..data.user_files import draw_context, load_prompt_list, load_user_pairs, resolve_data_source
+from ..models.latent_prompt import (
+    LATENT_TOKEN,
+    LatentConditionedEmbedding,
+    LatentPrompt,
+    add_latent_prompt,
+    conditioned_on,
+)
 from .best_of_n_rounds import RoundSettings
 from .conditioned_policy import (
     POLICY_CONFIG,
@@ -22,11 +30,9 @@ from .evaluation import (
     summarize,
     write_results,
 )
-from .latent_prompt import LATENT_TOKEN, LatentConditionedEmbedding, LatentPrompt, add_latent_prompt, conditioned_on
 from .ranked_dpo import RewardRankedDPOTrainer
 from .reward import PersonalizedRewardFunction
 from .trainers import ConditionedDPOTrainer, ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
-from .users import draw_context, load_prompt_list, load_user_pairs, resolve_data_source
 
 __all__ = [
     "LATENT_TOKEN",

@@ -33,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.data_utils import is_conversational
 
 from ..distributed import full_weights_for_generation
-from ..generation import GenerationSettings, generate_candidates
+from ..inference.generation import GenerationSettings, generate_candidates
 from .trainers import LATENT_COLUMN
 
 ROUNDS_STATE = "best_of_n_rounds.json"

@@ -17,8 +17,8 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..embedded_model import resolve_model_name_or_path
+from ..models.latent_prompt import add_latent_prompt, latent_prompt_trainable, load_latent_prompt
 from .conditioning import PolicyConditioning
-from .latent_prompt import add_latent_prompt, latent_prompt_trainable, load_latent_prompt
 
 POLICY_CONFIG = "vpl_policy.json"
 

@@ -16,11 +16,9 @@ import torch
 from datasets import Dataset
 
 from ..data.format import PreferenceDataError
-from ..embeddings import is_chat
-from ..generation import dialogue_messages
-from ..scoring import completion_text
-from .latent_prompt import LATENT_TOKEN
-from .users import draw_context
+from ..data.user_files import draw_context
+from ..models.latent_prompt import LATENT_TOKEN
+from ..text import completion_text, dialogue_messages, is_chat
 
 PREAMBLE_HEADER = "Here are answers this user preferred, each over another answer:"
 PREAMBLE_FOOTER = "Answer the next request the way this user would prefer."
@@ -62,7 +60,7 @@ class PolicyConditioning:
     - `text`: the user's pairs rendered into the prompt (a system message for chat policies); runs on any
       serving stack.
     - `latent`: `num_tokens` placeholder tokens that the policy's input embedding replaces with a soft prompt
-      computed from the user's latent `z` (`vpl_trl.policy.latent_prompt`); compact and exact.
+      computed from the user's latent `z` (`vpl_trl.models.latent_prompt`); compact and exact.
     - `none`: the bare prompt (per-user policies, one adapter each).
     """
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generation import GenerationSettings, generate_candidates
-from ..scoring import PersonalizedRewardScorer
+from ..inference.generation import GenerationSettings, generate_candidates
+from ..inference.scoring import PersonalizedRewardScorer
 
 Matrix = dict[str, dict[str, float]]
 

@@ -18,8 +18,8 @@ from datasets import Dataset
 
 from ..checkpoints import FaultTolerantCheckpoints
 from ..distributed import full_weights_for_generation
+from ..models.latent_prompt import conditioned_on
 from .best_of_n_rounds import BestOfNRounds, Ranked, RoundSettings, as_completion, with_latent
-from .latent_prompt import conditioned_on
 from .trainers import LATENT_COLUMN, ConditionedDPOTrainer
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ..scoring import PersonalizedRewardScorer, completion_text
+from ..inference.scoring import PersonalizedRewardScorer
+from ..text import completion_text
 
 
 class PersonalizedRewardFunction:

@@ -1,4 +1,4 @@
-"""TRL trainers for a policy conditioned on users' latents (`vpl_trl.policy.latent_prompt`).
+"""TRL trainers for a policy conditioned on users' latents (`vpl_trl.models.latent_prompt`).
 
 Each batch row carries its user's latent (`user_latent`, a dataset column); the trainers set the latents
 around every forward and generation of the policy, so the soft prompt trains with the LoRA adapter. With text
@@ -25,7 +25,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..checkpoints import FaultTolerantCheckpoints
-from .latent_prompt import conditioned_on, load_latent_prompt_weights, save_latent_prompt
+from ..models.latent_prompt import conditioned_on, load_latent_prompt_weights, save_latent_prompt
 
 LATENT_COLUMN = "user_latent"
 

@@ -21,25 +21,15 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from ..checkpoints import FaultTolerantCheckpoints
 from ..data.context import attach_contexts
 from ..data.format import PreferenceDataError
-from ..distributed import (
-    barrier,
-    gathered_parameters,
-    is_zero3_partitioned,
-    union_across_processes,
-)
+from ..distributed import barrier, gathered_parameters, is_zero3_partitioned, union_across_processes
 from ..embedded_model import resolve_model_name_or_path
-from ..embeddings import (
-    EmbeddingCache,
-    EmbeddingTable,
-    compute_embeddings,
-    default_embedding_cache_dir,
-    render_text,
-)
+from ..embeddings import EmbeddingCache, EmbeddingTable, compute_embeddings, default_embedding_cache_dir
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
 from ..models.backbone import load_backbone
 from ..models.configuration_vpl import peft_config_to_dict
 from ..models.modeling_vpl import WEIGHTS_NAME
+from ..text import render_text
 from .vpl_reward_config import VPLRewardConfig
 
 # Columns the trainer builds and the collator reads

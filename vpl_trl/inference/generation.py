@@ -1,12 +1,10 @@
 """Sampling from a policy LLM: its input text (chat template for chat models) and `n` candidates per prompt.
 
-- `load_policy` loads a causal LM and its tokenizer (default: the embedded SmolLM2 instruct model).
 - `generate_candidates` samples n completions per prompt in batches, optionally conditioned on users' latents.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,44 +12,11 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-from .embeddings import is_chat
-from .precision import inference_autocast
-from .scoring import Device, default_device
-
-
-def load_policy(
-    name_or_path: str = DEFAULT_MODEL, device: Device = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM (eval mode) and its tokenizer; the default is the embedded SmolLM2 instruct model."""
-    path = resolve_model_name_or_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model.to(device or default_device()).eval(), tokenizer
-
-
-def dialogue_messages(text: str) -> list[dict[str, str]] | None:
-    """Chat messages of a `Human: ... Assistant:` dialogue ending in an open assistant turn (HH-RLHF and Pets
-    prompts), or None when `text` is not one."""
-    turns = re.split(r"(?:^|\n\n)(Human|Assistant):", text)
-    if turns[0].strip() or len(turns) < 3 or turns[1] != "Human" or turns[-2] != "Assistant" or turns[-1].strip():
-        return None
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[turns[i]], "content": turns[i + 1].strip()} for i in range(1, len(turns) - 2, 2)]
-
-
-def policy_input_text(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> str:
-    """The text a policy continues: the chat template with a generation prompt when the tokenizer has one
-    (a `Human:/Assistant:` dialogue becomes its turns, other text one user message)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = prompt if is_chat(prompt) else dialogue_messages(prompt) or [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if is_chat(prompt):
-        raise ValueError("a chat prompt needs a policy tokenizer with a chat template.")
-    return prompt
+from ..models.latent_prompt import conditioned_on
+from ..precision import inference_autocast
+from ..text import policy_input_text
 
 
 @dataclass
@@ -78,7 +43,6 @@ def generate_candidates(
     """`n` sampled completions for each prompt, generated `settings.batch_size` sequences at a time. A policy
     conditioned on users' latents gets `latents`: one row per prompt, or one row for all. `progress`: the
     description of a progress bar (none by default)."""
-    from .policy.latent_prompt import conditioned_on  # here: vpl_trl.policy imports this module
 
     settings = settings or GenerationSettings()
     if latents is not None and latents.size(0) not in (1, len(prompts)):

@@ -1,11 +1,11 @@
 """Personalized best-of-n: sample candidates from a policy LLM and rank them with a VPL reward r(x, z).
 
-`PersonalizedBestOfN` samples n candidates per prompt (`vpl_trl.generation`) and returns them ranked by the
-user's reward (`vpl_trl.scoring`).
+`PersonalizedBestOfN` samples n candidates per prompt (`vpl_trl.inference.generation`) and returns them ranked by the
+user's reward (`vpl_trl.inference.scoring`).
 
 Example:
 ```python
->>> from vpl_trl.best_of_n import PersonalizedBestOfN
+>>> from vpl_trl.inference.best_of_n import PersonalizedBestOfN
 >>> from vpl_trl.data.user_files import load_user_context
 >>> bon = PersonalizedBestOfN.from_pretrained("outputs/vpl-pets")  # policy: the embedded SmolLM2 instruct model
 >>> ranking = bon.rank("Please talk about one kind of pet.", context=load_user_context("me.jsonl"), n=8)
@@ -22,8 +22,9 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .embedded_model import DEFAULT_MODEL
-from .generation import GenerationSettings, generate_candidates, load_policy
+from ..embedded_model import DEFAULT_MODEL
+from ..models.causal_lm import load_policy
+from .generation import GenerationSettings, generate_candidates
 from .scoring import Device, Pair, PersonalizedRewardScorer
 
 

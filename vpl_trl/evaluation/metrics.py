@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .data.context import attach_contexts
+from ..data.context import attach_contexts
+from ..trainer.vpl_reward_trainer import count_active_units
 from .diagnostics import latent_weight_r2
-from .trainer.vpl_reward_trainer import count_active_units
 
 WORST_FRACTION = 0.1  # the worst-served users reported beside the mean
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models.modeling_vpl import UserContextEncoder
+from ..models.modeling_vpl import UserContextEncoder
 
 
 def linear_probe_accuracy(

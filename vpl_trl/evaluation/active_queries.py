@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .embeddings import compute_embeddings, render_text
+from ..embeddings import compute_embeddings
+from ..text import render_text
 
 STRATEGIES = ("active", "random")
 

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .data.format import PreferenceDataError
-from .embedded_model import resolve_model_name_or_path
-from .embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, render_text
-from .models import VPLRewardModel, local_model_folder
+from ..data.format import PreferenceDataError
+from ..embedded_model import resolve_model_name_or_path
+from ..embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir
+from ..models import VPLRewardModel, local_model_folder
+from ..models.causal_lm import Device, default_device
+from ..text import completion_text, join_response, render_text
 
 Pair = Mapping[str, Any]
-Device = str | torch.device | None
 
 
 class RewardModelError(ValueError):
@@ -33,21 +34,6 @@ class RewardModelError(ValueError):
 def context_digest(context: Sequence[Pair]) -> str:
     """A stable hash of a user's context pairs (the key of their cached latent)."""
     return hashlib.sha256(json.dumps(list(context), sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion given as a string or as chat messages (TRL's conversational format)."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(message["content"] for message in completion if message.get("role", "assistant") == "assistant")
-
-
-def join_response(prompt: Any, response: str) -> str:
-    """The response as scored after `prompt`: after a plain-text prompt ending in a non-space (`...Assistant:`)
-    a response gets the leading space that `Human:/Assistant:` data (HH-RLHF, Pets) put there."""
-    if isinstance(prompt, str) and prompt and not prompt[-1].isspace() and response and not response[0].isspace():
-        return " " + response
-    return response
 
 
 def load_reward_model(path: str | os.PathLike, device: Device = None) -> tuple[VPLRewardModel, PreTrainedTokenizerBase]:
@@ -74,10 +60,6 @@ def load_reward_model(path: str | os.PathLike, device: Device = None) -> tuple[V
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class PersonalizedRewardScorer:

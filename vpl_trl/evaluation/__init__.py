@@ -1,0 +1,1 @@
+"""Evaluating reward models: accuracy metrics, latent diagnostics and plots, active queries, the CLI and the report."""
