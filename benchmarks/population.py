@@ -97,11 +97,9 @@ class PoolEmbeddings:
         model = trainer.accelerator.unwrap_model(trainer.model)
         texts = {(r["prompt"], r["response"]): render_text(trainer.processing_class, r["prompt"], r["response"])
                  for r in rows}
-        table = trainer.embedding_table
-        table.add(list(texts.values()), desc="Embedding the response pool")
         keys = list(texts)
+        raw = trainer.inference.embed([texts[k] for k in keys], desc="Embedding the response pool")
         with torch.no_grad():
-            raw = table.tensor[torch.tensor([table.index[texts[k]] for k in keys])]
             self.matrix = model._standardize(raw).float()
         self.row = {key: i for i, key in enumerate(keys)}
 
@@ -149,13 +147,12 @@ def lore_margins(lore, embeddings: PoolEmbeddings, rows: list[dict[str, Any]]) -
 def vpl_serving_seconds(trainer: VPLRewardTrainer, new: Dataset) -> list[float]:
     """Seconds of one encoder pass per new user over SERVE_K context pairs (embeddings given, as for LoRe)."""
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    table = trainer.embedding_table
     seconds = []
     for context in one_row_per_user(new)["context"]:
         context = context[:SERVE_K]
         texts = [[render_text(trainer.processing_class, c["prompt"], c[k]) for c in context]
                  for k in ("chosen", "rejected")]
-        chosen, rejected = (table.tensor[torch.tensor([table.index[t] for t in ts])][None] for ts in texts)
+        chosen, rejected = (trainer.inference.rows(ts)[None] for ts in texts)
         start = time.perf_counter()
         with torch.no_grad():
             model.encode_context(chosen, rejected)

@@ -163,7 +163,8 @@ def test_latent_cache(best_of_n, pets_data):
 
 def test_scores_match_the_reward_model_on_training_texts(best_of_n, pets_data, precision):
     """Scored texts are rendered and embedded as in training: prompt + response, EOS, the model's forward."""
-    scorer = best_of_n.scorer
+    # A scorer made in this precision: a scorer keeps what it embedded, in the precision it ran in.
+    scorer = PersonalizedRewardScorer(best_of_n.scorer.model, best_of_n.scorer.tokenizer)
     context = context_pairs(pets_data, "helpful")
     rows = [r for r in pets_data["test"]][:5]
     latent = scorer.user_latent(context)

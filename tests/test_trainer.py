@@ -364,14 +364,14 @@ def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny
     args = config(tmp_path, model_type="vae", embedding_mode="full", max_steps=3, per_device_train_batch_size=8,
                   num_context="2")
     trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=train)
-    pretrained_contexts = trainer.embedding_table.tensor.clone()
+    pretrained_contexts = trainer.inference.table.tensor.clone()
     trainer.train()
     trainer.save_model(tmp_path / "saved")
     sample = pets_data["test"].select(range(4))
     in_memory = trainer.predict_preferences(sample)
 
     reloaded = VPLRewardModel.from_pretrained(tmp_path / "saved")
-    table = trainer.embedding_table
+    table = trainer.inference.table
     texts = list(table.index)
     with torch.no_grad():
         by_reloaded = compute_embeddings(reloaded, trainer.processing_class, texts, max_length=args.max_length)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from ..embeddings import compute_embeddings
+from ..inference.reward_inference import RewardInference
 from ..text import render_text
 
 STRATEGIES = ("active", "random")
@@ -161,35 +161,28 @@ def run_queries(
 # ----- simulated users from a labelled dataset ----------------------------------------------------------------
 
 
-def embed_pairs(trainer, rows: list[dict[str, Any]]) -> PairSet:
-    """Embeddings of labelled pairs with the trainer's model: the frozen backbone's through the trainer's
-    embedding table (and cache) for the encoder, the adapted backbone's for scoring in `lora` mode."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    tokenizer = trainer.processing_class
+def embed_pairs(inference: RewardInference, rows: list[dict[str, Any]]) -> PairSet:
+    """Embeddings of labelled pairs: the frozen backbone's (through the table and its cache) for the encoder, the
+    adapted backbone's for scoring in `lora` mode."""
+    tokenizer = inference.tokenizer
     chosen = [render_text(tokenizer, r.get("prompt"), r["chosen"]) for r in rows]
     rejected = [render_text(tokenizer, r.get("prompt"), r["rejected"]) for r in rows]
-    table = trainer.embedding_table
-    table.add(chosen + rejected, desc="Embedding query pairs")
-    lookup = lambda texts: table.tensor[torch.tensor([table.index[t] for t in texts])].float()  # noqa: E731
-    context_chosen, context_rejected = lookup(chosen), lookup(rejected)
-    if model.config.embedding_mode == "lora":
-        scored = compute_embeddings(
-            model, tokenizer, chosen + rejected, cache=None, batch_size=trainer.args.embedding_batch_size,
-            max_length=trainer.args.max_length, use_adapter=True, desc="Embedding query pairs",
-        )
-        score_chosen, score_rejected = scored[: len(rows)].float(), scored[len(rows):].float()
+    frozen = inference.embed(chosen + rejected, desc="Embedding query pairs").float()
+    context_chosen, context_rejected = frozen[: len(rows)], frozen[len(rows):]
+    if inference.model.config.embedding_mode == "lora":
+        scored = inference.embed_scored(chosen + rejected, desc="Embedding query pairs").float()
+        score_chosen, score_rejected = scored[: len(rows)], scored[len(rows):]
     else:
         score_chosen, score_rejected = context_chosen, context_rejected
     controversial = None
     if all("controversial" in r for r in rows):
         controversial = torch.tensor([bool(r["controversial"]) for r in rows])
-    device = next(model.parameters()).device
-    tensors = [t.to(device) for t in (score_chosen, score_rejected, context_chosen, context_rejected)]
+    tensors = [t.to(inference.device) for t in (score_chosen, score_rejected, context_chosen, context_rejected)]
     return PairSet(*tensors, controversial=controversial)
 
 
 def simulate_active_queries(
-    trainer,
+    predictor,
     dataset: Dataset,
     num_queries: int = 8,
     num_candidates: int = 40,
@@ -216,11 +209,11 @@ def simulate_active_queries(
             order = random.Random(f"{seed}-active-{user}-{trial}").sample(indices, len(indices))
             simulated.append((user, [rows[i] for i in order[:num_candidates]],
                               [rows[i] for i in order[num_candidates: num_candidates + max_evaluation_pairs]]))
-    return compare_strategies(trainer, simulated, num_queries, num_candidates, num_samples, seed)
+    return compare_strategies(predictor, simulated, num_queries, num_candidates, num_samples, seed)
 
 
 def simulate_new_user_queries(
-    trainer, dataset: Dataset, num_queries: int = 16, num_samples: int = 64, seed: int = 0
+    predictor, dataset: Dataset, num_queries: int = 16, num_samples: int = 64, seed: int = 0
 ) -> dict[str, Any]:
     """Active against random queries for users who bring their own context (new users, never seen in
     training): the pairs of their context are the candidates (answered, when asked, with the user's label),
@@ -234,7 +227,8 @@ def simulate_new_user_queries(
             raise ValueError(f"user {user!r} brings no context: the candidates of their queries come from it.")
         simulated.append((user, list(context), [_as_truly_preferred(rows[i]) for i in indices
                                                 if rows[i].get("true_margin", 1) != 0]))
-    return compare_strategies(trainer, simulated, num_queries, min(len(c) for _, c, _ in simulated), num_samples, seed)
+    return compare_strategies(predictor, simulated, num_queries, min(len(c) for _, c, _ in simulated), num_samples,
+                              seed)
 
 
 def _rows_by_user(dataset: Dataset) -> dict[Any, list[int]]:
@@ -252,11 +246,13 @@ def _as_truly_preferred(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_strategies(
-    trainer, simulated: list[tuple[Any, list[dict], list[dict]]], num_queries: int, num_candidates: int,
+    predictor, simulated: list[tuple[Any, list[dict], list[dict]]], num_queries: int, num_candidates: int,
     num_samples: int, seed: int,
 ) -> dict[str, Any]:
-    """Run both strategies for each simulated user `(user, candidate rows, evaluation rows)`."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    """Run both strategies for each simulated user `(user, candidate rows, evaluation rows)`, with the model of
+    `predictor` (a `VPLRewardTrainer`, or a `RewardInference`)."""
+    inference = predictor.inference
+    model = inference.model
     if not model.config.use_latent:
         raise ValueError(f"active queries infer a user latent; reward type {model.config.reward_type!r} has none.")
     was_training = model.training
@@ -275,7 +271,7 @@ def compare_strategies(
         user_index = user_numbers.setdefault(user, len(user_numbers))
         trial = trials[user]
         trials[user] += 1
-        candidates, evaluation = embed_pairs(trainer, candidate_rows), embed_pairs(trainer, evaluation_rows)
+        candidates, evaluation = embed_pairs(inference, candidate_rows), embed_pairs(inference, evaluation_rows)
         result["users"].append(str(user))
         for strategy in STRATEGIES:
             history = run_queries(model, candidates, evaluation, strategy, num_queries, num_samples,

@@ -27,7 +27,6 @@ overwritten unless `--overwrite` is given.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,9 +37,10 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from ..data.population import Population
 from ..data.registry import BUILTIN, builtin_dataset_folder, load_named_dataset
+from ..embedded_model import resolve_model_name_or_path
+from ..inference.reward_inference import RewardInference
 from ..logs import show_info_logs
-from ..models import VPLConfig, VPLRewardModel
-from ..trainer import VPLRewardConfig, VPLRewardTrainer
+from ..models import VPLConfig, VPLRewardModel, local_model_folder
 from .active_queries import simulate_active_queries, simulate_new_user_queries, summarize_active_queries
 from .diagnostics import (
     MAX_USER_BARS,
@@ -123,21 +123,16 @@ def check_output_dir(output_dir: Path, files: list[str], overwrite: bool) -> Non
         )
 
 
-def build_trainer(model: VPLRewardModel, args: EvaluateArguments, pool, workdir: str) -> VPLRewardTrainer:
-    """A trainer used only for its data preparation and prediction: `pool` (the training split) is the
-    users' context pool, and embeddings come from (and go to) the same cache as in training."""
-    tokenizer = None
-    if (Path(args.model) / "tokenizer_config.json").exists():  # saved with the model by the trainer
-        tokenizer = AutoTokenizer.from_pretrained(args.model, config=model.config)
-    config = VPLRewardConfig(
-        output_dir=workdir,
-        report_to="none",
-        num_context=args.num_context,
-        seed=args.seed,
-        per_device_eval_batch_size=args.batch_size,
-        disable_tqdm=True,
-    )
-    return VPLRewardTrainer(model=model, args=config, train_dataset=pool, processing_class=tokenizer)
+def build_inference(model: VPLRewardModel, args: EvaluateArguments, pool) -> RewardInference:
+    """The model's inference: `pool` (the training split) is the users' context pool, and embeddings come from (and
+    go to) the same cache as in training."""
+    folder = local_model_folder(args.model)
+    tokenizer_source = folder if (folder / "tokenizer_config.json").exists() else resolve_model_name_or_path(
+        model.config.backbone_name_or_path)  # saved with the model by the trainer, else its backbone's
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return RewardInference(model, tokenizer, num_context=args.num_context, seed=args.seed, context_pool=pool,
+                           batch_size=args.batch_size)
 
 
 def evaluate(args: EvaluateArguments) -> dict[str, Any]:
@@ -156,39 +151,38 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     model = VPLRewardModel.from_pretrained(args.model, backbone=args.backbone)
     title = f"{Path(args.model).name} ({model.config.reward_type}) on {args.dataset}"
 
-    with tempfile.TemporaryDirectory(prefix="vpl-evaluate-") as workdir:
-        trainer = build_trainer(model, args, pool, workdir)
-        # The recipe evaluates under this name, so with the training seed the contexts (and numbers) match.
-        name = f"{args.split}-{args.dataset}"
-        metrics: dict[str, Any] = {
-            "model": args.model,
-            "dataset": args.dataset,
-            "split": args.split,
-            "reward_type": model.config.reward_type,
-            "num_context": args.num_context,
-            "seed": args.seed,
-        }
-        predictions = predict(trainer, test, name)
-        metrics.update(evaluate_reward_model(trainer, test, name=name, predictions=predictions))
-        metrics["per_user_breakdown"] = per_user_breakdown(predictions)
-        plots = {"accuracy": ACCURACY_PLOT}
-        output_dir.mkdir(parents=True, exist_ok=True)
-        plot_accuracy(metrics, metrics["per_user_breakdown"], output_dir / ACCURACY_PLOT, title)
+    inference = build_inference(model.eval(), args, pool)
+    # The recipe evaluates under this name, so with the training seed the contexts (and numbers) match.
+    name = f"{args.split}-{args.dataset}"
+    metrics: dict[str, Any] = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "reward_type": model.config.reward_type,
+        "num_context": args.num_context,
+        "seed": args.seed,
+    }
+    predictions = predict(inference, test, name)
+    metrics.update(evaluate_reward_model(inference, test, name=name, predictions=predictions))
+    metrics["per_user_breakdown"] = per_user_breakdown(predictions)
+    plots = {"accuracy": ACCURACY_PLOT}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(metrics, metrics["per_user_breakdown"], output_dir / ACCURACY_PLOT, title)
 
-        if use_latent:
-            metrics.update(latent_evaluation(trainer, test, pool, predictions, args, output_dir, title))
-            plots.update(context_curve=CONTEXT_PLOT, latent_map=LATENT_PLOT)
-            if args.active and NEW_USERS_SPLIT not in data:
-                metrics["active_queries"] = simulate_active_queries(
-                    trainer, test, num_queries=args.active_queries, num_candidates=args.active_candidates,
-                    users_per_group=args.active_users, num_samples=args.active_samples, seed=args.seed,
-                )
-                metrics["active_queries"]["summary"] = summarize_active_queries(metrics["active_queries"])
-                plot_active_queries(metrics["active_queries"], output_dir / ACTIVE_PLOT, title)
-                plots["active_queries"] = ACTIVE_PLOT
-        if NEW_USERS_SPLIT in data and args.split != NEW_USERS_SPLIT:
-            metrics["new_users"] = new_user_evaluation(trainer, data, args, output_dir, title)
-            plots.update(metrics["new_users"].pop("plots"))
+    if use_latent:
+        metrics.update(latent_evaluation(inference, test, pool, predictions, args, output_dir, title))
+        plots.update(context_curve=CONTEXT_PLOT, latent_map=LATENT_PLOT)
+        if args.active and NEW_USERS_SPLIT not in data:
+            metrics["active_queries"] = simulate_active_queries(
+                inference, test, num_queries=args.active_queries, num_candidates=args.active_candidates,
+                users_per_group=args.active_users, num_samples=args.active_samples, seed=args.seed,
+            )
+            metrics["active_queries"]["summary"] = summarize_active_queries(metrics["active_queries"])
+            plot_active_queries(metrics["active_queries"], output_dir / ACTIVE_PLOT, title)
+            plots["active_queries"] = ACTIVE_PLOT
+    if NEW_USERS_SPLIT in data and args.split != NEW_USERS_SPLIT:
+        metrics["new_users"] = new_user_evaluation(inference, data, args, output_dir, title)
+        plots.update(metrics["new_users"].pop("plots"))
 
     metrics["plots"] = plots
     metrics["arguments"] = asdict(args)
@@ -197,15 +191,16 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     return metrics
 
 
-def latent_evaluation(trainer, test, pool, predictions, args: EvaluateArguments, output_dir: Path, title: str) -> dict:
+def latent_evaluation(inference: RewardInference, test, pool, predictions, args: EvaluateArguments, output_dir: Path,
+                      title: str) -> dict:
     """The context-size curve, and the probe of the user from z beside an untrained encoder's, with their plots."""
-    model = trainer.model
+    model = inference.model
     sizes = args.context_sizes or default_context_sizes(pool, args.max_context)
-    curve = context_size_curve(partial(predict, trainer, batch_size=args.batch_size), test, pool, sizes,
+    curve = context_size_curve(partial(predict, inference, batch_size=args.batch_size), test, pool, sizes,
                                args.context_draws, args.seed)
     plot_context_curve(curve, output_dir / CONTEXT_PLOT, title, _fixed_k(args.num_context))
     with untrained_encoder(model, seed=args.seed):
-        untrained = trainer.predict_preferences(test, name=f"{args.split}-{args.dataset}")
+        untrained = inference.predict_preferences(test, name=f"{args.split}-{args.dataset}")
     diagnostics = latent_diagnostics(
         model, predictions["latent_mean"], untrained["latent_mean"], predictions["user_id"],
         folds=args.probe_folds, seed=args.seed,
@@ -214,7 +209,7 @@ def latent_evaluation(trainer, test, pool, predictions, args: EvaluateArguments,
     return {"latent_dim": model.config.latent_dim, "context_curve": curve, "probe": diagnostics["probe"]}
 
 
-def new_user_evaluation(trainer, data, args: EvaluateArguments, output_dir: Path, title: str) -> dict[str, Any]:
+def new_user_evaluation(inference, data, args: EvaluateArguments, output_dir: Path, title: str) -> dict[str, Any]:
     """Users absent from training, each with their own context: accuracy with K of their pairs (`num_context`,
     or all of them for a range), per user, with swapped contexts, against K, what z knows of their true weights,
     and active queries."""
@@ -224,27 +219,27 @@ def new_user_evaluation(trainer, data, args: EvaluateArguments, output_dir: Path
     fixed = _fixed_k(args.num_context)
     limited = limit_contexts(new, fixed) if fixed else new
     name = f"{NEW_USERS_SPLIT}-{args.dataset}"
-    predictions = predict(trainer, limited, name, batch_size=args.batch_size)
-    result: dict[str, Any] = evaluate_reward_model(trainer, limited, name=name, predictions=predictions)
+    predictions = predict(inference, limited, name, batch_size=args.batch_size)
+    result: dict[str, Any] = evaluate_reward_model(inference, limited, name=name, predictions=predictions)
     result["num_context"] = fixed or "all"
     breakdown = per_user_breakdown(predictions)
     result["num_users"] = len(breakdown)
     result["worst_decile_accuracy"] = worst_fraction_mean([row["accuracy"] for row in breakdown.values()])
     result["plots"] = {}
-    if not trainer.model.config.use_latent:
+    if not inference.model.config.use_latent:
         return result
     longest = max(len(c) for c in new["context"])
     sizes = args.context_sizes or context_sizes_up_to(longest, args.max_context)
-    result["context_curve"] = context_size_curve(partial(predict, trainer, batch_size=args.batch_size), new, None,
+    result["context_curve"] = context_size_curve(partial(predict, inference, batch_size=args.batch_size), new, None,
                                                  sizes, args.context_draws, args.seed)
     plot_context_curve(result["context_curve"], output_dir / NEW_CONTEXT_PLOT, f"{title}: new users", fixed)
     result["plots"]["new_users_context_curve"] = NEW_CONTEXT_PLOT
     users_file = dataset_folder(args) / "users.json"
     if users_file.is_file():
-        result["z_r2"] = z_weight_r2(trainer, data[args.split], data["train"], limited, Population.load(users_file),
+        result["z_r2"] = z_weight_r2(inference, data[args.split], data["train"], limited, Population.load(users_file),
                                      seed=args.seed, name=f"{name}-z")
     if args.active:
-        active = simulate_new_user_queries(trainer, new, num_queries=min(args.active_queries, longest),
+        active = simulate_new_user_queries(inference, new, num_queries=min(args.active_queries, longest),
                                            num_samples=args.active_samples, seed=args.seed)
         active["summary"] = summarize_active_queries(active)
         result["active_queries"] = active

@@ -146,25 +146,29 @@ def swap_contexts(dataset: Dataset, pool: Dataset | None, num_context: int | str
     return relabeled.remove_columns("user_id").add_column("user_id", list(dataset["user_id"]))
 
 
-def predict(trainer, dataset: Dataset, name: str, batch_size: int | None = None) -> dict[str, Any]:
-    """`trainer.predict_preferences`, with the rows' `true_margin` when the data knows the true preference."""
-    predictions = trainer.predict_preferences(dataset, batch_size=batch_size, name=name)
+def predict(predictor, dataset: Dataset, name: str, batch_size: int | None = None) -> dict[str, Any]:
+    """`predictor.predict_preferences` (a `VPLRewardTrainer`'s, or a `RewardInference`'s for a saved model), with the
+    rows' `true_margin` when the data knows the true preference."""
+    predictions = predictor.predict_preferences(dataset, batch_size=batch_size, name=name)
     if "true_margin" in dataset.column_names:
         predictions["true_margin"] = list(dataset["true_margin"])
     return predictions
 
 
 def evaluate_reward_model(
-    trainer, dataset: Dataset, name: str = "test", context_swap: bool = True, predictions: dict[str, Any] | None = None
+    predictor, dataset: Dataset, name: str = "test", context_swap: bool = True,
+    predictions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of the trainer's model on `dataset` (from `predictions` of `predict` when the caller has them);
-    for VPL models also the accuracy with swapped contexts (another user's, drawn at random)."""
-    metrics = preference_metrics(predictions if predictions is not None else predict(trainer, dataset, name))
-    pool = getattr(trainer, "_context_pool", None)
+    """Metrics of a reward model on `dataset`, predicted by `predictor` (a `VPLRewardTrainer`, or a `RewardInference`
+    for a saved model; from `predictions` of `predict` when the caller has them); for VPL models also the accuracy
+    with swapped contexts (another user's, drawn at random)."""
+    metrics = preference_metrics(predictions if predictions is not None else predict(predictor, dataset, name))
+    inference = predictor.inference
+    pool = inference.context_pool
     users = (set(pool["user_id"]) if pool is not None else set()) | set(own_contexts(dataset))
-    if context_swap and trainer.model.config.use_latent and len(users) > 1:
-        swapped = swap_contexts(dataset, pool, trainer.args.num_context, trainer.args.seed)
-        swap_metrics = preference_metrics(predict(trainer, swapped, f"{name}-context-swap"))
+    if context_swap and inference.uses_latent and len(users) > 1:
+        swapped = swap_contexts(dataset, pool, inference.num_context, inference.seed)
+        swap_metrics = preference_metrics(predict(predictor, swapped, f"{name}-context-swap"))
         metrics["context_swap"] = {
             key: swap_metrics.get(key)
             for key in ("accuracy", "true_accuracy", "per_user", "controversial_accuracy", "agreed_accuracy")
@@ -181,7 +185,7 @@ def one_row_per_user(dataset: Dataset) -> Dataset:
     return dataset.select(list(first.values()))
 
 
-def z_weight_r2(trainer, train_users: Dataset, pool: Dataset, new_users: Dataset, population, seed: int = 0,
+def z_weight_r2(predictor, train_users: Dataset, pool: Dataset, new_users: Dataset, population, seed: int = 0,
                 name: str = "z") -> float:
     """R^2 of simulated users' true weights (`population.weights(user)`) from their posterior mean of z, by
     `diagnostics.latent_weight_r2`: fitted on the users of `train_users`, each given a context of as many of
@@ -194,7 +198,7 @@ def z_weight_r2(trainer, train_users: Dataset, pool: Dataset, new_users: Dataset
     train_first = attach_contexts(train_first, len(new_first[0]["context"]), seed, pool=pool, name=f"{name}-train")
     latents, weights = {}, {}
     for split, users in (("train", train_first), ("new", new_first)):
-        latents[split] = trainer.predict_preferences(users, name=f"{name}-{split}")["latent_mean"]
+        latents[split] = predictor.predict_preferences(users, name=f"{name}-{split}")["latent_mean"]
         weights[split] = [population.weights(u) for u in users["user_id"]]
     return latent_weight_r2(latents["train"], weights["train"], latents["new"], weights["new"])
 
@@ -274,7 +278,7 @@ def context_size_curve(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Accuracy against the number K of context pairs: for each K, `draws` fresh draws of every example's
-    context, each scored by `predict(dataset, name=...)` (e.g. `partial(evaluation.predict, trainer)`). Users
+    context, each scored by `predict(dataset, name=...)` (e.g. `partial(metrics.predict, trainer)`). Users
     who bring their own context (new users) get K of its pairs, the same K for all their rows; the others K of
     their pairs in `pool`. Returns, per K, the accuracy of each draw overall, on controversial pairs and, where
     the data knows it, against the true preference (with the mean of the worst decile of users)."""

@@ -1,8 +1,9 @@
 """Scoring completions with a VPL reward model r(x, z) under users' latents.
 
 - `load_reward_model` loads a saved VPL reward model and its tokenizer, with a one-line reason when it cannot.
-- `PersonalizedRewardScorer` infers (and caches) a user's latent `z` from their labelled pairs and scores
-  (prompt, completion) pairs under it, batched, rendering texts exactly as the reward model was trained.
+- `PersonalizedRewardScorer`, the model's `RewardInference` for serving: it infers (and caches) a user's latent `z`
+  from their labelled pairs and scores (prompt, completion) pairs under it, batched, rendering and embedding texts
+  exactly as the reward model was trained (through the same embedding cache).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..data.format import PreferenceDataError
 from ..embedded_model import resolve_model_name_or_path
-from ..embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir
 from ..models import VPLRewardModel, local_model_folder
 from ..models.causal_lm import Device, default_device
 from ..text import completion_text, join_response, render_text
+from .reward_inference import RewardInference
 
 Pair = Mapping[str, Any]
 
@@ -62,26 +63,19 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-class PersonalizedRewardScorer:
-    """Scores (prompt, completion) pairs with a VPL reward model under users' latents, batched.
+class PersonalizedRewardScorer(RewardInference):
+    """Scores (prompt, completion) pairs with a saved VPL reward model under users' latents, batched: the model's
+    `RewardInference` for users and policies.
 
-    Users' latents are inferred once from their context pairs and cached by user id or, without one, by
-    a hash of the pairs (`latent_computations` counts the encodings done). Context pairs are embedded with
-    the backbone's adapter disabled (cached on disk as in training); scored texts with it.
+    Users' latents are inferred once from their context pairs and cached by user id or, without one, by a hash of
+    the pairs (`latent_computations` counts the encodings done). Texts are embedded as in training and through the
+    same cache: context pairs with the backbone's adapter disabled, scored texts with it; in `frozen` mode a text
+    that training (or an earlier call) embedded is not embedded again.
     """
 
-    def __init__(
-        self,
-        model: VPLRewardModel,
-        tokenizer: PreTrainedTokenizerBase,
-        batch_size: int = 16,
-        max_length: int | None = None,
-    ):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        # by default, truncate where training did (models saved before this setting existed trained at 512)
-        self.max_length = max_length or getattr(model.config, "max_sequence_length", 512)
-        self.batch_size = batch_size
-        self.context_cache = EmbeddingCache(default_embedding_cache_dir(model, model.config.pooling, self.max_length))
+    def __init__(self, model: VPLRewardModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 16,
+                 max_length: int | None = None, **kwargs):
+        super().__init__(model.eval(), tokenizer, batch_size=batch_size, max_length=max_length, **kwargs)
         self._latents: dict[str, tuple[str, torch.Tensor]] = {}
         self.latent_computations = 0
 
@@ -89,14 +83,6 @@ class PersonalizedRewardScorer:
     def from_pretrained(cls, path: str | os.PathLike, device: Device = None, **kwargs) -> PersonalizedRewardScorer:
         model, tokenizer = load_reward_model(path, device)
         return cls(model, tokenizer, **kwargs)
-
-    @property
-    def uses_latent(self) -> bool:
-        return bool(self.model.config.use_latent)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.decoder.parameters()).device
 
     # ----- latents ----------------------------------------------------------------------------------------
 
@@ -120,16 +106,10 @@ class PersonalizedRewardScorer:
             self._latents[key] = (digest, self.encode_context(context))
         return self._latents[key][1]
 
-    @torch.no_grad()
     def encode_context(self, context: Sequence[Pair]) -> torch.Tensor:
         """The posterior-mean latent (1, latent_dim) of one user's context pairs (not cached)."""
         self.latent_computations += 1
-        chosen = [render_text(self.tokenizer, p.get("prompt"), p["chosen"]) for p in context]
-        rejected = [render_text(self.tokenizer, p.get("prompt"), p["rejected"]) for p in context]
-        embeddings = self._embed(chosen + rejected, use_adapter=False, cache=self.context_cache).to(self.device)
-        pairs = embeddings.view(2, 1, len(context), -1)
-        mean, logvar = self.model.encode_context(pairs[0], pairs[1])
-        return self.model.latent_from_posterior(mean, logvar)
+        return super().encode_context(context)
 
     # ----- scores -----------------------------------------------------------------------------------------
 
@@ -148,35 +128,10 @@ class PersonalizedRewardScorer:
         return {user: self.rewards(embeddings, latent) for user, latent in latents.items()}
 
     def embed_completions(self, prompts: Sequence[Any], completions: Sequence[Any]) -> torch.Tensor:
-        """Embeddings (N, d) of the scored texts, rendered as in training (adapter enabled)."""
+        """Embeddings (N, d) of the scored texts, rendered as in training."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
         texts = [
             render_text(self.tokenizer, p, join_response(p, completion_text(c))) for p, c in zip(prompts, completions)
         ]
-        return self._embed(texts, use_adapter=True, cache=EmbeddingCache(None)).to(self.device)
-
-    @torch.no_grad()
-    def rewards(self, embeddings: torch.Tensor, latent: torch.Tensor | None = None) -> list[float]:
-        """The reward head on precomputed embeddings (N, d) under `latent` ((1, d) or (N, d); default: prior)."""
-        if self.uses_latent:
-            latent = self.model.prior_latent(1) if latent is None else latent.to(self.device)
-            if latent.shape[0] not in (1, len(embeddings)):
-                raise ValueError(
-                    f"{latent.shape[0]} latents for {len(embeddings)} completions: give 1 or one per completion."
-                )
-        rewards: list[float] = []
-        for begin in range(0, len(embeddings), self.batch_size):
-            rows = slice(begin, begin + self.batch_size)
-            batch_latent = None
-            if self.uses_latent:
-                batch_latent = latent if latent.shape[0] == 1 else latent[rows]
-            output = self.model(embeddings=embeddings[rows], latent=batch_latent)
-            rewards += output.logits.squeeze(-1).float().cpu().tolist()
-        return rewards
-
-    def _embed(self, texts: list[str], use_adapter: bool, cache: EmbeddingCache) -> torch.Tensor:
-        return compute_embeddings(
-            self.model, self.tokenizer, texts, cache, self.batch_size, self.max_length,
-            use_adapter=use_adapter, desc="Scoring texts" if use_adapter else "Embedding context pairs",
-        )
+        return self.embed_scored(texts).to(self.device)

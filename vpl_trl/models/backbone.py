@@ -1,10 +1,14 @@
-"""The VPL model's backbone LLM: loading or building it, its LoRA adapter, quantization and checkpointing plumbing."""
+"""The VPL model's backbone LLM: loading or building it, its LoRA adapter and PEFT wrapping, quantization and
+checkpointing plumbing."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -12,6 +16,9 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import logging as transformers_logging
 
 from ..embedded_model import resolve_model_name_or_path
+
+if TYPE_CHECKING:
+    from .modeling_vpl import VPLRewardModel
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype | str | None = torch.float32, **kwargs) -> PreTrainedModel:
@@ -111,6 +118,67 @@ def adapter_disabled(backbone: nn.Module):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+# ----- PEFT: a PEFT model given to the trainer, and PEFT wrapping the whole VPL model as TRL wraps models ------
+
+
+def split_peft_model(model) -> tuple[PreTrainedModel, Any, dict[str, torch.Tensor]]:
+    """A PEFT model as its base model (adapter layers removed), the adapter's configuration, and the adapter's
+    weights named as in a VPL model (a classification head's are left out: VPL brings its heads)."""
+    name = model.active_adapter
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if f".{name}." in k and "lora_" in k}
+    config = model.peft_config[name]
+    base = model.unload()
+    prefix = "base_model.model." + (f"{base.base_model_prefix}." if base.base_model is not base else "")
+    adapter = {"model." + k[len(prefix):].replace(f".{name}.", ".default."): v
+               for k, v in weights.items() if k.startswith(prefix)}
+    return base, config, adapter
+
+
+def peft_config_for_whole_model(model: VPLRewardModel, peft_config):
+    """`peft_config` for wrapping the whole VPL model as TRL wraps its models (so parameters are named as TRL
+    names them): the modules it targets in the backbone (`all-linear`, or by default those PEFT knows for the
+    backbone's architecture), never the heads."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    config = dataclasses.replace(peft_config, task_type=None, modules_to_save=None)
+    if config.target_modules is None:
+        config.target_modules = DEFAULT_TARGETS.get(model.backbone.config.model_type)
+    config = _maybe_include_all_linear_layers(config, model.backbone)
+    _convert_for_transformers_v5(config, model.backbone)
+    targets = config.target_modules
+    if not targets:
+        return config
+    if isinstance(targets, str):
+        return dataclasses.replace(config, target_modules=rf"model\.(?:{targets})")
+    names = "|".join(re.escape(name) for name in sorted(targets))
+    return dataclasses.replace(config, target_modules=rf"model\.(?:.*\.)?(?:{names})")
+
+
+def _convert_for_transformers_v5(config, backbone: PreTrainedModel) -> None:
+    """PEFT's own update of a configuration to the backbone's transformers 5 layout (e.g. fused MoE experts, then
+    targeted as parameters), which it applies to transformers models only."""
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # transformers < 5
+        return
+    convert_peft_config_for_transformers(config, model=backbone, conversions=get_model_conversion_mapping(backbone))
+
+
+def train_heads_under_peft(model: VPLRewardModel, adapter: dict[str, torch.Tensor] | None) -> None:
+    """PEFT freezes what it does not adapt: the heads train all the same; a PEFT model's adapter is loaded."""
+    for module in (getattr(model, "encoder", None), model.decoder):
+        if module is not None:
+            module.requires_grad_(True)
+    if adapter:
+        unexpected = model.load_state_dict(adapter, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"the PEFT model's adapter does not fit its backbone: {unexpected[:5]}")
 
 
 # ----- precision, quantization, gradient checkpointing ---------------------------------------------------------

@@ -99,7 +99,10 @@ class VPLRewardConfig(RewardConfig):
         """The `VPLConfig` fields this configuration (and the trainer's `peft_config`) set, for a new model."""
         mode = self.embedding_mode or ("lora" if peft_config is not None else "full")
         if peft_config is not None and mode != "lora":
-            raise ValueError(f"a peft_config trains a LoRA adapter of the backbone, but embedding_mode={mode!r}.")
+            raise ValueError(
+                f"a peft_config trains a LoRA adapter of the backbone, but embedding_mode={mode!r}: set "
+                "embedding_mode='lora' (or leave it unset) to train the adapter, or pass no peft_config."
+            )
         kwargs = {
             "reward_type": self.model_type,
             "latent_dim": self.latent_dim,

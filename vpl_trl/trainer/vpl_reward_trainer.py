@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,30 +10,27 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from ..checkpoints import FaultTolerantCheckpoints
-from ..data.context import attach_contexts
-from ..data.format import PreferenceDataError
-from ..distributed import barrier, gathered_parameters, is_zero3_partitioned, union_across_processes
+from ..distributed import gathered_parameters
 from ..embedded_model import resolve_model_name_or_path
-from ..embeddings import EmbeddingCache, EmbeddingTable, compute_embeddings, default_embedding_cache_dir
+from ..embeddings import EmbeddingTable
+from ..inference.reward_inference import AUTO, CONTEXT_COLUMNS, INDEX_COLUMNS, RewardInference
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
-from ..models.backbone import load_backbone
+from ..models.backbone import load_backbone, peft_config_for_whole_model, split_peft_model, train_heads_under_peft
 from ..models.configuration_vpl import peft_config_to_dict
 from ..models.modeling_vpl import WEIGHTS_NAME
-from ..text import render_text
 from .vpl_reward_config import VPLRewardConfig
 
 # Columns the trainer builds and the collator reads
 TOKEN_COLUMNS = ("chosen_ids", "rejected_ids")
-INDEX_COLUMNS = ("chosen_index", "rejected_index")
-CONTEXT_COLUMNS = ("context_chosen_index", "context_rejected_index")
 ACTIVE_UNIT_THRESHOLD = 0.01
 STATISTICS_SAMPLE = 256  # training pairs whose embeddings standardize a trained backbone's (without contexts)
 
@@ -134,13 +129,17 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         processing_class.pad_token = args.pad_token or processing_class.pad_token or processing_class.eos_token
         model.config.max_sequence_length = args.max_length  # saved with the model, so scoring truncates alike
 
-        self.embedding_table = self._create_embedding_table(model, processing_class, args)
-        self._context_pool = train_dataset if model.config.use_latent else None  # contexts are drawn from it
+        # Embeddings, contexts and latents: datasets are prepared by the same component that serves the saved model.
+        self.inference = RewardInference(
+            model, processing_class, num_context=args.num_context, seed=args.seed,
+            context_pool=train_dataset if model.config.use_latent else None, batch_size=args.embedding_batch_size,
+            max_length=args.max_length, cache_dir=_embedding_cache_dir(model, args),
+        )
         if data_collator is None:
             data_collator = DataCollatorForVPL(
                 pad_token_id=processing_class.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
-                table=self.embedding_table,
+                table=self.inference.table,
             )
         model_init_kwargs, args.model_init_kwargs = args.model_init_kwargs, None  # used above: no warning about them
         try:
@@ -156,12 +155,12 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
                 optimizers=optimizers,
                 optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                 preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                peft_config=None if peft_config is None else _wrapper_peft_config(model, peft_config),
+                peft_config=None if peft_config is None else peft_config_for_whole_model(model, peft_config),
             )
         finally:
             args.model_init_kwargs = model_init_kwargs
         if peft_config is not None:
-            _train_heads_under_peft(model, adapter)
+            train_heads_under_peft(model, adapter)
         if bool((model.embedding_scale == 1).all() and (model.embedding_mean == 0).all()):
             self._fit_embedding_statistics()  # a new model: standardize embeddings by the training data's
         self._contexts_embedded_by = (model, self.state.global_step)
@@ -187,7 +186,7 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
                     "and unload the existing adapter, save the resulting base model, and then pass that base model "
                     "along with the new `peft_config` to the trainer."
                 )
-            model, peft_config, adapter = _split_peft_model(model)
+            model, peft_config, adapter = split_peft_model(model)
         set_seed(args.seed)  # the heads' initialization follows the run's seed, not the process's RNG history
         if isinstance(model, str):
             kwargs = dict(args.model_init_kwargs or {})
@@ -211,28 +210,18 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         backbone.config.name_or_path = model.config.name_or_path
         if peft_config is None:
             return VPLRewardModel.from_backbone(backbone, **args.model_config_kwargs()), None, None
+        settings = args.model_config_kwargs(peft_config)  # refuses a peft_config beside frozen or full mode
         # The adapter is added as TRL adds one, by wrapping the whole model (`RewardTrainer.__init__`).
-        vpl_model = VPLRewardModel.from_backbone(backbone, **{**args.model_config_kwargs(), "embedding_mode": "full"})
-        vpl_model.config.update({**args.model_config_kwargs(), "embedding_mode": "lora"})
-        vpl_model.config.peft_config = peft_config_to_dict(peft_config)
+        vpl_model = VPLRewardModel.from_backbone(
+            backbone, **{**settings, "embedding_mode": "full", "peft_config": None}
+        )
+        vpl_model.config.update({**settings, "peft_config": peft_config_to_dict(peft_config)})
         return vpl_model, peft_config, adapter
-
-    @staticmethod
-    def _create_embedding_table(model: VPLRewardModel, tokenizer, args: VPLRewardConfig) -> EmbeddingTable:
-        """The table of frozen embeddings (contexts, and in `frozen` mode every response), backed by a disk cache
-        keyed by the backbone's weights; a fine-tuned backbone's embeddings change, so they are not cached on disk."""
-        cache_dir = args.embedding_cache_dir
-        if model.config.embedding_mode == "full":
-            cache_dir = None
-        elif cache_dir is None:
-            with gathered_parameters(model.backbone):  # the folder is keyed by a digest of the backbone's weights
-                cache_dir = default_embedding_cache_dir(model, model.config.pooling, args.max_length)
-        return EmbeddingTable(model, tokenizer, EmbeddingCache(cache_dir), args.embedding_batch_size, args.max_length)
 
     def _fit_embedding_statistics(self) -> None:
         """Standardize the heads' inputs by the training data's frozen embeddings: every embedded training text
         (`frozen` mode, or the contexts), else those of the first `STATISTICS_SAMPLE` training pairs."""
-        table, dataset = self.embedding_table, self.train_dataset
+        table, dataset = self.inference.table, self.train_dataset
         columns = get_dataset_column_names(dataset)
         rows = set()
         for column in INDEX_COLUMNS + CONTEXT_COLUMNS:
@@ -248,7 +237,7 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
     @torch.no_grad()
     def _embed_token_ids(self, dataset: Dataset | IterableDataset) -> torch.Tensor:
         """Frozen embeddings of the first `STATISTICS_SAMPLE` tokenized training pairs."""
-        model = self.embedding_table.model
+        model = self.inference.model
         if isinstance(dataset, Dataset):
             sample = dataset.select(range(min(STATISTICS_SAMPLE, len(dataset))))
         else:
@@ -269,94 +258,13 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
     # ----- data ---------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args: VPLRewardConfig, dataset_name: str):
-        """Attach each example's context (as rows of the embedding table), then tokenize as TRL does, or in
-        `frozen` mode embed the responses and index them. Prepared datasets are returned as they are."""
-        config = self.embedding_table.model.config
-        columns = get_dataset_column_names(dataset)
-        if any(c in columns for c in INDEX_COLUMNS):
-            return dataset  # already prepared (frozen mode)
-        frozen = config.embedding_mode == "frozen"
-        if frozen or config.use_latent:
-            if not isinstance(dataset, Dataset):
-                raise TypeError(
-                    f"{dataset_name} dataset: {'frozen mode' if frozen else 'a vae model'} needs a map-style Dataset "
-                    "(streaming datasets are for the baselines with a trained backbone)."
-                )
-            missing = [c for c in ("chosen", "rejected") if c not in columns]
-            if missing and not (not frozen and "chosen_ids" in columns):
-                raise PreferenceDataError(f"{dataset_name} dataset: missing column(s) {missing}; it has {columns}.")
-        if config.use_latent:
-            dataset = self._add_contexts(dataset, processing_class, args, dataset_name)
-        if not frozen:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        return self._index_responses(dataset, processing_class, args, dataset_name)
-
-    def _add_contexts(self, dataset: Dataset, processing_class, args: VPLRewardConfig, dataset_name: str) -> Dataset:
-        """Draw each example's context pairs (from the training set), embed them and index them."""
-        if "context_chosen_index" in dataset.column_names:
+        """Contexts (and in `frozen` mode the responses) as rows of the embedding table, by the inference
+        component; then, in the other modes, tokenized as TRL does."""
+        draws = args.train_context_draws if dataset is self.inference.context_pool else 1
+        dataset = self.inference.prepare(dataset, dataset_name, context_draws=draws)
+        if self.inference.model.config.embedding_mode == "frozen":
             return dataset
-        _check_users(dataset, dataset_name)
-        pool = None if dataset is self._context_pool else self._context_pool
-        with args.main_process_first(desc=f"drawing the {dataset_name} contexts"):
-            if pool is None and args.train_context_draws > 1:  # the training set: one copy of it per draw
-                dataset = concatenate_datasets([
-                    attach_contexts(
-                        dataset, args.num_context, args.seed, name=dataset_name + (f"-draw{d}" if d else "")
-                    )
-                    for d in range(args.train_context_draws)
-                ])
-            else:
-                dataset = attach_contexts(dataset, args.num_context, args.seed, pool=pool, name=dataset_name)
-            dataset = dataset.map(
-                _render_context, fn_kwargs={"tokenizer": processing_class}, desc=f"Rendering {dataset_name} contexts"
-            )
-        texts = []
-        for chosen, rejected in zip(dataset["context_chosen_text"], dataset["context_rejected_text"]):
-            texts += list(chosen) + list(rejected)
-        self._embed_texts(texts, args, desc=f"Embedding {dataset_name} texts")
-        with args.main_process_first(desc=f"indexing the {dataset_name} contexts"):
-            return dataset.map(
-                _index_columns,
-                fn_kwargs={"index": self.embedding_table.index, "columns": CONTEXT_COLUMNS},
-                desc=f"Indexing {dataset_name} contexts",
-            )
-
-    def _index_responses(self, dataset: Dataset, processing_class, args: VPLRewardConfig, dataset_name: str) -> Dataset:
-        """Frozen mode: embed each response (prompt included) once, and refer to it by its row of the table."""
-        with args.main_process_first(desc=f"rendering the {dataset_name} dataset"):
-            dataset = dataset.map(
-                _render_example, fn_kwargs={"tokenizer": processing_class}, desc=f"Rendering {dataset_name} texts"
-            )
-        self._embed_texts(
-            list(dataset["chosen_text"]) + list(dataset["rejected_text"]), args, desc=f"Embedding {dataset_name} texts"
-        )
-        with args.main_process_first(desc=f"indexing the {dataset_name} dataset"):
-            return dataset.map(
-                _index_columns,
-                fn_kwargs={"index": self.embedding_table.index, "columns": INDEX_COLUMNS},
-                desc=f"Indexing {dataset_name} dataset",
-            )
-
-    def _embed_texts(self, texts: list[str], args: VPLRewardConfig, desc: str) -> None:
-        """Add `texts` to the embedding table. The main process of each machine embeds what the cache lacks and
-        writes it; the others then read it from the cache. Under ZeRO-3 each process holds a slice of the backbone,
-        so all of them embed the missing texts together (same forward calls), and the main ones write the cache."""
-        table = self.embedding_table
-        if not is_zero3_partitioned(table.model.backbone):
-            with args.main_process_first(desc=desc):
-                table.add(texts, desc=desc)
-            return
-        table.cache.refresh()
-        missing = [t for t in dict.fromkeys(texts) if t not in table.index and t not in table.cache]
-        missing = union_across_processes(missing)
-        with gathered_parameters(table.model.backbone):
-            vectors = compute_embeddings(
-                table.model, table.tokenizer, missing, None, table.batch_size, table.max_length, desc=desc
-            )
-        if missing and (args.local_process_index == 0 or table.cache.directory is None):  # an in-memory cache: all
-            table.cache.add(missing, vectors)
-        barrier()
-        table.add(texts, desc=desc)  # all cached now
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -382,6 +290,11 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
         metrics = self._metrics[mode]
+        if mode == "train" and "attention_mask" in inputs:  # frozen mode feeds embeddings: no tokens pass
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        if "attention_mask" in inputs or self._total_train_tokens:
+            metrics["num_tokens"] = [self._total_train_tokens]
         if config.use_latent:
             beta = self.current_kl_weight()
             loss = loss + beta * outputs.kl
@@ -391,6 +304,10 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
                 metrics["beta"].append(beta)
                 metrics["active_units"].append(count_active_units(means))
         with torch.no_grad():
+            all_rewards = self.accelerator.gather(outputs.logits.detach())
+            metrics["min_reward"].append(all_rewards.min().item())
+            metrics["mean_reward"].append(all_rewards.mean().item())
+            metrics["max_reward"].append(all_rewards.max().item())
             name = "bt_loss" if config.reward_type in ("vae", "base") else "dpl_loss"
             metrics[name].append(self.accelerator.gather_for_metrics(pref_loss.detach()).mean().item())
             accuracy = (rewards_chosen > rewards_rejected).float().mean()
@@ -410,15 +327,12 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         """In `full` mode the backbone that embeds the contexts is trained: once it has changed (training steps, or
         another model in its place), embed the contexts again with it, into the same rows, as a saved and reloaded
         model embeds them."""
-        table = self.embedding_table
         model = self.accelerator.unwrap_model(self.model)
         if model.config.embedding_mode != "full" or not model.config.use_latent:
             return
-        if self._contexts_embedded_by == (model, self.state.global_step) or not table.index:
+        if self._contexts_embedded_by == (model, self.state.global_step) or not self.inference.table.index:
             return
-        texts = list(table.index)
-        table.reset(model)
-        self._embed_texts(texts, self.args, desc="Embedding contexts with the trained backbone")
+        self.inference.reembed_contexts(model)
         self._contexts_embedded_by = (model, self.state.global_step)
 
     def predict_preferences(
@@ -435,16 +349,14 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training, eval_metrics = model.training, self._metrics["eval"]
         self._metrics["eval"] = defaultdict(list)
-        settings = {"per_device_eval_batch_size": batch_size or self.args.per_device_eval_batch_size,
-                    "dataloader_drop_last": False}
-        before = {key: getattr(self.args, key) for key in settings}
+        # Every pair, whatever `dataloader_drop_last` says for training; the batches spread over the processes.
+        loader = DataLoader(self._remove_unused_columns(prepared, description="prediction"),
+                            batch_size=batch_size or self.args.per_device_eval_batch_size,
+                            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
         try:
-            for key, value in settings.items():
-                setattr(self.args, key, value)
-            predictions = self.predict(prepared, metric_key_prefix=name).predictions
+            predictions = self.evaluation_loop(self.accelerator.prepare(loader), description="Prediction",
+                                               metric_key_prefix=name).predictions
         finally:
-            for key, value in before.items():
-                setattr(self.args, key, value)
             self._metrics["eval"] = eval_metrics
             model.train(was_training)
         rewards, *latent = predictions if isinstance(predictions, tuple) else (predictions,)
@@ -515,98 +427,9 @@ def check_checkpoint_matches(checkpoint: str | Path, config) -> None:
             )
 
 
-def _check_users(dataset: Dataset, dataset_name: str) -> None:
-    """A `vae` model draws each example's context from its user's other pairs: data without users is refused
-    with what to do about it."""
-    columns = dataset.column_names
-    if "user_id" in columns or ("context" in columns and None not in dataset["context"]):
-        return
-    raise PreferenceDataError(
-        f"{dataset_name} dataset: model_type='vae' infers each user from other pairs that user labelled, but the data "
-        f"has no `user_id` column (it has {columns}). Name the column that says who labelled each pair with a column "
-        "mapping (the recipe's --column_mapping 'annotator=user_id', or Dataset.rename_column), give every example "
-        "a `context`, or train a model without users: model_type='base'."
-    )
-
-
-def _split_peft_model(model) -> tuple[PreTrainedModel, Any, dict[str, torch.Tensor]]:
-    """A PEFT model as its base model (adapter layers removed), the adapter's configuration, and the adapter's
-    weights named as in a VPL model (a classification head's are left out: VPL brings its heads)."""
-    name = model.active_adapter
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if f".{name}." in k and "lora_" in k}
-    config = model.peft_config[name]
-    base = model.unload()
-    prefix = "base_model.model." + (f"{base.base_model_prefix}." if base.base_model is not base else "")
-    adapter = {"model." + k[len(prefix):].replace(f".{name}.", ".default."): v
-               for k, v in weights.items() if k.startswith(prefix)}
-    return base, config, adapter
-
-
-def _wrapper_peft_config(model: VPLRewardModel, peft_config):
-    """`peft_config` for wrapping the whole VPL model as TRL wraps its models (so parameters are named as TRL
-    names them): the modules it targets in the backbone (`all-linear`, or by default those PEFT knows for the
-    backbone's architecture), never the heads."""
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
-
-    config = dataclasses.replace(peft_config, task_type=None, modules_to_save=None)
-    if config.target_modules is None:
-        config.target_modules = DEFAULT_TARGETS.get(model.backbone.config.model_type)
-    config = _maybe_include_all_linear_layers(config, model.backbone)
-    _convert_for_transformers_v5(config, model.backbone)
-    targets = config.target_modules
-    if not targets:
-        return config
-    if isinstance(targets, str):
-        return dataclasses.replace(config, target_modules=rf"model\.(?:{targets})")
-    names = "|".join(re.escape(name) for name in sorted(targets))
-    return dataclasses.replace(config, target_modules=rf"model\.(?:.*\.)?(?:{names})")
-
-
-def _convert_for_transformers_v5(config, backbone: PreTrainedModel) -> None:
-    """PEFT's own update of a configuration to the backbone's transformers 5 layout (e.g. fused MoE experts, then
-    targeted as parameters), which it applies to transformers models only."""
-    try:
-        from peft.utils.transformers_weight_conversion import (
-            convert_peft_config_for_transformers,
-            get_model_conversion_mapping,
-        )
-    except ImportError:  # transformers < 5
-        return
-    convert_peft_config_for_transformers(config, model=backbone, conversions=get_model_conversion_mapping(backbone))
-
-
-def _train_heads_under_peft(model: VPLRewardModel, adapter: dict[str, torch.Tensor] | None) -> None:
-    """PEFT freezes what it does not adapt: the heads train all the same; a PEFT model's adapter is loaded."""
-    for module in (getattr(model, "encoder", None), model.decoder):
-        if module is not None:
-            module.requires_grad_(True)
-    if adapter:
-        unexpected = model.load_state_dict(adapter, strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"the PEFT model's adapter does not fit its backbone: {unexpected[:5]}")
-
-
-def _render_example(example: dict[str, Any], tokenizer) -> dict[str, Any]:
-    prompt = example.get("prompt")
-    return {
-        "chosen_text": render_text(tokenizer, prompt, example["chosen"]),
-        "rejected_text": render_text(tokenizer, prompt, example["rejected"]),
-    }
-
-
-def _render_context(example: dict[str, Any], tokenizer) -> dict[str, Any]:
-    context = example["context"]
-    return {
-        "context_chosen_text": [render_text(tokenizer, p.get("prompt"), p["chosen"]) for p in context],
-        "context_rejected_text": [render_text(tokenizer, p.get("prompt"), p["rejected"]) for p in context],
-    }
-
-
-def _index_columns(example: dict[str, Any], index: dict[str, int], columns: tuple[str, ...]) -> dict[str, Any]:
-    """`chosen_index` from `chosen_text`, `context_chosen_index` from `context_chosen_text`, ..."""
-    output = {}
-    for column in columns:
-        texts = example[column.replace("_index", "_text")]
-        output[column] = index[texts] if isinstance(texts, str) else [index[t] for t in texts]
-    return output
+def _embedding_cache_dir(model: VPLRewardModel, args: VPLRewardConfig):
+    """Where frozen embeddings are cached: `args.embedding_cache_dir`, else the vpl-trl cache (keyed by the
+    backbone's weights); a fine-tuned backbone's embeddings change as it trains, so they stay in memory."""
+    if model.config.embedding_mode == "full":
+        return None
+    return args.embedding_cache_dir or AUTO
