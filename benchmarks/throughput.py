@@ -111,10 +111,9 @@ def build_vpl_trainer(
 ):
     from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 
-    lora = {"lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
-            "lora_target_modules": LORA["target_modules"]}
+    lora = {"peft_config": {"peft_type": "LORA", **LORA}} if mode == "lora" else {}
     model = VPLRewardModel.from_backbone(model_name, reward_type=reward_type, latent_dim=512, hidden_dim=512,
-                                         embedding_mode=mode, pooling="last", **(lora if mode == "lora" else {}))
+                                         embedding_mode=mode, pooling="last", **lora)
     args = VPLRewardConfig(output_dir=output_dir, model_type=reward_type, embedding_mode=mode, num_context="8",
                            **common_args(batch_size, steps))
     return VPLRewardTrainer(model=model, args=args, train_dataset=dataset)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from vpl_trl import VPLRewardConfig
 from vpl_trl.losses import categorical_chosen_probability, kl_weight_at, mean_and_variance_loss
 from vpl_trl.models import VPLConfig, VPLRewardModel
 
@@ -150,3 +151,20 @@ def test_kl_schedule():
     assert kl_weight_at(0, 1.0, "cyclical", 100, 0.1) == pytest.approx(0.1)
     assert kl_weight_at(50, 1.0, "cyclical", 100, 0.1) == pytest.approx(1.0)
     assert kl_weight_at(100, 1.0, "cyclical", 100, 0.1) == pytest.approx(0.1)  # a new cycle
+
+
+def test_the_model_shape_is_declared_once_and_old_lora_settings_load(tmp_path):
+    from dataclasses import fields
+
+    from vpl_trl.models.configuration_vpl import VPLArchitecture
+
+    args = VPLRewardConfig(output_dir=str(tmp_path), latent_dim=8, pooling="mean", decoder_type="bilinear",
+                           normalize_latent=False, report_to="none")
+    config = VPLConfig(**args.model_config_kwargs())
+    assert {f.name: getattr(config, f.name) for f in fields(VPLArchitecture)} == args.architecture()
+    assert config.reward_type == args.model_type and config.peft_config is None
+    # A configuration saved when LoRA had fields of its own: they become its adapter's configuration.
+    legacy = VPLConfig(embedding_mode="lora", lora_r=4, lora_target_modules=["q_proj"])
+    assert {k: legacy.peft_config[k] for k in ("r", "lora_alpha", "target_modules")} == {
+        "r": 4, "lora_alpha": 32, "target_modules": ["q_proj"]}
+    assert not hasattr(legacy, "lora_r")

@@ -81,20 +81,15 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path:
 # ----- LoRA adapter --------------------------------------------------------------------------------------------
 
 
+DEFAULT_LORA = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+
+
 def lora_config(config):
-    """The backbone's adapter of a VPL configuration: `config.peft_config` when set (the trainer's `peft_config`),
-    else its `lora_*` fields."""
-    from peft import LoraConfig
+    """The backbone's adapter of a VPL configuration: `config.peft_config` (the trainer's `peft_config`), else
+    `DEFAULT_LORA`."""
     from peft.mapping import get_peft_config
 
-    if config.peft_config:
-        return get_peft_config(dict(config.peft_config))
-    return LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-    )
+    return get_peft_config(dict(config.peft_config or DEFAULT_LORA))
 
 
 def inject_lora_adapter(backbone: PreTrainedModel, config) -> PreTrainedModel:

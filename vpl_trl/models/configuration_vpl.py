@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field, fields
+
 from transformers import PretrainedConfig
 
-from .backbone import backbone_config_dict
+from .backbone import DEFAULT_LORA, backbone_config_dict
 
 REWARD_TYPES = ("vae", "base", "mean_and_variance", "categorical")
 EMBEDDING_MODES = ("frozen", "full", "lora")
 POOLINGS = ("last", "mean")
 ENCODER_TYPES = ("attention", "difference")
 DECODER_TYPES = ("mlp", "bilinear")
+# LoRA settings of configurations saved before `peft_config` held the adapter's configuration
+LEGACY_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                      "lora_target_modules": "target_modules"}
+
+
+@dataclass
+class VPLArchitecture:
+    """The shape of a VPL reward model's heads and embeddings, declared once: [`VPLConfig`] stores these fields, and
+    [`VPLRewardConfig`] takes them as flags for the model it builds. (The reward type and the embedding mode are
+    declared beside each: the trainer's `model_type` flag is the reward type, a name `PretrainedConfig` reserves,
+    and its embedding mode defaults by the trainer's `peft_config`.)"""
+
+    latent_dim: int = field(default=512, metadata={"help": "Size of the user latent z."})
+    hidden_dim: int = field(default=512, metadata={"help": "Width of the encoder and decoder MLPs."})
+    num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
+    pooling: str = field(default="last", metadata={"help": "last (non-pad token) or mean.", "choices": list(POOLINGS)})
+    encoder_type: str = field(
+        default="attention", metadata={"help": "Context encoder: attention (the reference) or difference.",
+                                       "choices": list(ENCODER_TYPES)}
+    )
+    decoder_type: str = field(
+        default="mlp", metadata={"help": "Reward decoder: mlp on [e, z] (the reference) or bilinear <MLP(e), Wz>.",
+                                 "choices": list(DECODER_TYPES)}
+    )
+    normalize_latent: bool = field(
+        default=True, metadata={"help": "Scale z to norm sqrt(latent_dim), as in the reference method."}
+    )
+
+    def architecture(self) -> dict:
+        """These fields' values."""
+        return {f.name: getattr(self, f.name) for f in fields(VPLArchitecture)}
+
+
+def check_choice(owner: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name} must be one of {tuple(allowed)}, got {value!r}.")
 
 
 class VPLConfig(PretrainedConfig):
@@ -26,20 +64,15 @@ class VPLConfig(PretrainedConfig):
             `VPLRewardModel(config)` builds it; configurations saved without it use `backbone_name_or_path`'s.
         embedding_dim (`int`): width of the backbone's hidden states.
         reward_type (`str`): `vae` (VPL), `base` (Bradley-Terry), `mean_and_variance` or `categorical` (DPL).
-        latent_dim (`int`), hidden_dim (`int`): sizes of the latent and of the encoder/decoder MLPs.
-        num_atoms (`int`): atoms of the categorical head, on [0, 1].
         embedding_mode (`str`): `frozen` (backbone frozen, embeddings precomputed), `full` (backbone fine-tuned)
             or `lora` (a LoRA adapter of the backbone trained).
-        pooling (`str`): `last` (last non-pad token) or `mean`.
-        normalize_latent (`bool`): scale `z` to norm `sqrt(latent_dim)`, as in the reference method.
-        encoder_type (`str`): `attention` (the reference: a pair MLP on `[e_chosen, e_rejected]`, self-attention
-            over the K pairs, a mean) or `difference` (the mean of a linear map of `e_chosen - e_rejected`).
-        decoder_type (`str`): `mlp` (the reference: an MLP on `[embedding, z]`) or `bilinear` (`<MLP(e), W z>`).
         max_sequence_length (`int`, *optional*): tokens of a scored sequence in training (longer ones are
             truncated when embedded, dropped in `lora` mode); scoring truncates there too. Set by the trainer.
-        lora_r, lora_alpha, lora_dropout, lora_target_modules: the backbone's LoRA adapter in `lora` mode.
-        peft_config (`dict`, *optional*): a full PEFT configuration of the backbone's adapter in `lora` mode (a
-            `peft.PeftConfig` or its `to_dict()`); when set, it replaces the `lora_*` fields.
+        peft_config (`dict`, *optional*): the PEFT configuration of the backbone's adapter in `lora` mode (a
+            `peft.PeftConfig` or its `to_dict()`; default: `models.backbone.DEFAULT_LORA`). Configurations saved
+            with `lora_r`, `lora_alpha`, `lora_dropout` and `lora_target_modules` load into it.
+        latent_dim, hidden_dim, num_atoms, pooling, encoder_type, decoder_type, normalize_latent: the model's shape,
+            as [`VPLArchitecture`] declares and documents them.
     """
 
     model_type = "vpl_reward"
@@ -51,33 +84,25 @@ class VPLConfig(PretrainedConfig):
         backbone_config: dict | PretrainedConfig | None = None,
         embedding_dim: int = 0,
         reward_type: str = "vae",
-        latent_dim: int = 512,
-        hidden_dim: int = 512,
-        num_atoms: int = 10,
         embedding_mode: str = "frozen",
-        pooling: str = "last",
-        normalize_latent: bool = True,
-        encoder_type: str = "attention",
-        decoder_type: str = "mlp",
         max_sequence_length: int | None = 512,
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | str | None = "all-linear",
         peft_config: dict | None = None,
         **kwargs,
     ):
+        architecture = VPLArchitecture(**{f.name: kwargs.pop(f.name) for f in fields(VPLArchitecture)
+                                          if f.name in kwargs})
+        legacy_lora = {LEGACY_LORA_FIELDS[name]: kwargs.pop(name) for name in list(LEGACY_LORA_FIELDS)
+                       if name in kwargs}
         kwargs.setdefault("num_labels", 1)  # one scalar reward per sequence, as `trl.RewardTrainer` expects
         super().__init__(**kwargs)
         for name, value, allowed in (
             ("reward_type", reward_type, REWARD_TYPES),
             ("embedding_mode", embedding_mode, EMBEDDING_MODES),
-            ("pooling", pooling, POOLINGS),
-            ("encoder_type", encoder_type, ENCODER_TYPES),
-            ("decoder_type", decoder_type, DECODER_TYPES),
+            ("pooling", architecture.pooling, POOLINGS),
+            ("encoder_type", architecture.encoder_type, ENCODER_TYPES),
+            ("decoder_type", architecture.decoder_type, DECODER_TYPES),
         ):
-            if value not in allowed:
-                raise ValueError(f"VPLConfig.{name} must be one of {allowed}, got {value!r}.")
+            check_choice("VPLConfig", name, value, allowed)
         self.backbone_name_or_path = backbone_name_or_path
         self.backbone_signature = backbone_signature or {}
         if isinstance(backbone_config, PretrainedConfig):
@@ -85,19 +110,12 @@ class VPLConfig(PretrainedConfig):
         self.backbone_config = backbone_config
         self.embedding_dim = embedding_dim
         self.reward_type = reward_type
-        self.latent_dim = latent_dim
-        self.hidden_dim = hidden_dim
-        self.num_atoms = num_atoms
         self.embedding_mode = embedding_mode
-        self.pooling = pooling
-        self.normalize_latent = normalize_latent
-        self.encoder_type = encoder_type
-        self.decoder_type = decoder_type
+        for name, value in asdict(architecture).items():
+            setattr(self, name, value)
         self.max_sequence_length = max_sequence_length
-        self.lora_r = lora_r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
-        self.lora_target_modules = lora_target_modules
+        if peft_config is None and legacy_lora:
+            peft_config = {**DEFAULT_LORA, **legacy_lora}
         self.peft_config = peft_config_to_dict(peft_config)
 
     @property

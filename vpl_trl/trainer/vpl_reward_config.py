@@ -8,22 +8,29 @@ import torch
 from trl import RewardConfig
 
 from ..distributed import configure_torch_extensions_dir
-from ..models.configuration_vpl import DECODER_TYPES, EMBEDDING_MODES, ENCODER_TYPES, POOLINGS, REWARD_TYPES
+from ..models.configuration_vpl import EMBEDDING_MODES, REWARD_TYPES, VPLArchitecture
 
 
 @dataclass
-class VPLRewardConfig(RewardConfig):
+class VPLRewardConfig(VPLArchitecture, RewardConfig):
     r"""
-    [`~trl.RewardConfig`] plus the settings of variational preference learning. The model fields
-    (`model_type`, `latent_dim`, `hidden_dim`, `num_atoms`, `embedding_mode`, `pooling`) are used when the
-    trainer builds the model from a backbone name; a model passed in keeps its own.
+    [`~trl.RewardConfig`] plus the settings of variational preference learning. The model's fields are used when the
+    trainer builds the model from a backbone; a model passed in keeps its own.
 
-    > VPL parameters
+    > The model (when the trainer builds it)
 
     model_type (`str`, defaults to `"vae"`): the reward model's type (`VPLConfig.reward_type`): `vae` (VPL),
-        `base` (Bradley-Terry), `mean_and_variance`,
-        `categorical` (distributional preference learning).
-    latent_dim, hidden_dim (`int`, default 512): latent size and encoder/decoder MLP width.
+        `base` (Bradley-Terry), `mean_and_variance`, `categorical` (distributional preference learning).
+    embedding_mode (`str`, *optional*): `frozen` precomputes every embedding once and trains only the encoder and
+        decoder (the fast path on CPU, chosen explicitly); `full` fine-tunes the backbone with them, and `lora`
+        trains a LoRA adapter of the backbone (the trainer's `peft_config`, else `models.backbone.DEFAULT_LORA`).
+        Default, as in `trl.RewardTrainer`: `lora` when the trainer is given a `peft_config`, else `full`; frozen
+        or full mode with a `peft_config` is refused.
+    latent_dim, hidden_dim, num_atoms, pooling, encoder_type, decoder_type, normalize_latent: the model's shape,
+        declared once in [`VPLArchitecture`] (and stored by `VPLConfig`).
+
+    > Training
+
     kl_weight (`float`, default 1e-4): the weight of KL(q(z|context) || N(0, I)) after annealing.
     kl_schedule (`str`, default `"cyclical"`): `constant`, `linear` or `cyclical` (cyclical cosine).
     kl_anneal_steps (`int`, default 10000): the ramp length (`linear`) or the period (`cyclical`).
@@ -31,14 +38,7 @@ class VPLRewardConfig(RewardConfig):
     num_context (`str`, default `"8"`): context pairs per example, fixed (`"8"`) or a range (`"2-8"`).
     train_context_draws (`int`, default 1): copies of each training pair, each with its own context draw: more
         contexts per user for the encoder to learn from, as the reference's duplicates.
-    embedding_mode (`str`, *optional*): `frozen` precomputes every embedding once and trains only the encoder and
-        decoder (the fast path on CPU, chosen explicitly); `full` fine-tunes the backbone with them, and `lora`
-        trains a LoRA adapter of the backbone (the trainer's `peft_config`, else the model's `lora_*` settings).
-        Default, as in `trl.RewardTrainer`: `lora` when the trainer is given a `peft_config`, else `full`.
-    pooling (`str`, default `"last"`): `last` non-pad token or `mean` of the last hidden layer.
-    encoder_type (`str`, default `"attention"`), decoder_type (`str`, default `"mlp"`): the VPL model's context
-        encoder and reward decoder (`VPLConfig`); `difference` and `bilinear` suit many users with few pairs each.
-    num_atoms (`int`, default 10), entropy_coeff (`float`, default 0.1): the categorical head.
+    entropy_coeff (`float`, default 0.1): the categorical head's entropy bonus.
     embedding_batch_size (`int`, default 16): batch size of embedding precomputation.
     embedding_cache_dir (`str`, optional): where embeddings are cached (default: the vpl-trl cache).
     """
@@ -47,8 +47,6 @@ class VPLRewardConfig(RewardConfig):
         default="vae", metadata={"help": "vae (VPL), base (Bradley-Terry), mean_and_variance or categorical (DPL).",
                                  "choices": list(REWARD_TYPES)}
     )
-    latent_dim: int = field(default=512, metadata={"help": "Size of the user latent z."})
-    hidden_dim: int = field(default=512, metadata={"help": "Width of the encoder and decoder MLPs."})
     kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the KL term after annealing."})
     kl_schedule: str = field(
         default="cyclical", metadata={"help": "KL annealing: constant, linear or cyclical.",
@@ -67,16 +65,6 @@ class VPLRewardConfig(RewardConfig):
                           "LoRA adapter trained); default: lora with a peft_config, else full.",
                   "choices": list(EMBEDDING_MODES)},
     )
-    pooling: str = field(default="last", metadata={"help": "last or mean.", "choices": list(POOLINGS)})
-    encoder_type: str = field(
-        default="attention", metadata={"help": "Context encoder: attention (the reference) or difference.",
-                                       "choices": list(ENCODER_TYPES)}
-    )
-    decoder_type: str = field(
-        default="mlp", metadata={"help": "Reward decoder: mlp on [e, z] (the reference) or bilinear <MLP(e), Wz>.",
-                                 "choices": list(DECODER_TYPES)}
-    )
-    num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
     entropy_coeff: float = field(default=0.1, metadata={"help": "Entropy bonus of the categorical head."})
     embedding_batch_size: int = field(default=16, metadata={"help": "Batch size of embedding precomputation."})
     embedding_cache_dir: str | None = field(default=None, metadata={"help": "Embedding cache folder."})
@@ -103,16 +91,7 @@ class VPLRewardConfig(RewardConfig):
                 f"a peft_config trains a LoRA adapter of the backbone, but embedding_mode={mode!r}: set "
                 "embedding_mode='lora' (or leave it unset) to train the adapter, or pass no peft_config."
             )
-        kwargs = {
-            "reward_type": self.model_type,
-            "latent_dim": self.latent_dim,
-            "hidden_dim": self.hidden_dim,
-            "num_atoms": self.num_atoms,
-            "embedding_mode": mode,
-            "pooling": self.pooling,
-            "encoder_type": self.encoder_type,
-            "decoder_type": self.decoder_type,
-        }
+        kwargs = {"reward_type": self.model_type, "embedding_mode": mode, **self.architecture()}
         return kwargs if peft_config is None else {**kwargs, "peft_config": peft_config}
 
     def __post_init__(self):
