@@ -29,6 +29,7 @@ from vpl_trl.policy import (
 from vpl_trl.policy.latent_prompt import save_latent_prompt
 from vpl_trl.sample import main as sample_main
 from vpl_trl.scoring import PersonalizedRewardScorer
+from vpl_trl.scripts import ppo_personalized
 
 USERS = ("harmless", "helpful")
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -167,13 +168,13 @@ def test_policy_errors(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_
                              user_latent=scorer.user_latent)
 
 
-def test_conditioned_mode_refuses_a_reward_model_without_latent(ppo_recipe, tiny_backbone, tiny_base_reward_model,
-                                                                 small_pets, tmp_path):
+def test_conditioned_mode_refuses_a_reward_model_without_latent(tiny_backbone, tiny_base_reward_model, small_pets,
+                                                                 tmp_path):
     base_reward = tiny_base_reward_model
     with pytest.raises(SystemExit, match="no user latent.*--mode per_user"):
-        ppo_recipe.main(["--reward_model", base_reward, "--user_contexts", str(small_pets), "--model_name_or_path",
-                         tiny_backbone, "--output_dir", str(tmp_path / "out"), "--mode", "conditioned",
-                         "--report_to", "none"])
+        ppo_personalized.main(["--reward_model", base_reward, "--user_contexts", str(small_pets),
+                               "--model_name_or_path", tiny_backbone, "--output_dir", str(tmp_path / "out"),
+                               "--mode", "conditioned", "--report_to", "none"])
 
 
 def test_reward_ranked_dpo_pairs_reference_and_update(tiny_backbone, scorer, pets_data, tmp_path):

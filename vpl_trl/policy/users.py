@@ -72,6 +72,23 @@ def draw_context(pairs: Sequence[dict[str, Any]], k: int, rng: random.Random) ->
     return list(pairs) if len(pairs) <= k else rng.sample(list(pairs), k)
 
 
+def held_out_contexts(
+    source: Path, users: Sequence[str], k: int, rng: random.Random
+) -> dict[str, list[dict[str, Any]]]:
+    """Contexts to evaluate a conditioned policy with: `k` pairs of each user's test split in the dataset folder
+    `source`, which no training prompt showed (as for a new user), when it has them for every one of `users`;
+    else none (`{}`)."""
+    if not source.is_dir():
+        return {}
+    try:
+        test_pairs = load_user_pairs(source, "test")
+    except PreferenceDataError:
+        return {}
+    if not all(test_pairs.get(user) for user in users):
+        return {}
+    return {user: draw_context(test_pairs[user], k, rng) for user in users}
+
+
 def load_prompt_list(source: Path, split: str = "train") -> list[Any]:
     """The distinct prompts of a dataset folder's `split`, or of a prompts file (lines or JSONL with `prompt`)."""
     if source.is_dir():
