@@ -3,10 +3,11 @@
     python benchmarks/compare.py --dataset pets --seeds 0 1 2 \
         --output_dir outputs/compare-pets --results benchmarks/results/compare_pets.md [-- RECIPE FLAGS]
 
-Every run calls `recipes/train_reward.py`'s `main` (flags after `--` replace the default training flags, the
-good Pets settings on the embedded model) and keeps its `eval_results.json` under `--output_dir`. The table
-gives the mean and the spread (standard deviation over seeds, and the range) of the test accuracy overall, per
-user, on controversial and agreed pairs, the context-swap accuracy of VPL, and each run's wall time.
+Every run calls the reward recipe's `main` (`vpl_trl.scripts.train_reward`; flags after `--` replace the default
+training flags, the good Pets settings on the embedded model) and keeps its `eval_results.json` under
+`--output_dir`. The table gives the mean and the spread (standard deviation over seeds, and the range) of the test
+accuracy overall, per user, on controversial and agreed pairs, the context-swap accuracy of VPL, and each run's wall
+time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from recipe_loader import load_recipe
+
+from vpl_trl.scripts import train_reward
 
 MODEL_TYPES = ("vae", "base", "mean_and_variance", "categorical")
 DEFAULT_FLAGS = [
@@ -30,16 +32,14 @@ DEFAULT_FLAGS = [
 ]
 
 
-def run_one(
-    recipe, model_type: str, seed: int, dataset: str, data_dir: str, output_dir: Path, flags: list[str]
-) -> dict:
+def run_one(model_type: str, seed: int, dataset: str, data_dir: str, output_dir: Path, flags: list[str]) -> dict:
     argv = [
         "--model_type", model_type, "--dataset", dataset, "--data_dir", data_dir, "--seed", str(seed),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--report_to", "none", "--save_strategy", "no",
         "--disable_tqdm", "true", *flags,
     ]
     start = time.perf_counter()
-    results = recipe.main(argv)
+    results = train_reward.main(argv)
     results["wall_time_s"] = time.perf_counter() - start
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument("--results", help="Markdown file for the table (default: OUTPUT_DIR/compare.md).")
     args = parser.parse_args(argv)
 
-    recipe = load_recipe("train_reward")
     output_dir = Path(args.output_dir)
     load_at_start = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {}
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             run_dir = output_dir / f"{model_type}-seed{seed}"
             print(f"=== {model_type}, seed {seed} -> {run_dir}", flush=True)
             runs.setdefault(model_type, []).append(
-                run_one(recipe, model_type, seed, args.dataset, args.data_dir, run_dir, recipe_flags)
+                run_one(model_type, seed, args.dataset, args.data_dir, run_dir, recipe_flags)
             )
 
     results_path = Path(args.results) if args.results else output_dir / "compare.md"

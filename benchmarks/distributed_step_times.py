@@ -1,7 +1,8 @@
 """Time the optimizer steps of `recipes/train_reward.py`, under any launcher (plain python, DDP, DeepSpeed).
 
-Runs the recipe unchanged, with a callback that times every training step on the main process, and prints one line
-`STEP_TIMES {"steps": [...seconds...], "world_size": N, "per_device_train_batch_size": B}` when training ends:
+Runs the recipe's script (`vpl_trl.scripts.train_reward`) unchanged, with a callback that times every training step
+on the main process, and prints one line `STEP_TIMES {"steps": [...seconds...], "world_size": N,
+"per_device_train_batch_size": B}` when training ends:
 
     accelerate launch --config_file deepspeed_configs/zero3.yaml --num_processes 2 \\
         benchmarks/distributed_step_times.py --embedding_mode lora --max_steps 5 --per_device_train_batch_size 4 \\
@@ -17,8 +18,9 @@ import json
 import sys
 import time
 
-from recipe_loader import load_recipe
 from transformers import TrainerCallback
+
+from vpl_trl.scripts import train_reward
 
 
 class StepTimer(TrainerCallback):
@@ -43,15 +45,13 @@ class StepTimer(TrainerCallback):
 
 
 def main(argv: list[str]) -> None:
-    recipe = load_recipe("train_reward")
-
-    class TimedTrainer(recipe.VPLRewardTrainer):
+    class TimedTrainer(train_reward.VPLRewardTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(StepTimer())
 
-    recipe.VPLRewardTrainer = TimedTrainer
-    recipe.main(argv)
+    train_reward.VPLRewardTrainer = TimedTrainer
+    train_reward.main(argv)
 
 
 if __name__ == "__main__":

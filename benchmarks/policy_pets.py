@@ -31,7 +31,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from recipe_loader import load_recipe
+
+from vpl_trl.scripts import ppo_personalized, train_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "ppo_pets.yaml"
@@ -182,8 +183,8 @@ def comparison_table(summary: dict) -> list[str]:
 
 def train_reward_model(folder: Path) -> str:
     if not (folder / "config.json").exists():
-        load_recipe("train_reward").main(["--config", str(REWARD_CONFIG), "--model_type", "vae", "--dataset",
-                                          "pets_controversial", "--output_dir", str(folder), "--overwrite_output_dir"])
+        train_reward.main(["--config", str(REWARD_CONFIG), "--model_type", "vae", "--dataset", "pets_controversial",
+                           "--output_dir", str(folder), "--overwrite_output_dir"])
     return str(folder)
 
 
@@ -214,14 +215,14 @@ def main(argv: list[str] | None = None) -> None:
         modes = {name: modes[name] for name in args.modes}
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe("ppo_personalized")
     all_results, summary, trained = {}, {}, False
     for name, (flags, default) in modes.items():
         run_dir = output_dir / name
         if not (args.reuse and (run_dir / "eval_results.json").exists()):
             trained = True
-            recipe.main(["--config", str(CONFIG), "--reward_model", reward_model, *flags, "--max_steps", "100000",
-                         "--max_train_seconds", str(args.budget_seconds), "--output_dir", str(run_dir), *extra])
+            ppo_personalized.main(["--config", str(CONFIG), "--reward_model", reward_model, *flags, "--max_steps",
+                                   "100000", "--max_train_seconds", str(args.budget_seconds), "--output_dir",
+                                   str(run_dir), *extra])
         all_results[name] = json.loads((run_dir / "eval_results.json").read_text())
         summary[name] = mode_summary(all_results[name], default)
     seconds = time.perf_counter() - start

@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,6 +56,8 @@ from vpl_trl.inference.generation import GenerationSettings, generate_candidates
 from vpl_trl.inference.scoring import PersonalizedRewardScorer  # noqa: E402
 from vpl_trl.models.causal_lm import load_policy  # noqa: E402
 from vpl_trl.policy import PolicyConditioning, draw_context, load_conditioned_policy  # noqa: E402
+from vpl_trl.scripts import ppo_personalized  # noqa: E402
+from vpl_trl.scripts import train_reward as reward_script  # noqa: E402
 
 REWARD_CONFIG = ROOT / "recipes" / "configs" / "population.yaml"
 POLICY_CONFIG = ROOT / "recipes" / "configs" / "ppo_population.yaml"
@@ -83,14 +84,14 @@ def prepare_data(folder: Path, train_prompts: int, test_prompts: int, seed: int)
 
 def train_reward(data: Path, model_type: str, output_dir: Path, reuse: bool) -> str:
     if not (reuse and (output_dir / "config.json").exists()):
-        load_recipe("train_reward").main(["--config", str(REWARD_CONFIG), "--dataset", str(data), "--model_type",
-                                          model_type, "--output_dir", str(output_dir), "--overwrite_output_dir"])
+        reward_script.main(["--config", str(REWARD_CONFIG), "--dataset", str(data), "--model_type", model_type,
+                            "--output_dir", str(output_dir), "--overwrite_output_dir"])
     return str(output_dir)
 
 
 def train_policy(flags: list[str], output_dir: Path, reuse: bool) -> dict[str, Any]:
     if not (reuse and (output_dir / "eval_results.json").exists()):
-        load_recipe("ppo_personalized").main(["--config", str(POLICY_CONFIG), *flags, "--output_dir", str(output_dir)])
+        ppo_personalized.main(["--config", str(POLICY_CONFIG), *flags, "--output_dir", str(output_dir)])
     return json.loads((output_dir / "eval_results.json").read_text())
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,29 +11,6 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def load_recipe(name: str):
-    """Import `recipes/NAME.py` (a script, not a package module), once per session."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve the recipe's string annotations through its module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="session")
-def train_reward_recipe():
-    return load_recipe("train_reward")
-
-
-@pytest.fixture(scope="session")
-def ppo_recipe():
-    return load_recipe("ppo_personalized")
 
 
 @dataclass(frozen=True)

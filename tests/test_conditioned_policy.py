@@ -28,6 +28,7 @@ from vpl_trl.policy import (
     load_user_pairs,
     write_policy_config,
 )
+from vpl_trl.scripts import ppo_personalized
 from vpl_trl.text import policy_input_text
 
 USERS = ("harmless", "helpful")
@@ -167,13 +168,13 @@ def test_policy_errors(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_
                              user_latent=scorer.user_latent)
 
 
-def test_conditioned_mode_refuses_a_reward_model_without_latent(ppo_recipe, tiny_backbone, tiny_base_reward_model,
-                                                                 small_pets, tmp_path):
+def test_conditioned_mode_refuses_a_reward_model_without_latent(tiny_backbone, tiny_base_reward_model, small_pets,
+                                                                 tmp_path):
     base_reward = tiny_base_reward_model
     with pytest.raises(SystemExit, match="no user latent.*--mode per_user"):
-        ppo_recipe.main(["--reward_model", base_reward, "--user_contexts", str(small_pets), "--model_name_or_path",
-                         tiny_backbone, "--output_dir", str(tmp_path / "out"), "--mode", "conditioned",
-                         "--report_to", "none"])
+        ppo_personalized.main(["--reward_model", base_reward, "--user_contexts", str(small_pets),
+                               "--model_name_or_path", tiny_backbone, "--output_dir", str(tmp_path / "out"),
+                               "--mode", "conditioned", "--report_to", "none"])
 
 
 def test_reward_ranked_dpo_pairs_reference_and_update(tiny_backbone, scorer, pets_data, tmp_path):

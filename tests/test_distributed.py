@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from vpl_trl import VPLRewardModel
 from vpl_trl.distributed import cpu_launch_defaults
 from vpl_trl.embeddings import _tokenize
+from vpl_trl.scripts import train_reward
 from vpl_trl.text import render_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,10 +131,10 @@ def saved_rewards(folder: Path, pairs: list[dict], context: list[dict]) -> torch
 
 
 @pytest.fixture(scope="module")
-def single_process_run(tiny_backbone, data_dir, tmp_path_factory, train_reward_recipe) -> Path:
+def single_process_run(tiny_backbone, data_dir, tmp_path_factory) -> Path:
     """The reference: one process, the whole global batch per step (in this process, as `python recipes/...`)."""
     output_dir = tmp_path_factory.mktemp("single") / "run"
-    train_reward_recipe.main(recipe_args(tiny_backbone, data_dir, output_dir, "base", GLOBAL_BATCH))
+    train_reward.main(recipe_args(tiny_backbone, data_dir, output_dir, "base", GLOBAL_BATCH))
     return output_dir
 
 

@@ -20,6 +20,7 @@ from vpl_trl.evaluation.metrics import (
     swap_contexts,
     worst_fraction_mean,
 )
+from vpl_trl.scripts import train_reward
 
 
 def pair(user: str, i: int) -> dict:
@@ -259,10 +260,9 @@ def test_new_user_active_queries_are_scored_against_the_true_preference(populati
 
 
 @pytest.mark.slow
-def test_recipe_trains_on_a_population_and_evaluates_its_new_users(tiny_backbone, population_dir, tmp_path, capsys,
-                                                                   train_reward_recipe):
+def test_recipe_trains_on_a_population_and_evaluates_its_new_users(tiny_backbone, population_dir, tmp_path, capsys):
     """The final evaluation once crashed on users absent from the training pool (KeyError in the context swap)."""
-    results = train_reward_recipe.main([
+    results = train_reward.main([
         "--model_name_or_path", tiny_backbone, "--dataset", str(population_dir), "--model_type", "vae",
         "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "population.yaml"),
         "--latent_dim", "4", "--hidden_dim", "16", "--max_steps", "3",

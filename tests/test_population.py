@@ -170,10 +170,12 @@ def test_attribute_choice(tmp_path, pool_file):
 def test_cli_builds_and_refuses_to_overwrite(tmp_path, pool_file, capsys):
     args = ["population", "--output", str(tmp_path / "out"), "--pool", str(pool_file), "--train_users", "4",
             "--new-users", "2", "--pairs_per_user", "6", "--test_pairs_per_user", "2", "--context_pairs", "4",
-            "--new_test_pairs", "2", "--temperature", "0.5", "--seed", "5"]
+            "--new_test_pairs", "2", "--temperature", "0.5", "--seed", "5", "--attributes", "hedging,caution",
+            "--shared-weights", "caution=2"]
     main(args)
     assert "label agreement" in capsys.readouterr().out
     assert len(read_jsonl(tmp_path / "out" / "new_users.jsonl")) == 4
+    assert Population.load(tmp_path / "out" / "users.json").attributes == ["hedging", "caution"]
     with pytest.raises(SystemExit, match="--overwrite"):
         main(args)
     with pytest.raises(SystemExit, match="response pool"):

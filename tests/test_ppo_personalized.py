@@ -1,4 +1,5 @@
-"""`recipes/ppo_personalized.py` (GRPO against a VPL reward) and its helpers in `vpl_trl.policy`, on tiny models."""
+"""The policy recipe's script (`vpl_trl.scripts.ppo_personalized`, run by `recipes/ppo_personalized.py`) and its
+helpers in `vpl_trl.policy`, on tiny models."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from vpl_trl.policy import (
     load_user_pairs,
     policy_prompt,
 )
+from vpl_trl.scripts import ppo_personalized
 from vpl_trl.text import dialogue_messages
 
 USERS = ("harmless", "helpful")
@@ -80,11 +82,11 @@ def check_results(output_dir: Path, mode: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("conditioning,signal", [("latent", "bon_sft"), ("latent", "grpo"), ("latent", "dpo"),
                                                  ("text", "bon_sft"), ("text", "grpo"), ("text", "dpo")])
-def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys,
-                                 conditioning, signal):
+def test_recipe_conditioned_mode(tiny_reward_model, tiny_backbone, small_pets, tmp_path, capsys, conditioning,
+                                 signal):
     output_dir = tmp_path / "conditioned"
-    ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned",
-                                "--conditioning", conditioning, "--signal", signal, "--bon_n", "4"))
+    ppo_personalized.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned",
+                                      "--conditioning", conditioning, "--signal", signal, "--bon_n", "4"))
     check_adapter(output_dir)
     assert (output_dir / "latent_prompt.safetensors").exists() == (conditioning == "latent")
     policy_config = json.loads((output_dir / "vpl_policy.json").read_text())
@@ -104,7 +106,7 @@ def test_recipe_conditioned_mode(ppo_recipe, tiny_reward_model, tiny_backbone, s
 
 
 @pytest.mark.slow
-def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets, tmp_path):
+def test_recipe_per_user_mode_from_yaml_config(tiny_reward_model, tiny_backbone, small_pets, tmp_path):
     output_dir = tmp_path / "per-user"
     config = tmp_path / "recipe.yaml"
     train_prompts, eval_prompts = tmp_path / "train.jsonl", tmp_path / "eval.txt"
@@ -115,7 +117,8 @@ def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, ti
     config.write_text(
         f"mode: per_user\nnum_iterations: 1\nbeta: 0.0\nprompts: {train_prompts}\neval_prompts: {eval_prompts}\n"
     )
-    ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--config", str(config)))
+    ppo_personalized.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir,
+                                      "--config", str(config)))
     for user in USERS:
         check_adapter(output_dir / "adapters" / user)
     results = check_results(output_dir, "per_user")
@@ -125,12 +128,12 @@ def test_recipe_per_user_mode_from_yaml_config(ppo_recipe, tiny_reward_model, ti
 
 
 @pytest.mark.slow
-def test_recipe_shared_mode_trains_one_user_blind_policy(ppo_recipe, tiny_base_reward_model, tiny_backbone,
-                                                         small_pets, tmp_path):
+def test_recipe_shared_mode_trains_one_user_blind_policy(tiny_base_reward_model, tiny_backbone, small_pets,
+                                                         tmp_path):
     """The standard RLHF baseline: one policy, blind to users, against a Bradley-Terry reward."""
     output_dir = tmp_path / "shared"
-    ppo_recipe.main(recipe_args(tiny_base_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "shared",
-                                "--bon_n", "2"))
+    ppo_personalized.main(recipe_args(tiny_base_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "shared",
+                                      "--bon_n", "2"))
     check_adapter(output_dir)
     policy_config = json.loads((output_dir / "vpl_policy.json").read_text())
     assert policy_config["conditioning"]["kind"] == "none" and policy_config["signal"] == "bon_sft"
@@ -143,14 +146,13 @@ def test_recipe_shared_mode_trains_one_user_blind_policy(ppo_recipe, tiny_base_r
     assert {r["user_id"] for r in rounds} == set(USERS) and all(isinstance(r["reward"], float) for r in rounds)
 
 
-def test_resume_flags_fail_before_any_model_loads(ppo_recipe, tiny_reward_model, tiny_backbone, small_pets,
-                                                  tmp_path):
+def test_resume_flags_fail_before_any_model_loads(tiny_reward_model, tiny_backbone, small_pets, tmp_path):
     with pytest.raises(SystemExit, match="no intact checkpoint-\\* folder in"):
-        ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, tmp_path / "fresh",
-                                    "--resume_from_checkpoint", "true"))
+        ppo_personalized.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, tmp_path / "fresh",
+                                          "--resume_from_checkpoint", "true"))
     with pytest.raises(SystemExit, match="per_user resumes each user's run .* --resume_from_checkpoint true"):
-        ppo_recipe.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, tmp_path / "users", "--mode",
-                                    "per_user", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")))
+        ppo_personalized.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, tmp_path / "users", "--mode",
+                                          "per_user", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")))
 
 
 def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data, precision):
@@ -214,8 +216,8 @@ def test_user_contexts_from_a_mapping_file(tmp_path):
         load_user_pairs(mapping)
 
 
-def test_config_defaults_suit_cpu(ppo_recipe, tmp_path):
-    args = ppo_recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path))
+def test_config_defaults_suit_cpu(tmp_path):
+    args = ppo_personalized.PersonalizedGRPOConfig(output_dir=str(tmp_path))
     assert not args.use_vllm and args.num_generations >= 2
     assert args.per_device_train_batch_size % args.num_generations == 0
 
@@ -226,14 +228,13 @@ def test_config_defaults_suit_cpu(ppo_recipe, tmp_path):
     (True, True, False, True),  # a bf16-capable GPU
     (True, True, True, False),  # fp16 asked for
 ])
-def test_bf16_defaults_to_on_only_on_a_bf16_capable_gpu(ppo_recipe, tmp_path, monkeypatch, gpu, bf16_capable, fp16,
-                                                        expected):
+def test_bf16_defaults_to_on_only_on_a_bf16_capable_gpu(tmp_path, monkeypatch, gpu, bf16_capable, fp16, expected):
     cuda = SimpleNamespace(is_available=lambda: gpu, is_bf16_supported=lambda: bf16_capable)
-    monkeypatch.setattr(ppo_recipe, "torch", SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(ppo_personalized, "torch", SimpleNamespace(cuda=cuda))
     # The machine's own checks of the precision (TrainingArguments) are not what is tested here.
-    monkeypatch.setattr(ppo_recipe.GRPOConfig, "__post_init__", lambda self: None)
-    assert ppo_recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path), fp16=fp16).bf16 is expected
-    assert ppo_recipe.PersonalizedGRPOConfig(output_dir=str(tmp_path), bf16=False).bf16 is False  # as given
+    monkeypatch.setattr(ppo_personalized.GRPOConfig, "__post_init__", lambda self: None)
+    assert ppo_personalized.PersonalizedGRPOConfig(output_dir=str(tmp_path), fp16=fp16).bf16 is expected
+    assert ppo_personalized.PersonalizedGRPOConfig(output_dir=str(tmp_path), bf16=False).bf16 is False  # as given
 
 
 def test_margin_interval_brackets_the_margin():

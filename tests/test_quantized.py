@@ -14,18 +14,22 @@ from trl import ModelConfig
 from vpl_trl import VPLRewardConfig, VPLRewardModel, VPLRewardTrainer
 from vpl_trl.embeddings import _tokenize
 from vpl_trl.models.backbone import load_backbone
+from vpl_trl.scripts.train_reward import model_inputs
 from vpl_trl.text import render_text
 
 pytestmark = pytest.mark.slow  # quantized backbones (make test-fast skips them)
 
 QUANTIZED_LAYER = {"load_in_4bit": Linear4bit, "load_in_8bit": Linear8bitLt}
 
-# In a fresh interpreter: the reward recipe, vpl_trl and a command's --help leave bitsandbytes unimported; a
+# In a fresh interpreter: the reward recipe's and the data CLI's --help, and vpl_trl, leave bitsandbytes unimported; a
 # quantized backbone imports it then, and peft still wraps its 4-bit layers with LoRA.
 LAZY_BITSANDBYTES = """
 import contextlib, io, runpy, sys
 import torch
-runpy.run_path("recipes/train_reward.py")
+backbone = sys.argv[1]
+sys.argv = ["recipes/train_reward.py", "--help"]
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    runpy.run_path("recipes/train_reward.py", run_name="__main__")
 import vpl_trl
 from vpl_trl.data.__main__ import main
 with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
@@ -33,7 +37,7 @@ with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
 assert "bitsandbytes" not in sys.modules, "bitsandbytes imported by the recipe, vpl_trl or the data CLI"
 from transformers import BitsAndBytesConfig
 quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-model = vpl_trl.VPLRewardModel.from_backbone(sys.argv[1], dtype=torch.bfloat16, embedding_mode="lora", latent_dim=4,
+model = vpl_trl.VPLRewardModel.from_backbone(backbone, dtype=torch.bfloat16, embedding_mode="lora", latent_dim=4,
                                              hidden_dim=8, backbone_kwargs={"quantization_config": quantization})
 from bitsandbytes.nn import Linear4bit
 assert isinstance(model.backbone.layers[0].self_attn.q_proj.base_layer, Linear4bit)
@@ -58,15 +62,14 @@ def rewards(model: VPLRewardModel, tokenizer, pairs, context) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
-def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_backbone, pets_data, tmp_path,
-                                                                 train_reward_recipe):
+def test_quantized_backbone_trains_the_adapter_and_heads_in_bf16(flag, tiny_backbone, pets_data, tmp_path):
     args = VPLRewardConfig(
         output_dir=str(tmp_path / "out"), model_type="vae", embedding_mode="lora", latent_dim=8, hidden_dim=32,
         num_context="4", pooling="mean", max_length=128, per_device_train_batch_size=8, max_steps=3,
         learning_rate=3e-3, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
     )
     # The recipe's path: ModelConfig flags -> BitsAndBytesConfig (bf16 compute) -> the backbone's from_pretrained.
-    inputs = train_reward_recipe.model_inputs(ModelConfig(model_name_or_path=tiny_backbone, **{flag: True}), args)
+    inputs = model_inputs(ModelConfig(model_name_or_path=tiny_backbone, **{flag: True}), args)
     trainer = VPLRewardTrainer(**inputs, args=args, train_dataset=pets_data["train"].select(range(64)))
     model = trainer.model.get_base_model()  # the adapter is added as TRL adds one: PEFT wraps the whole model
     backbone = model.backbone

@@ -1,10 +1,28 @@
-"""recipes/train_reward.py end to end on a tiny backbone: results file, flags, YAML config, output protection."""
+"""The reward recipe's script (`vpl_trl.scripts.train_reward`, run by `recipes/train_reward.py`) end to end on a tiny
+backbone: results file, flags, YAML config, output protection."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from vpl_trl.scripts import train_reward
+
 pytestmark = pytest.mark.slow  # recipe runs (make test-fast skips them)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe,flag", [("train_reward", "num_context"), ("ppo_personalized", "user_contexts")])
+def test_recipe_files_are_the_scripts_commands(recipe, flag):
+    """`recipes/NAME.py` runs `vpl_trl.scripts.NAME`'s parser: every flag, in both spellings."""
+    run = subprocess.run([sys.executable, f"recipes/{recipe}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"--{flag}" in run.stdout and f"--{flag.replace('_', '-')}" in run.stdout and "--output_dir" in run.stdout
 
 
 def base_args(tiny_backbone, tmp_path, output="run"):
@@ -25,9 +43,9 @@ def base_args(tiny_backbone, tmp_path, output="run"):
     ]
 
 
-def test_recipe_trains_evaluates_and_writes_results(tiny_backbone, tmp_path, capsys, train_reward_recipe):
-    recipe = train_reward_recipe
-    results = recipe.main(base_args(tiny_backbone, tmp_path) + ["--model_type", "vae", "--extra_eval_datasets", "pets"])
+def test_recipe_trains_evaluates_and_writes_results(tiny_backbone, tmp_path, capsys):
+    results = train_reward.main(base_args(tiny_backbone, tmp_path) + ["--model_type", "vae",
+                                                                      "--extra_eval_datasets", "pets"])
     saved = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert saved["model_type"] == "vae" and saved["dataset"] == "pets_controversial"
@@ -38,26 +56,24 @@ def test_recipe_trains_evaluates_and_writes_results(tiny_backbone, tmp_path, cap
     assert "| vae on pets_controversial |" in capsys.readouterr().out
 
 
-def test_recipe_reads_a_yaml_config_and_refuses_to_overwrite(tiny_backbone, tmp_path, train_reward_recipe):
-    recipe = train_reward_recipe
+def test_recipe_reads_a_yaml_config_and_refuses_to_overwrite(tiny_backbone, tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("model_type: base\nlearning_rate: 1.0e-3\n")
-    results = recipe.main(base_args(tiny_backbone, tmp_path, "yaml") + ["--config", str(config)])
+    results = train_reward.main(base_args(tiny_backbone, tmp_path, "yaml") + ["--config", str(config)])
     assert results["model_type"] == "base" and "kl" not in results
     before = (tmp_path / "yaml" / "eval_results.json").read_bytes()
     with pytest.raises(SystemExit, match="not empty.*--overwrite_output_dir"):
-        recipe.main(base_args(tiny_backbone, tmp_path, "yaml") + ["--model_type", "base"])
+        train_reward.main(base_args(tiny_backbone, tmp_path, "yaml") + ["--model_type", "base"])
     assert (tmp_path / "yaml" / "eval_results.json").read_bytes() == before
-    recipe.main(base_args(tiny_backbone, tmp_path, "yaml") + ["--model_type", "vae", "--overwrite_output_dir"])
+    train_reward.main(base_args(tiny_backbone, tmp_path, "yaml") + ["--model_type", "vae", "--overwrite_output_dir"])
     assert json.loads((tmp_path / "yaml" / "eval_results.json").read_text())["model_type"] == "vae"
 
 
-def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys, train_reward_recipe):
+def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys):
     from vpl_trl.evaluation.report import main as report
 
-    recipe = train_reward_recipe
     for model_type in ("vae", "base"):
-        recipe.main(base_args(tiny_backbone, tmp_path, model_type) + ["--model_type", model_type])
+        train_reward.main(base_args(tiny_backbone, tmp_path, model_type) + ["--model_type", model_type])
     capsys.readouterr()
     report([str(tmp_path / "vae"), str(tmp_path / "base")])
     out = capsys.readouterr().out
@@ -66,7 +82,7 @@ def test_report_prints_runs_side_by_side(tiny_backbone, tmp_path, capsys, train_
         report([str(tmp_path / "missing")])
 
 
-def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone, tmp_path, train_reward_recipe):
+def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone, tmp_path):
     from vpl_trl.data import PreferenceDataError, read_jsonl, write_jsonl
     from vpl_trl.data.pets import build_pets
 
@@ -76,8 +92,7 @@ def test_baselines_train_on_data_without_users_but_vpl_needs_them(tiny_backbone,
             {k: v for k, v in r.items() if k != "user_id"} for r in read_jsonl(tmp_path / "pets" / f"{split}.jsonl")
         ]
         write_jsonl(rows, tmp_path / "anonymous" / f"{split}.jsonl")
-    recipe = train_reward_recipe
     args = base_args(tiny_backbone, tmp_path, "anon") + ["--dataset", str(tmp_path / "anonymous")]
-    assert recipe.main(args + ["--model_type", "base"])["n_eval"] == 20
+    assert train_reward.main(args + ["--model_type", "base"])["n_eval"] == 20
     with pytest.raises(PreferenceDataError, match="missing field `user_id`"):
-        recipe.main(args + ["--model_type", "vae", "--overwrite_output_dir"])
+        train_reward.main(args + ["--model_type", "vae", "--overwrite_output_dir"])

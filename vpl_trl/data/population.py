@@ -33,7 +33,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -299,21 +299,48 @@ def utility_from_weights(texts: Sequence[str] | str, weights: Sequence[float] | 
 
 @dataclass
 class PopulationConfig:
-    """Settings of `build_population` (the CLI's options)."""
+    """Settings of `build_population`, and the options of `python -m vpl_trl.data population` (each field a flag).
 
-    train_users: int = 200
-    new_users: int = 50
-    pairs_per_user: int = 32
-    test_pairs_per_user: int = 8
-    context_pairs: int = 32
-    new_test_pairs: int = 64
-    temperature: float = 0.5
-    shared_scale: float = 1.0
-    spread: float = 1.5
-    new_pair_fraction: float = 0.3
-    seed: int = 0
-    attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
-    shared_weights: dict[str, float] | None = None  # the shared component by attribute; default: drawn from seed
+    `attributes` and `shared_weights` may also be given as the command line writes them (`"length,hedging"`,
+    `"specifics=1,hedging=-0.5"`), as `TrainingArguments` takes a dict field as a string; they are parsed here.
+    """
+
+    train_users: int = field(default=200, metadata={"help": "Training users."})
+    new_users: int = field(default=50, metadata={"help": "Users never seen in training."})
+    pairs_per_user: int = field(default=32, metadata={"help": "Training pairs of each training user."})
+    test_pairs_per_user: int = field(default=8, metadata={"help": "Held-out pairs of each training user (test.jsonl)."})
+    context_pairs: int = field(
+        default=32, metadata={"help": "Labelled context pairs of each new user (the largest K)."}
+    )
+    new_test_pairs: int = field(default=64, metadata={"help": "Test pairs of each new user."})
+    temperature: float = field(
+        default=0.5, metadata={"help": "Bradley-Terry label noise: P(a > b) = sigmoid((u(a) - u(b)) / T)."}
+    )
+    shared_scale: float = field(
+        default=1.0, metadata={"help": "Norm of the component of the weights shared by all users."}
+    )
+    spread: float = field(default=1.5, metadata={"help": "Expected norm of each user's individual variation."})
+    new_pair_fraction: float = field(
+        default=0.3, metadata={"help": "Fraction of each prompt's answer pairs reserved for new users."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the users' weights, pairs and labels."})
+    attributes: tuple[str, ...] | str | None = field(
+        default=DEFAULT_ATTRIBUTES,
+        metadata={"help": f"Attributes users weigh, comma-separated, from: {', '.join(ATTRIBUTES)}."},
+    )
+    shared_weights: dict[str, float] | str | None = field(
+        default=None,
+        metadata={"help": "The shared component by attribute, e.g. 'specifics=1,hedging=-0.5' (absent attributes 0); "
+                          "unset: a random direction of norm --shared_scale, drawn from the seed."},
+    )
+
+    def __post_init__(self):
+        if self.attributes is None or isinstance(self.attributes, str):
+            self.attributes = parse_attributes(self.attributes)
+        else:
+            self.attributes = tuple(self.attributes)
+        if isinstance(self.shared_weights, str):
+            self.shared_weights = parse_shared_weights(self.shared_weights)
 
 
 def draw_weights(config: PopulationConfig, n_users: int, rng: np.random.Generator,

@@ -4,7 +4,7 @@
   `{prompt?, chosen, rejected}`.
 - `read_prompts` reads prompts: JSONL rows with `prompt`, else one prompt per line.
 - For policy optimization: `resolve_data_source` (a folder, file or built-in dataset), `load_user_pairs` (each
-  user's labelled pairs, from a dataset or a `{user: context}` mapping), `draw_context`, `load_prompt_list`.
+  user's labelled pairs, from a dataset or a `{user: context}` mapping), `draw_context`, `held_out_contexts`, `load_prompt_list`.
 """
 
 from __future__ import annotations
@@ -153,6 +153,23 @@ def _load_context_mapping(path: Path) -> dict[str, list[dict[str, Any]]]:
 def draw_context(pairs: Sequence[dict[str, Any]], k: int, rng: random.Random) -> list[dict[str, Any]]:
     """`k` of a user's pairs, drawn without replacement (all of them when the user has fewer)."""
     return list(pairs) if len(pairs) <= k else rng.sample(list(pairs), k)
+
+
+def held_out_contexts(
+    source: Path, users: Sequence[str], k: int, rng: random.Random
+) -> dict[str, list[dict[str, Any]]]:
+    """Contexts to evaluate a conditioned policy with: `k` pairs of each user's test split in the dataset folder
+    `source`, which no training prompt showed (as for a new user), when it has them for every one of `users`;
+    else none (`{}`)."""
+    if not source.is_dir():
+        return {}
+    try:
+        test_pairs = load_user_pairs(source, "test")
+    except PreferenceDataError:
+        return {}
+    if not all(test_pairs.get(user) for user in users):
+        return {}
+    return {user: draw_context(test_pairs[user], k, rng) for user in users}
 
 
 def load_prompt_list(source: Path, split: str = "train") -> list[Any]:

@@ -1,6 +1,7 @@
-"""Policy optimization against personalized rewards: user conditioning, the reward function, evaluation."""
+"""Policy optimization against personalized rewards: user conditioning, the reward function, the trainers of each
+signal and their runs, evaluation."""
 
-from ..data.user_files import draw_context, load_prompt_list, load_user_pairs, resolve_data_source
+from ..data.user_files import draw_context, held_out_contexts, load_prompt_list, load_user_pairs, resolve_data_source
 from ..models.latent_prompt import (
     LATENT_TOKEN,
     LatentConditionedEmbedding,
@@ -21,6 +22,7 @@ from .conditioned_policy import (
 from .conditioning import PolicyConditioning, build_policy_dataset, context_preamble, policy_prompt
 from .distillation import BestOfNDistillationTrainer
 from .evaluation import (
+    PolicyEvaluation,
     format_results,
     generate_for_user,
     margin_interval,
@@ -32,11 +34,13 @@ from .evaluation import (
 )
 from .ranked_dpo import RewardRankedDPOTrainer
 from .reward import PersonalizedRewardFunction
+from .runs import SIGNALS, round_config, run_record, train_policy
 from .trainers import ConditionedDPOTrainer, ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
 
 __all__ = [
     "LATENT_TOKEN",
     "POLICY_CONFIG",
+    "SIGNALS",
     "BestOfNDistillationTrainer",
     "ConditionedDPOTrainer",
     "ConditionedGRPOTrainer",
@@ -44,6 +48,7 @@ __all__ = [
     "LatentConditionedEmbedding",
     "LatentPrompt",
     "PolicyConditioning",
+    "PolicyEvaluation",
     "PolicyError",
     "TimeBudgetCallback",
     "add_latent_prompt",
@@ -62,13 +67,17 @@ __all__ = [
     "draw_context",
     "format_results",
     "generate_for_user",
+    "held_out_contexts",
     "load_prompt_list",
     "load_user_pairs",
     "mean_rewards",
     "plot_matrices",
     "policy_prompt",
     "resolve_data_source",
+    "round_config",
+    "run_record",
     "score_completions",
     "summarize",
+    "train_policy",
     "write_results",
 ]

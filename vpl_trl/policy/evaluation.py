@@ -1,21 +1,26 @@
 """Evaluating personalized policies: completions per user on held-out prompts, scored by every user's reward.
 
 `matrix[a][b]` is the mean reward under user `b`'s latent of the completions that the policy produced for
-user `a` (conditioned on `a`, or `a`'s adapter); its diagonal is each user's own reward.
+user `a` (conditioned on `a`, or `a`'s adapter); its diagonal is each user's own reward. `PolicyEvaluation` computes
+its rows, `summarize` the results and `write_results` their files.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..inference.generation import GenerationSettings, generate_candidates
 from ..inference.scoring import PersonalizedRewardScorer
+from .conditioning import PolicyConditioning
 
 Matrix = dict[str, dict[str, float]]
 
@@ -50,6 +55,56 @@ def score_completions(
 def mean_rewards(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """One row of the cross-user matrix: the mean reward of scored completions under each user's latent."""
     return {user: sum(r["rewards"][user] for r in records) / len(records) for user in records[0]["rewards"]}
+
+
+@dataclass
+class PolicyEvaluation:
+    """Held-out prompts answered by a policy for each user, and every answer scored by every user's reward.
+
+    The policy for a user sees `prompts` under `conditioning` given the user's `contexts` (their pairs, and for a
+    latent-conditioned policy the `z` that the scorer encodes from them); each answer is scored under every user's
+    latent in `latents`. `samples` answers per prompt, generated with `settings`.
+    """
+
+    scorer: PersonalizedRewardScorer
+    latents: Mapping[str, torch.Tensor]
+    prompts: Sequence[Any]
+    contexts: Mapping[str, Sequence[Mapping[str, Any]]]
+    conditioning: PolicyConditioning
+    chat: bool
+    samples: int
+    settings: GenerationSettings
+
+    def policy_inputs(self, user: str) -> tuple[list[Any], torch.Tensor | None]:
+        """The prompts the policy for `user` answers, and the latent it is conditioned on (latent conditioning)."""
+        context = self.contexts[user]
+        prompts = [self.conditioning.prompt(prompt, context, self.chat) for prompt in self.prompts]
+        return prompts, self.scorer.user_latent(context) if self.conditioning.uses_latent else None
+
+    def __call__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, users: Sequence[str], stage: str
+    ) -> tuple[Matrix, list[dict[str, Any]]]:
+        """Rows of the cross-user matrix for `users`, and every scored completion (tagged with `stage` and the user
+        the policy served). Users whose policy inputs coincide share one generation; the generations are shared out
+        among the processes, which must all call this together."""
+        jobs: dict[str, tuple[list[Any], torch.Tensor | None]] = {}
+        key_of = {}
+        for user in users:
+            prompts, latent = self.policy_inputs(user)
+            key = json.dumps([prompts, None if latent is None else latent.tolist()], sort_keys=True, default=str)
+            key_of[user] = key
+            jobs.setdefault(key, (prompts, latent))
+        state = PartialState()
+        mine = {}
+        for key in list(jobs)[state.process_index :: state.num_processes]:
+            prompts, latent = jobs[key]
+            completions = generate_for_user(model, tokenizer, self.prompts, prompts, self.samples, self.settings,
+                                            latent)
+            mine[key] = score_completions(self.scorer, completions, self.latents)
+        scored = {key: records for part in gather_object([mine]) for key, records in part.items()}
+        rows: Matrix = {user: mean_rewards(scored[key_of[user]]) for user in users}
+        records = [{"stage": stage, "policy_for": user, **record} for user in users for record in scored[key_of[user]]]
+        return rows, records
 
 
 def margin_interval(
