@@ -46,6 +46,10 @@ class RewardInference:
         max_length: tokens of a scored sequence (default: the length the model was trained with).
         cache_dir: the embedding cache: a folder, `"auto"` (the vpl-trl cache, keyed by the backbone's weights) or
             None (in memory only, as when the backbone is being fine-tuned).
+        collective: every process of a multi-process run embeds and prepares the same texts at the same time (the
+            trainer's dataset preparation), so the main process of each machine embeds first and writes the cache
+            for the others, and a ZeRO-3 partitioned backbone embeds on all of them together. Without it (serving,
+            a policy run scoring its own samples on each process) each process embeds what it needs, alone.
     """
 
     def __init__(
@@ -58,8 +62,10 @@ class RewardInference:
         batch_size: int = 16,
         max_length: int | None = None,
         cache_dir: str | Path | None = AUTO,
+        collective: bool = False,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.collective = collective
         self.num_context, self.seed, self.context_pool = num_context, seed, context_pool
         self.batch_size = batch_size
         # by default, truncate where training did (models saved before this setting existed trained at 512)
@@ -88,12 +94,14 @@ class RewardInference:
     def embed(self, texts: Sequence[str], desc: str = "Embedding texts") -> torch.Tensor:
         """Frozen embeddings (backbone without its adapter) of `texts`, added to the table through its cache.
 
-        In a multi-process run the main process of each machine embeds what the cache lacks and writes it, and the
-        others read it from there; under ZeRO-3 each process holds a slice of the backbone, so all of them embed
-        the missing texts together (the same forward calls), and the main ones write the cache.
+        `collective`: the main process of each machine embeds what the cache lacks and writes it, and the others
+        read it from there; under ZeRO-3 each process holds a slice of the backbone, so all of them embed the
+        missing texts together (the same forward calls), and the main ones write the cache.
         """
         table, state = self.table, PartialState()
-        if not is_zero3_partitioned(self.model.backbone):
+        if not self.collective:
+            table.add(texts, desc=desc)
+        elif not is_zero3_partitioned(self.model.backbone):
             with state.local_main_process_first():
                 table.add(texts, desc=desc)
         else:
@@ -164,7 +172,7 @@ class RewardInference:
             return dataset
         check_users(dataset, name)
         is_pool = dataset is self.context_pool
-        with _datasets_first():
+        with self._datasets_first():
             if is_pool and draws > 1:
                 dataset = concatenate_datasets([
                     attach_contexts(dataset, self.num_context, self.seed, name=name + (f"-draw{d}" if d else ""))
@@ -183,16 +191,21 @@ class RewardInference:
 
     def index_responses(self, dataset: Dataset, name: str) -> Dataset:
         """Frozen mode: embed each response (prompt included) once, and refer to it by its row of the table."""
-        with _datasets_first():
+        with self._datasets_first():
             dataset = dataset.map(_render_example, fn_kwargs={"tokenizer": self.tokenizer},
                                   desc=f"Rendering {name} texts")
         self.embed(list(dataset["chosen_text"]) + list(dataset["rejected_text"]), desc=f"Embedding {name} texts")
         return self._index(dataset, INDEX_COLUMNS, f"{name} dataset")
 
     def _index(self, dataset: Dataset, columns: tuple[str, ...], what: str) -> Dataset:
-        with _datasets_first():
+        with self._datasets_first():
             return dataset.map(_index_columns, fn_kwargs={"index": self.table.index, "columns": columns},
                                desc=f"Indexing {what}")
+
+    def _datasets_first(self):
+        """When `collective`, the local main process maps datasets first (writing `datasets`' cache) and the others
+        then read it."""
+        return PartialState().local_main_process_first() if self.collective else contextlib.nullcontext()
 
     # ----- users and rewards ------------------------------------------------------------------------------
 
@@ -293,11 +306,6 @@ def check_users(dataset: Dataset, dataset_name: str) -> None:
         "mapping (the recipe's --column_mapping 'annotator=user_id', or Dataset.rename_column), give every example "
         "a `context`, or train a model without users: model_type='base'."
     )
-
-
-def _datasets_first():
-    """The local main process maps datasets first (writing `datasets`' cache); the others then read it."""
-    return PartialState().local_main_process_first()
 
 
 def _pair_kl(output) -> torch.Tensor:

@@ -133,7 +133,7 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         self.inference = RewardInference(
             model, processing_class, num_context=args.num_context, seed=args.seed,
             context_pool=train_dataset if model.config.use_latent else None, batch_size=args.embedding_batch_size,
-            max_length=args.max_length, cache_dir=_embedding_cache_dir(model, args),
+            max_length=args.max_length, cache_dir=_embedding_cache_dir(model, args), collective=True,
         )
         if data_collator is None:
             data_collator = DataCollatorForVPL(
