@@ -144,11 +144,17 @@ def test_cli_flags_in_both_spellings_and_from_yaml(tmp_path):
     assert (args.reward_model, args.query_pool, args.port, limits.max_text_chars) == ("m2", "q.jsonl", 9002, 100)
 
 
-def test_cli_bad_reward_model_is_a_one_line_error(tmp_path, capsys):
+def test_cli_bad_input_is_a_one_line_error(tiny_reward_model, tmp_path, capsys):
     from vpl_trl.serve.__main__ import main
 
-    assert main(["--reward_model", str(tmp_path / "missing"), "--policy", "none", "--db", str(tmp_path / "d")]) == 2
+    base = ["--policy", "none", "--db", str(tmp_path / "d.sqlite")]
+    assert main(["--reward_model", str(tmp_path / "missing"), *base]) == 2
     assert capsys.readouterr().err.startswith("error: reward model")
+    assert main(["--reward_model", tiny_reward_model, "--sample_prompt", "Not in the pool", *base]) == 2
+    assert "error: the sample prompt 'Not in the pool' is not a prompt of the query pool" in capsys.readouterr().err
+    (tmp_path / "pool.jsonl").write_text('{"prompt": "p", "chosen": "a"}\n')
+    assert main(["--reward_model", tiny_reward_model, "--query_pool", str(tmp_path / "pool.jsonl"), *base]) == 2
+    assert "pool.jsonl" in capsys.readouterr().err
 
 
 # ----- the store: restart, hashed tokens ------------------------------------------------------------------------

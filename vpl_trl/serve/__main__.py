@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import io
 import ipaddress
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.utils import logging
 from trl import TrlParser
 
 from ..data.format import PreferenceDataError, load_preference_file
@@ -27,12 +27,12 @@ from ..embedded_model import DEFAULT_MODEL, cache_dir
 from ..logs import show_info_logs
 from ..policy.conditioned_policy import PolicyError
 from ..sample import SampleArguments, UsageError, build_best_of_n, quiet_transformers
-from ..scoring import PersonalizedRewardScorer, RewardModelError
+from ..scoring import PersonalizedRewardScorer
 from .app import Limits, create_app
 from .personalization import Personalization
 from .store import UserStore
 
-logger = logging.getLogger("vpl_trl.serve")
+logger = logging.get_logger("vpl_trl.serve")  # not __name__: run with -m, that is __main__
 
 
 @dataclass
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         service_token = Path(args.service_token_file).read_text().strip() if args.service_token_file else None
         with quiet_transformers():
             service = build_service(args)
-    except (UsageError, PreferenceDataError, RewardModelError, PolicyError, OSError) as error:
+    except (UsageError, ValueError, PolicyError, OSError) as error:  # PreferenceDataError, RewardModelError too
         print(f"error: {error}", file=sys.stderr)
         return 2
     logger.info(f"users in {service.store.path}; {len(service.pool)} pairs to ask; http://{args.host}:{args.port}/")

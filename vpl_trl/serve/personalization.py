@@ -62,6 +62,8 @@ class Personalization:
         self.sample_prompt = sample_prompt or max(
             {p["prompt"] for p in self.pool}, key=[p["prompt"] for p in self.pool].count
         )
+        if not any(p["prompt"] == self.sample_prompt for p in self.pool):
+            raise ValueError(f"the sample prompt {self.sample_prompt!r} is not a prompt of the query pool.")
         self._preview_texts, self._preview_embeddings = self._preview_candidates()
 
     # ----- embeddings -------------------------------------------------------------------------------------
