@@ -195,6 +195,23 @@ def test_tokens_are_stored_hashed(client, service):
     assert hashlib.sha256(token.encode()).hexdigest() in rows[0]
 
 
+def test_users_texts_stay_out_of_the_disk_embedding_cache(client, service):
+    from vpl_trl.embeddings import default_embedding_cache_dir, render_text, text_key
+
+    user_id, headers = new_user(client)
+    private = {"prompt": PROMPT, "chosen": " My private answer.", "rejected": " Another private answer."}
+    client.post(f"/v1/users/{user_id}/pairs", json={"pairs": [private]}, headers=headers)
+    assert client.get(f"/v1/users/{user_id}/next_pair", headers=headers).status_code == 200
+    assert client.post("/v1/generate", json={"user_id": user_id, "prompt": PROMPT, "n": 1},
+                       headers=headers).status_code == 200
+    model = service.model
+    folder = default_embedding_cache_dir(model, model.config.pooling, service.scorer.max_length)
+    on_disk = {key for keys in folder.glob("*.json") for key in json.loads(keys.read_text())}
+    key = lambda pair, side: text_key(render_text(service.scorer.tokenizer, pair["prompt"], pair[side]))  # noqa: E731
+    assert key(service.pool[0], "chosen") in on_disk  # the pool is cached on disk (quick restarts)
+    assert not {key(private, "chosen"), key(private, "rejected")} & on_disk
+
+
 # ----- access and limits ----------------------------------------------------------------------------------------
 
 
@@ -231,7 +248,7 @@ def test_access_needs_the_users_own_token(client, service):
     # a deleted user is gone, token and pairs
     assert client.delete(f"/v1/users/{alice}", headers=alice_headers).status_code == 204
     assert client.get(f"/v1/users/{alice}/pairs", headers=alice_headers).status_code == 401
-    assert service.store.count_pairs(alice) == 0
+    assert service.store.count_pairs(alice) == 0 and alice not in service._latents
 
 
 @pytest.fixture(scope="module")

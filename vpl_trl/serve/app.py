@@ -176,7 +176,7 @@ def create_app(service: Personalization, limits: Limits | None = None, service_t
     def delete_user(user_id: str, credentials: Credentials) -> Response:
         """Delete the user, their pairs and their latent."""
         authorize(user_id, credentials)
-        store.delete_user(user_id)
+        service.forget(user_id)
         return Response(status_code=204)
 
     @app.post("/v1/users/{user_id}/pairs", tags=["users"])

@@ -1,7 +1,9 @@
 """The model side of the service: each user's latent from their stored pairs, scores under it, the next most
 informative pair to ask (`vpl_trl.active_queries`), best-of-n answers and the onboarding page's preview.
 
-Model calls are serialized by one lock (one model, CPU threads shared); store reads and writes are not.
+Model calls are serialized by one lock (one model, CPU threads shared); store reads and writes are not. Users' texts
+are embedded into a bounded in-memory cache, never the on-disk embedding cache: a deleted user's texts leave no trace
+there, and a long-running server neither fills the disk nor grows without bound.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ..active_queries import PairSet, choose_query, posterior
 from ..best_of_n import PersonalizedBestOfN, Ranking
-from ..embeddings import compute_embeddings, render_text
+from ..embeddings import compute_embeddings, render_text, text_key
 from ..scoring import PersonalizedRewardScorer
 from .store import UserLatent, UserStore
 
@@ -27,6 +29,36 @@ class NoLatentError(ValueError):
 
 class NoGenerationError(ValueError):
     """The service was started without a policy to generate with."""
+
+
+class MemoryEmbeddingCache:
+    """Text -> embedding in memory, the least recently used dropped past `max_texts` (the interface of
+    `vpl_trl.embeddings.EmbeddingCache` that `compute_embeddings` uses)."""
+
+    def __init__(self, max_texts: int):
+        self.max_texts = max_texts
+        self._vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def refresh(self) -> None:
+        """Nothing on disk to look at."""
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def __contains__(self, text: str) -> bool:
+        return text_key(text) in self._vectors
+
+    def get(self, text: str) -> torch.Tensor:
+        key = text_key(text)
+        self._vectors.move_to_end(key)
+        return self._vectors[key]
+
+    def add(self, texts: Sequence[str], vectors: torch.Tensor) -> None:
+        for text, vector in zip(texts, vectors.detach().float().cpu()):
+            self._vectors[text_key(text)] = vector
+            self._vectors.move_to_end(text_key(text))
+        while len(self._vectors) > self.max_texts:
+            self._vectors.popitem(last=False)
 
 
 def pair_key(prompt: str, first: str, second: str) -> tuple[str, frozenset[str]]:
@@ -48,6 +80,7 @@ class Personalization:
         sample_prompt: str | None = None,
         num_samples: int = 64,
         cached_users: int = 10_000,
+        cached_texts: int = 100_000,
     ):
         self.scorer, self.model, self.store, self.best_of_n = scorer, scorer.model, store, best_of_n
         self.num_samples, self.cached_users = num_samples, cached_users
@@ -58,7 +91,10 @@ class Personalization:
         self.pool, self.pool_keys = list(unique.values()), list(unique)
         if not self.pool:
             raise ValueError("the query pool has no pairs.")
-        self.candidates = self._pair_set(self.pool, scored=True)
+        self.candidates = self._pair_set(self.pool, scored=True)  # through the disk cache: quick restarts
+        scorer.context_cache = MemoryEmbeddingCache(cached_texts)  # users' texts (generation's latents too)
+        scorer.context_cache.add(self._context_texts(self.pool), torch.cat([self.candidates.context_chosen,
+                                                                            self.candidates.context_rejected]))
         self.sample_prompt = sample_prompt or max(
             {p["prompt"] for p in self.pool}, key=[p["prompt"] for p in self.pool].count
         )
@@ -71,12 +107,11 @@ class Personalization:
     def _pair_set(self, pairs: Sequence[dict[str, str]], scored: bool) -> PairSet:
         """Pairs as embeddings: what the context encoder reads (rendered as `PersonalizedRewardScorer.encode_context`
         renders context pairs) and, when `scored`, what the reward scores (else the same tensors)."""
-        tokenizer, scorer = self.scorer.tokenizer, self.scorer
-        texts = [render_text(tokenizer, p["prompt"], p[side]) for side in ("chosen", "rejected") for p in pairs]
+        scorer = self.scorer
         with self._lock:
             context = compute_embeddings(
-                self.model, tokenizer, texts, scorer.context_cache, scorer.batch_size, scorer.max_length,
-                use_adapter=False, desc="Embedding context pairs",
+                self.model, scorer.tokenizer, self._context_texts(pairs), scorer.context_cache, scorer.batch_size,
+                scorer.max_length, use_adapter=False, desc="Embedding context pairs",
             ).to(scorer.device)
             if scored:
                 prompts = [p["prompt"] for p in pairs] * 2
@@ -86,6 +121,11 @@ class Personalization:
                 rewarded = context
         n = len(pairs)
         return PairSet(rewarded[:n], rewarded[n:], context[:n], context[n:])
+
+    def _context_texts(self, pairs: Sequence[dict[str, str]]) -> list[str]:
+        """The texts of the pairs' chosen, then rejected, responses, as the context encoder reads them."""
+        tokenizer = self.scorer.tokenizer
+        return [render_text(tokenizer, p["prompt"], p[side]) for side in ("chosen", "rejected") for p in pairs]
 
     def _preview_candidates(self, preview_pairs: int = 4) -> tuple[list[str], torch.Tensor]:
         """The preview's answers: those of the sample prompt's `preview_pairs` pool pairs that users disagree on most
@@ -129,6 +169,12 @@ class Personalization:
             while len(self._latents) > self.cached_users:
                 self._latents.popitem(last=False)
         return latent
+
+    def forget(self, user_id: str) -> None:
+        """Delete the user from the store and their latent from memory."""
+        self.store.delete_user(user_id)
+        with self._lock:
+            self._latents.pop(user_id, None)
 
     def _compute_latent(self, user_id: str) -> UserLatent:
         version, pairs = self.store.pairs(user_id)
