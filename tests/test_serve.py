@@ -134,6 +134,19 @@ def test_next_pair_runs_out_with_a_small_query_pool(tiny_reward_model, tmp_path)
     assert response.status_code == 409 and "without a policy" in response.json()["detail"]
 
 
+def test_a_bradley_terry_model_scores_everyone_alike_and_asks_nothing(tiny_base_reward_model, tmp_path):
+    client = TestClient(create_app(build_service(serve_args(tiny_base_reward_model, "none", tmp_path / "db.sqlite"))))
+    (alice, alice_headers), (bob, bob_headers) = new_user(client), new_user(client)
+    client.post(f"/v1/users/{alice}/pairs", json={"pairs": pets_pairs("train", "dog", "cat", 2)}, headers=alice_headers)
+    body = {"prompt": PROMPT, "completions": [p["chosen"] for p in pets_pairs("test", "dog", "cat", 2)]}
+    rewards = [client.post("/v1/score", json={**body, "user_id": user}, headers=headers).json()["rewards"]
+               for user, headers in ((alice, alice_headers), (bob, bob_headers))]
+    assert rewards[0] == pytest.approx(rewards[1], abs=1e-6) and len(rewards[0]) == 2
+    refused = client.get(f"/v1/users/{alice}/next_pair", headers=alice_headers)
+    assert refused.status_code == 409 and "without a user latent" in refused.json()["detail"]
+    assert client.get(f"/v1/users/{alice}", headers=alice_headers).json()["posterior"]["spread"] is None
+
+
 def test_cli_flags_in_both_spellings_and_from_yaml(tmp_path):
     args, limits = parse_args(["--reward_model", "m", "--query-pool", "p.jsonl", "--max-pairs-per-user", "7"])
     assert (args.reward_model, args.query_pool, limits.max_pairs_per_user) == ("m", "p.jsonl", 7)

@@ -58,7 +58,6 @@ class ServeArguments:
         default=None, metadata={"help": "A file holding a token that may score and generate for any user."}
     )
     num_samples: int = field(default=64, metadata={"help": "Posterior samples per information-gain estimate."})
-    n: int = field(default=8, metadata={"help": "Default candidates of /v1/generate."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens per generated candidate."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (0: greedy)."})
     batch_size: int = field(default=16, metadata={"help": "Texts embedded, or sequences generated, per batch."})
@@ -90,12 +89,15 @@ def build_service(args: ServeArguments) -> Personalization:
             raise UsageError("--reward_model is required with --policy none.")
         scorer = PersonalizedRewardScorer.from_pretrained(args.reward_model, args.device, batch_size=args.batch_size)
     else:
-        sample_args = SampleArguments(reward_model=args.reward_model, policy=args.policy, n=args.n,
+        sample_args = SampleArguments(reward_model=args.reward_model, policy=args.policy,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       batch_size=args.batch_size, device=args.device)
-        notes = io.StringIO()  # its notes are about a command-line user context, which a server has none of
+        notes = io.StringIO()
         with contextlib.redirect_stderr(notes):
             best_of_n, _ = build_best_of_n(sample_args)
+        for note in notes.getvalue().splitlines():  # not the one about a command-line user context: a server has none
+            if "--user_context" not in note:
+                logger.warning(note.removeprefix("note: "))
         scorer = best_of_n.scorer
     return Personalization(scorer, store, pool, best_of_n, args.sample_prompt, args.num_samples)
 
