@@ -284,6 +284,7 @@ def small_limits_client(service) -> TestClient:
         ("many requests", 422, "3 requests; the limit is 2"),
         ("large n", 422, "3 candidates asked (n); the limit is 2"),
         ("large body", 413, "the limit is 3000"),
+        ("large streamed body", 413, "over the limit of 3000 bytes"),
         ("malformed json", 422, "JSON decode error"),
         ("unknown field", 422, "Extra inputs are not permitted"),
         ("wrong type", 422, "Input should be a valid list"),
@@ -308,13 +309,16 @@ def test_limits_and_bad_input_are_refused_with_a_message(small_limits_client, ca
         "many requests": ("POST", "/v1/score_batch", {"requests": [score] * 3}),
         "large n": ("POST", "/v1/generate", {"user_id": user_id, "prompt": "p", "n": 3}),
         "large body": ("POST", pairs, {"pairs": [{**pair, "chosen": "z" * 4000}]}),
+        "large streamed body": ("POST", pairs, iter([b'{"pairs": [{"chosen": "', b"z" * 4000, b'"}]}'])),
         "malformed json": ("POST", pairs, b'{"pairs": [{"chosen": "a",'),
         "unknown field": ("POST", pairs, {"pairs": [{**pair, "label": 1}]}),
         "wrong type": ("POST", "/v1/score", {**score, "completions": "a"}),
     }[case]
     method, path, body = request
-    kwargs = {"content": body, "headers": {**headers, "Content-Type": "application/json"}} if isinstance(
-        body, bytes) else {"json": body, "headers": headers}
+    if isinstance(body, dict):
+        kwargs = {"json": body, "headers": headers}
+    else:  # raw bytes, or chunks sent without a Content-Length
+        kwargs = {"content": body, "headers": {**headers, "Content-Type": "application/json"}}
     response = client.request(method, path, **kwargs)
     assert response.status_code == status
     assert message in json.dumps(response.json()["detail"])
