@@ -73,7 +73,8 @@ class RewardInference:
         if cache_dir == AUTO:
             with gathered_parameters(model.backbone):  # the folder is keyed by a digest of the backbone's weights
                 cache_dir = default_embedding_cache_dir(model, model.config.pooling, self.max_length)
-        self.table = EmbeddingTable(model, tokenizer, EmbeddingCache(cache_dir), batch_size, self.max_length)
+        self.cache = EmbeddingCache(cache_dir)
+        self.table = EmbeddingTable(model, tokenizer, self.cache, batch_size, self.max_length)
         self._scored = EmbeddingCache(None)  # texts embedded with the adapter (lora and full modes), in memory
 
     @property
@@ -92,7 +93,16 @@ class RewardInference:
     # ----- texts ------------------------------------------------------------------------------------------
 
     def embed(self, texts: Sequence[str], desc: str = "Embedding texts") -> torch.Tensor:
-        """Frozen embeddings (backbone without its adapter) of `texts`, added to the table through its cache.
+        """Frozen embeddings (backbone without its adapter) of `texts`, through the cache (`collective`: added to
+        the table, as the trainer's datasets refer to them)."""
+        if self.collective:
+            self.add_to_table(texts, desc)
+            return self.rows(texts)
+        return compute_embeddings(self.model, self.tokenizer, list(texts), self.cache, self.batch_size,
+                                  self.max_length, desc=desc)
+
+    def add_to_table(self, texts: Sequence[str], desc: str = "Embedding texts") -> None:
+        """Add the frozen embeddings of `texts` to the table, through its cache.
 
         `collective`: the main process of each machine embeds what the cache lacks and writes it, and the others
         read it from there; under ZeRO-3 each process holds a slice of the backbone, so all of them embed the
@@ -115,7 +125,6 @@ class RewardInference:
                 table.cache.add(missing, vectors)
             state.wait_for_everyone()
             table.add(texts, desc=desc)  # all cached now
-        return self.rows(texts)
 
     def rows(self, texts: Sequence[str]) -> torch.Tensor:
         """The table's embeddings of texts it holds."""
@@ -124,8 +133,8 @@ class RewardInference:
         return self.table.tensor[torch.tensor([self.table.index[t] for t in texts])]
 
     def embed_scored(self, texts: Sequence[str], desc: str = "Scoring texts") -> torch.Tensor:
-        """Embeddings of texts to score: in `frozen` mode the table's (cached on disk, shared with training);
-        otherwise the backbone's with its adapter, kept in memory."""
+        """Embeddings of texts to score: in `frozen` mode the frozen ones (through the cache, on disk shared with
+        training); otherwise the backbone's with its adapter, kept in memory."""
         if self.model.config.embedding_mode == "frozen":
             return self.embed(texts, desc=desc)
         return compute_embeddings(self.model, self.tokenizer, texts, self._scored, self.batch_size, self.max_length,
@@ -137,8 +146,8 @@ class RewardInference:
         texts = list(self.table.index)
         self.model = model
         self.table.reset(model)
-        self._scored = EmbeddingCache(None)
-        self.embed(texts, desc="Embedding contexts with the trained backbone")
+        self.cache, self._scored = self.table.cache, EmbeddingCache(None)
+        self.add_to_table(texts, desc="Embedding contexts with the trained backbone")
 
     # ----- datasets ---------------------------------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class RewardInference:
         texts = []
         for chosen, rejected in zip(dataset["context_chosen_text"], dataset["context_rejected_text"]):
             texts += list(chosen) + list(rejected)
-        self.embed(texts, desc=f"Embedding {name} texts")
+        self.add_to_table(texts, desc=f"Embedding {name} texts")
         return self._index(dataset, CONTEXT_COLUMNS, f"{name} contexts")
 
     def index_responses(self, dataset: Dataset, name: str) -> Dataset:
@@ -194,7 +203,7 @@ class RewardInference:
         with self._datasets_first():
             dataset = dataset.map(_render_example, fn_kwargs={"tokenizer": self.tokenizer},
                                   desc=f"Rendering {name} texts")
-        self.embed(list(dataset["chosen_text"]) + list(dataset["rejected_text"]), desc=f"Embedding {name} texts")
+        self.add_to_table(list(dataset["chosen_text"]) + list(dataset["rejected_text"]), desc=f"Embedding {name} texts")
         return self._index(dataset, INDEX_COLUMNS, f"{name} dataset")
 
     def _index(self, dataset: Dataset, columns: tuple[str, ...], what: str) -> Dataset:
