@@ -1,5 +1,5 @@
 """The model side of the service: each user's latent from their stored pairs, scores under it, the next most
-informative pair to ask (`vpl_trl.active_queries`), best-of-n answers and the onboarding page's preview.
+informative pair to ask (`vpl_trl.evaluation.active_queries`), best-of-n answers and the onboarding page's preview.
 
 Model calls are serialized by one lock (one model, CPU threads shared); store reads and writes are not. Users' texts
 are embedded into a bounded in-memory cache, never the on-disk embedding cache: a deleted user's texts leave no trace
