@@ -290,17 +290,22 @@ class RewardInference:
         return result
 
     def context_inputs(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
-        """`context_chosen`, `context_rejected` (B, K, d), padded to the batch's largest K, and `context_mask`."""
-        chosen_rows, rejected_rows = batch["context_chosen_index"], batch["context_rejected_index"]
-        k = max(len(rows) for rows in chosen_rows)
-        index = torch.zeros(len(chosen_rows), 2, k, dtype=torch.long)
-        mask = torch.zeros(len(chosen_rows), k, dtype=torch.bool)
-        for row, (chosen, rejected) in enumerate(zip(chosen_rows, rejected_rows)):
-            index[row, 0, : len(chosen)], index[row, 1, : len(rejected)] = torch.tensor(chosen), torch.tensor(rejected)
-            mask[row, : len(chosen)] = True
-        table = self.table.tensor
-        return {"context_chosen": table[index[:, 0]].to(self.device),
-                "context_rejected": table[index[:, 1]].to(self.device), "context_mask": mask.to(self.device)}
+        """A batch's contexts as the model takes them (see `padded_contexts`), on the model's device."""
+        inputs = padded_contexts(self.table.tensor, batch["context_chosen_index"], batch["context_rejected_index"])
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
+
+
+def padded_contexts(table: torch.Tensor, chosen_rows: Sequence[Sequence[int]], rejected_rows: Sequence[Sequence[int]]
+                    ) -> dict[str, torch.Tensor]:
+    """`context_chosen`, `context_rejected` (B, K, d): each example's context pairs as rows of `table`, padded to the
+    batch's largest K, and `context_mask` (B, K) marking the real pairs."""
+    k = max(len(rows) for rows in chosen_rows)
+    index = torch.zeros(len(chosen_rows), 2, k, dtype=torch.long)
+    mask = torch.zeros(len(chosen_rows), k, dtype=torch.bool)
+    for row, (chosen, rejected) in enumerate(zip(chosen_rows, rejected_rows)):
+        index[row, 0, : len(chosen)], index[row, 1, : len(rejected)] = torch.tensor(chosen), torch.tensor(rejected)
+        mask[row, : len(chosen)] = True
+    return {"context_chosen": table[index[:, 0]], "context_rejected": table[index[:, 1]], "context_mask": mask}
 
 
 def check_users(dataset: Dataset, dataset_name: str) -> None:

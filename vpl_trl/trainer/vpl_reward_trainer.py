@@ -21,7 +21,7 @@ from ..checkpoints import FaultTolerantCheckpoints
 from ..distributed import gathered_parameters
 from ..embedded_model import resolve_model_name_or_path
 from ..embeddings import EmbeddingTable
-from ..inference.reward_inference import AUTO, CONTEXT_COLUMNS, INDEX_COLUMNS, RewardInference
+from ..inference.reward_inference import AUTO, CONTEXT_COLUMNS, INDEX_COLUMNS, RewardInference, padded_contexts
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
 from ..models import VPLRewardModel
 from ..models.backbone import load_backbone, peft_config_for_whole_model, split_peft_model, train_heads_under_peft
@@ -52,17 +52,8 @@ class DataCollatorForVPL(DataCollatorForPreference):
             if "margin" in examples[0]:
                 output["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
         if "context_chosen_index" in examples[0]:
-            k = max(len(e["context_chosen_index"]) for e in examples)
-            index = torch.zeros(len(examples), 2, k, dtype=torch.long)
-            context_mask = torch.zeros(len(examples), k, dtype=torch.bool)
-            for row, example in enumerate(examples):
-                n = len(example["context_chosen_index"])
-                index[row, 0, :n] = torch.tensor(example["context_chosen_index"])
-                index[row, 1, :n] = torch.tensor(example["context_rejected_index"])
-                context_mask[row, :n] = True
-            output["context_chosen"] = self.table.tensor[index[:, 0]]
-            output["context_rejected"] = self.table.tensor[index[:, 1]]
-            output["context_mask"] = context_mask
+            output.update(padded_contexts(self.table.tensor, [e["context_chosen_index"] for e in examples],
+                                          [e["context_rejected_index"] for e in examples]))
         return output
 
 
