@@ -21,7 +21,7 @@ from trl.data_utils import get_dataset_column_names
 
 from ..data.context import attach_contexts
 from ..data.format import PreferenceDataError
-from ..distributed import gathered_parameters, is_zero3_partitioned, union_across_processes
+from ..distributed import barrier, gathered_parameters, is_zero3_partitioned, union_across_processes
 from ..embeddings import EmbeddingCache, EmbeddingTable, compute_embeddings, default_embedding_cache_dir
 from ..losses import gaussian_kl
 from ..models import VPLRewardModel
@@ -123,7 +123,7 @@ class RewardInference:
                                              self.max_length, desc=desc)
             if missing and (state.local_process_index == 0 or table.cache.directory is None):
                 table.cache.add(missing, vectors)
-            state.wait_for_everyone()
+            barrier()
             table.add(texts, desc=desc)  # all cached now
 
     def rows(self, texts: Sequence[str]) -> torch.Tensor:
