@@ -5,16 +5,19 @@ from .format import PreferenceDataError, load_preference_file, load_preference_s
 from .hh_rlhf import build_hh_relabeled
 from .pets import build_pets
 from .population import Population, build_population, true_utility, utility_from_weights
+from .ukp_conv_arg import UKPConvArgConfig, build_ukp_conv_arg
 from .ultrafeedback import build_ultrafeedback, iter_source_rows
 from .user_files import load_user_context, read_prompts
 
 __all__ = [
     "Population",
     "PreferenceDataError",
+    "UKPConvArgConfig",
     "attach_contexts",
     "build_hh_relabeled",
     "build_pets",
     "build_population",
+    "build_ukp_conv_arg",
     "build_ultrafeedback",
     "iter_source_rows",
     "load_user_context",

@@ -1,7 +1,8 @@
-"""Dataset builders: `python -m vpl_trl.data {pets,uf-p2,uf-p4,hh-relabeled,population} --output DIR`.
+"""Dataset builders: `python -m vpl_trl.data {pets,uf-p2,uf-p4,hh-relabeled,population,ukp-conv-arg} --output DIR`.
 
 Each command's flags are the fields of its dataclasses, parsed by `transformers.HfArgumentParser` as the recipes'
-are (`--flag_name` or `--flag-name`); `population` takes every field of `PopulationConfig`.
+are (`--flag_name` or `--flag-name`); `population` takes every field of `PopulationConfig`, `ukp-conv-arg`
+`--xml_dir` and every field of `UKPConvArgConfig`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
-from . import hh_rlhf, pets, population, ultrafeedback
+from . import hh_rlhf, pets, population, ukp_conv_arg, ultrafeedback
 from .format import PreferenceDataError
 from .population import PopulationConfig
+from .ukp_conv_arg import UKPConvArgConfig
 
 SPLIT_FILES = ("train.jsonl", "test.jsonl")
 
@@ -83,6 +85,13 @@ class PoolArguments:
     )
 
 
+@dataclass
+class UKPSourceArguments:
+    xml_dir: str = field(
+        metadata={"help": "UKPConvArg1-full-XML (from github.com/UKPLab/acl2016-convincing-arguments): its .xml files."}
+    )
+
+
 def _pets(output: Path, args: PetsArguments) -> str:
     counts = pets.build_pets(output, variant=args.variant, n_train_per_user=args.n_train_per_user,
                              n_test_per_user=args.n_test_per_user, seed=args.seed)
@@ -102,6 +111,11 @@ def _hh_relabeled(output: Path, args: HHRelabeledArguments) -> str:
 def _population(output: Path, pool: PoolArguments, config: PopulationConfig) -> str:
     stats = population.build_population(output, config, pool=pool.pool)
     return "\n".join(population.summarize(stats, output))
+
+
+def _ukp_conv_arg(output: Path, source: UKPSourceArguments, config: UKPConvArgConfig) -> str:
+    stats = ukp_conv_arg.build_ukp_conv_arg(source.xml_dir, output, config)
+    return "\n".join(ukp_conv_arg.summarize(stats, output))
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,9 @@ COMMANDS = {
     "population": Command("simulated users with true weights over attributes of real LLM answers (offline, from "
                           "the shipped response pool)", (PoolArguments, PopulationConfig), _population,
                           population.OUTPUT_FILES),
+    "ukp-conv-arg": Command("UKPConvArg1: crowd workers' judgments of which argument is more convincing, workers as "
+                            "users, some held out whole as new users (--xml_dir UKPConvArg1-full-XML)",
+                            (UKPSourceArguments, UKPConvArgConfig), _ukp_conv_arg, ukp_conv_arg.OUTPUT_FILES),
 }
 
 

@@ -272,6 +272,17 @@ class Population:
         return cls(attributes, standardization, users, data.get("settings", {}), source=str(path))
 
 
+def has_true_weights(path: str | os.PathLike) -> bool:
+    """Whether `path` (a `users.json`) is a simulated population's, with true weights over `attributes`, and not
+    another builder's list of real users (`ukp_conv_arg`); a file that is not valid JSON counts as one, so that
+    `Population.load` names its error."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return True
+    return isinstance(data, dict) and "attributes" in data
+
+
 def _is_vector(value: Any, n: int) -> bool:
     return (isinstance(value, list) and len(value) == n
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))

@@ -17,8 +17,9 @@ A data set with a `new_users` split (users absent from training, each bringing t
 simulated population has) also gets a new-user section: accuracy with K of each new user's own pairs, against
 their labels and, where the data knows it (`true_margin`), against their true preference, with the worst 10% of
 users; the context swap (another user's context, drawn at random); for VPL models the accuracy against K
-(`new_users_accuracy_vs_context.png`), how well `z` predicts the true weights when a `users.json` lies beside the
-data, and with `--active` active queries chosen from each new user's context (`new_users_active_queries.png`).
+(`new_users_accuracy_vs_context.png`), how well `z` predicts the true weights when a simulated population's
+`users.json` lies beside the data, and with `--active` active queries chosen from each new user's context
+(`new_users_active_queries.png`).
 
 The training split serves as the users' context pool, as in training. Files already in OUT are not
 overwritten unless `--overwrite` is given.
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 from transformers import AutoTokenizer, HfArgumentParser
 
-from ..data.population import Population
+from ..data.population import Population, has_true_weights
 from ..data.registry import BUILTIN, builtin_dataset_folder, load_named_dataset
 from ..embedded_model import resolve_model_name_or_path
 from ..inference.reward_inference import RewardInference
@@ -235,7 +236,7 @@ def new_user_evaluation(inference, data, args: EvaluateArguments, output_dir: Pa
     plot_context_curve(result["context_curve"], output_dir / NEW_CONTEXT_PLOT, f"{title}: new users", fixed)
     result["plots"]["new_users_context_curve"] = NEW_CONTEXT_PLOT
     users_file = dataset_folder(args) / "users.json"
-    if users_file.is_file():
+    if users_file.is_file() and has_true_weights(users_file):  # a real data set's users have no true weights
         result["z_r2"] = z_weight_r2(inference, data[args.split], data["train"], limited, Population.load(users_file),
                                      seed=args.seed, name=f"{name}-z")
     if args.active:
