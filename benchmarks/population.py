@@ -2,10 +2,13 @@
 oracle on the simulated population (`python -m vpl_trl.data population`), all on frozen SmolLM2 embeddings.
 
     python benchmarks/population.py --output_dir DIR [--results benchmarks/results/population.md]
-        [--attributes length,structure,...] [--temperature T] [--pairs_per_user N] [--seed S]
+        [--config recipes/configs/many_users.yaml] [--attributes length,structure,...] [--temperature T]
+        [--pairs_per_user N] [--seed S]
 
-It builds the data set (its defaults unless told otherwise), trains VPL with `recipes/configs/population.yaml`,
-Bradley-Terry and both DPL heads with the same settings and number of updates, the oracle (VPL's decoder given
+It builds the data set (its defaults unless told otherwise), trains VPL with the general many-user configuration
+(`recipes/configs/many_users.yaml`, with its choice of settings on pseudo-new users, as the reward recipe makes it;
+`--config recipes/configs/population.yaml` for the earlier population-tuned one), Bradley-Terry and both DPL heads
+with the same settings and number of updates, the oracle (VPL's decoder given
 the true weights) and LoRe (basis and training users' weights; a new user's weights fitted from their pairs),
 then evaluates on the NEW users (never seen in training), against their true preference:
 
@@ -58,36 +61,59 @@ from vpl_trl.evaluation.metrics import (  # noqa: E402
     worst_fraction_mean,
     z_weight_r2,
 )
+from vpl_trl.selection import SelectionArguments, select_settings  # noqa: E402
 from vpl_trl.text import render_text  # noqa: E402
 
-CONFIG = ROOT / "recipes" / "configs" / "population.yaml"
+CONFIG = ROOT / "recipes" / "configs" / "many_users.yaml"
 K_VALUES = (1, 2, 4, 8, 16, 32)
 QUERY_COUNTS = (1, 2, 4, 8, 16)
 SERVE_K = 16  # the K of the per-user accuracies, z's R^2 and the serving times
 MODELS = {"vpl": "vae", "btl": "base", "dpl_mean_and_variance": "mean_and_variance", "dpl_categorical": "categorical"}
 
 
-def reward_config(model_type: str, output_dir: Path, seed: int) -> VPLRewardConfig:
-    """`population.yaml` for `model_type`. Baselines see each training pair as many times as VPL does (VPL sees it
-    once per context draw), so every model gets the same number of updates."""
-    settings = {k: v for k, v in yaml.safe_load(CONFIG.read_text()).items() if k != "dataset"}
+def load_config(path: Path) -> tuple[dict[str, Any], SelectionArguments]:
+    """A recipe configuration's `VPLRewardConfig` settings and its selection on pseudo-new users."""
+    settings = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in ("dataset", "model_type")}
+    names = {f.name for f in dataclasses.fields(SelectionArguments)}
+    return ({k: v for k, v in settings.items() if k not in names},
+            SelectionArguments(**{k: v for k, v in settings.items() if k in names}))
+
+
+def reward_config(model_type: str, output_dir: Path, seed: int, settings: dict[str, Any]) -> VPLRewardConfig:
+    """The configuration's settings for `model_type`. Baselines see each training pair as many times as VPL does
+    (VPL sees it once per context draw), so every model gets the same number of updates."""
+    settings = dict(settings)
     if model_type != "vae":
         settings["num_train_epochs"] = settings["num_train_epochs"] * settings.pop("train_context_draws", 1)
     return VPLRewardConfig(output_dir=str(output_dir), model_type=model_type, seed=seed, **settings)
 
 
-def train_models(train: Dataset, output_dir: Path, seed: int) -> tuple[dict[str, VPLRewardTrainer], dict[str, float]]:
-    trainers, seconds = {}, {}
+def train_models(train: Dataset, output_dir: Path, seed: int, config: Path = CONFIG
+                 ) -> tuple[dict[str, VPLRewardTrainer], dict[str, float], dict[str, Any] | None]:
+    """Every model on the training users; VPL with the configuration's selection on pseudo-new users (when on),
+    returned as the third item."""
+    settings, selection = load_config(config)
+    trainers, seconds, chosen = {}, {}, None
+
+    def make_trainer(args: VPLRewardConfig, dataset: Dataset) -> VPLRewardTrainer:
+        set_seed(args.seed)  # the heads' initialization
+        return VPLRewardTrainer(model=DEFAULT_MODEL, args=args, train_dataset=dataset)
+
     for name, model_type in MODELS.items():
         start = time.perf_counter()
-        set_seed(seed)  # the heads' initialization
-        trainer = VPLRewardTrainer(model=DEFAULT_MODEL, args=reward_config(model_type, output_dir / name, seed),
-                                   train_dataset=train)
+        args = reward_config(model_type, output_dir / name, seed, settings)
+        if model_type == "vae" and selection.enabled:
+            chosen = select_settings(args, selection, train, make_trainer, output_dir / name)
+            print(f"seed {seed}: selection: {chosen.reason}")
+            args = dataclasses.replace(args, **chosen.settings)
+        trainer = make_trainer(args, train)
+        if model_type == "vae" and chosen is not None and chosen.latent_scale is not None:
+            trainer.model.config.latent_scale = chosen.latent_scale
         trainer.train()
         trainer.save_model(str(output_dir / name))
         trainers[name], seconds[name] = trainer, time.perf_counter() - start
         print(f"seed {seed}: trained {name} in {seconds[name]:.0f} s")
-    return trainers, seconds
+    return trainers, seconds, None if chosen is None else chosen.to_json()
 
 
 class PoolEmbeddings:
@@ -121,7 +147,7 @@ def accuracies(margins: np.ndarray, rows: list[dict[str, Any]]) -> dict[str, Any
 
 
 def model_margins(trainer: VPLRewardTrainer, dataset: Dataset, name: str) -> np.ndarray:
-    predictions = predict(trainer, dataset, name)
+    predictions = predict(trainer, dataset, name, batch_size=128)
     return np.asarray(predictions["reward_chosen"]) - np.asarray(predictions["reward_rejected"])
 
 
@@ -331,7 +357,7 @@ def render_results(summary: dict[str, Any], stem: str) -> str:
         f"pairs each; attributes {', '.join(data['attributes'])}; temperature {data['temperature']}; "
         f"seed {data['seed']}. "
         "Frozen SmolLM2-135M embeddings (mean pooling), embedded once. Models: "
-        "VPL (`recipes/configs/population.yaml`: difference encoder, bilinear decoder), Bradley-Terry and DPL with the "
+        f"VPL (`{summary.get('config', 'recipes/configs/population.yaml')}`), Bradley-Terry and DPL with the "
         f"same settings and updates, the oracle (the VPL decoder given the true weights), LoRe-style (rank "
         f"{summary['lore_rank']}). Every accuracy is on the new users' held-out pairs against their true preference "
         "unless it says labels.", "",
@@ -375,6 +401,12 @@ def render_results(summary: dict[str, Any], stem: str) -> str:
         "| model | seconds |", "|---|---|",
         *(f"| {name} | {s:.0f} |" for name, s in summary["train_seconds"].items()),
     ]
+    chosen = [c for c in summary.get("selection") or [] if c]
+    if chosen:
+        lines += ["", "## What the configuration chose on pseudo-new users", "",
+                  *(f"- seed {n}: {c['reason']}" for n, c in enumerate(chosen)), "",
+                  f"{chosen[0]['users']['pseudo_new']} of the training users held out whole; each candidate trained on "
+                  f"the other {chosen[0]['users']['training']} ({chosen[0]['seconds']:.0f} s for the whole choice)."]
     if summary.get("note"):
         lines += ["", summary["note"]]
     return "\n".join(lines) + "\n"
@@ -395,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", "--output-dir", required=True)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "population.md"))
+    parser.add_argument("--config", default=str(CONFIG), help="VPL's recipe configuration (baselines use its settings)")
     parser.add_argument("--attributes", "--attributes", default=None, help="comma-separated (default: the data set's)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--pairs_per_user", "--pairs-per-user", type=int, default=defaults.pairs_per_user)
@@ -428,9 +461,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_rows = splits["train"].to_list()
     user_index = {u: i for i, u in enumerate(sorted({r["user_id"] for r in train_rows}))}
     true_weights = torch.tensor(np.stack([population.weights(u) for u in user_index]), dtype=torch.float32)
-    per_seed, seconds_per_seed = [], []
+    per_seed, seconds_per_seed, selections = [], [], []
     for seed in range(args.seed, args.seed + args.seeds):
-        trainers, train_seconds = train_models(splits["train"], output_dir / "models" / f"seed{seed}", seed)
+        trainers, train_seconds, chosen = train_models(splits["train"], output_dir / "models" / f"seed{seed}", seed,
+                                                       Path(args.config))
+        selections.append(chosen)
         embeddings = PoolEmbeddings(trainers["vpl"], pool_rows)
         train_pairs = embeddings.pairs(train_rows, user_index)
         vpl_config = trainers["vpl"].accelerator.unwrap_model(trainers["vpl"].model).config
@@ -455,6 +490,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "new_users": new_users,
         "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
+        else args.config,
+        "selection": selections,
         "lore_rank": args.lore_rank,
         "draws": args.draws,
         "seeds": args.seeds,

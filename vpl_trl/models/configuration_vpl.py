@@ -11,8 +11,8 @@ from .backbone import DEFAULT_LORA, backbone_config_dict
 REWARD_TYPES = ("vae", "base", "mean_and_variance", "categorical")
 EMBEDDING_MODES = ("frozen", "full", "lora")
 POOLINGS = ("last", "mean")
-ENCODER_TYPES = ("attention", "difference")
-DECODER_TYPES = ("mlp", "bilinear")
+ENCODER_TYPES = ("attention", "difference", "bayesian")
+DECODER_TYPES = ("mlp", "bilinear", "residual")
 # LoRA settings of configurations saved before `peft_config` held the adapter's configuration
 LEGACY_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
                       "lora_target_modules": "target_modules"}
@@ -30,15 +30,22 @@ class VPLArchitecture:
     num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
     pooling: str = field(default="last", metadata={"help": "last (non-pad token) or mean.", "choices": list(POOLINGS)})
     encoder_type: str = field(
-        default="attention", metadata={"help": "Context encoder: attention (the reference) or difference.",
-                                       "choices": list(ENCODER_TYPES)}
+        default="attention",
+        metadata={"help": "Context encoder: attention (the reference), difference (mean of a linear map of "
+                          "e_chosen - e_rejected) or bayesian (each pair's Gaussian evidence multiplied into the "
+                          "N(0, I) prior: the posterior narrows and moves away from 0 as pairs accumulate).",
+                  "choices": list(ENCODER_TYPES)},
     )
     decoder_type: str = field(
-        default="mlp", metadata={"help": "Reward decoder: mlp on [e, z] (the reference) or bilinear <MLP(e), Wz>.",
-                                 "choices": list(DECODER_TYPES)}
+        default="mlp",
+        metadata={"help": "Reward decoder: mlp on [e, z] (the reference), bilinear <MLP(e), Wz>, or residual "
+                          "r_pooled(e) + <MLP(e), Wz> (z = 0 gives the pooled, Bradley-Terry reward).",
+                  "choices": list(DECODER_TYPES)},
     )
-    normalize_latent: bool = field(
-        default=True, metadata={"help": "Scale z to norm sqrt(latent_dim), as in the reference method."}
+    normalize_latent: bool | None = field(
+        default=None,
+        metadata={"help": "Scale z to norm sqrt(latent_dim), as in the reference method. Default: on, except with "
+                          "the residual decoder, whose z = 0 must stay the pooled user."},
     )
 
     def architecture(self) -> dict:
@@ -73,6 +80,9 @@ class VPLConfig(PretrainedConfig):
             with `lora_r`, `lora_alpha`, `lora_dropout` and `lora_target_modules` load into it.
         latent_dim, hidden_dim, num_atoms, pooling, encoder_type, decoder_type, normalize_latent: the model's shape,
             as [`VPLArchitecture`] declares and documents them.
+        latent_scale (`float`, default 1.0): at inference, a user's latent is their posterior mean times this
+            factor: 0 serves every user the pooled reward (residual decoder), 1 the posterior mean. Chosen on
+            held-out users by `vpl_trl.selection` (between the two when personalizing does not pay).
     """
 
     model_type = "vpl_reward"
@@ -87,6 +97,7 @@ class VPLConfig(PretrainedConfig):
         embedding_mode: str = "frozen",
         max_sequence_length: int | None = 512,
         peft_config: dict | None = None,
+        latent_scale: float = 1.0,
         **kwargs,
     ):
         architecture = VPLArchitecture(**{f.name: kwargs.pop(f.name) for f in fields(VPLArchitecture)
@@ -111,8 +122,18 @@ class VPLConfig(PretrainedConfig):
         self.embedding_dim = embedding_dim
         self.reward_type = reward_type
         self.embedding_mode = embedding_mode
+        if architecture.normalize_latent is None:
+            architecture.normalize_latent = architecture.decoder_type != "residual"
+        if architecture.normalize_latent and architecture.decoder_type == "residual" and reward_type == "vae":
+            raise ValueError(
+                "the residual decoder needs normalize_latent=False: its latent 0 is the pooled user, which "
+                "normalization to norm sqrt(latent_dim) would move."
+            )
+        if latent_scale < 0:
+            raise ValueError(f"latent_scale must be >= 0, got {latent_scale}.")
         for name, value in asdict(architecture).items():
             setattr(self, name, value)
+        self.latent_scale = latent_scale
         self.max_sequence_length = max_sequence_length
         if peft_config is None and legacy_lora:
             peft_config = {**DEFAULT_LORA, **legacy_lora}

@@ -96,6 +96,32 @@ class DifferenceContextEncoder(nn.Module):
         return self.mean_head(pooled), self.logvar_head(pooled).clamp(-1, 1)
 
 
+class BayesianContextEncoder(nn.Module):
+    """q(z | context) as the product of the N(0, I) prior and one Gaussian factor per context pair: pair i says
+    `z ~ N(m_i, 1 / p_i)`, with `m_i` a linear map of `h_i = A (e_chosen - e_rejected)` (odd in the pair) and the
+    precision `p_i = softplus(B |h_i|) >= 0` (the same for the pair read either way round). The posterior precision is
+    `1 + sum_i p_i` and its mean `sum_i p_i m_i / (1 + sum_i p_i)`: with few or uninformative pairs the mean stays
+    near 0, the prior user, and the variance near 1; every informative pair narrows it and moves it away. (A mean
+    over pairs, as the other encoders take, is as confident after one pair as after thirty-two.)"""
+
+    def __init__(self, embedding_dim: int, hidden_dim: int, latent_dim: int):
+        super().__init__()
+        # No biases on the way to the mean: a pair read the other way round says the opposite (m_i(-d) = -m_i(d)).
+        self.pair_encoder = nn.Linear(embedding_dim, hidden_dim, bias=False)
+        self.mean_head = nn.Linear(hidden_dim, latent_dim, bias=False)
+        self.precision_head = nn.Linear(hidden_dim, latent_dim)
+
+    def forward(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = _check_context(chosen, rejected, mask)
+        pairs = self.pair_encoder(chosen - rejected)
+        precision = F.softplus(self.precision_head(pairs.abs())) * mask.to(pairs.dtype).unsqueeze(-1)
+        total = 1.0 + precision.sum(1)
+        mean = (precision * self.mean_head(pairs)).sum(1) / total
+        return mean, -torch.log(total)
+
+
 def _check_context(chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The context mask (all pairs when None), after checking the shapes."""
     if chosen.dim() != 3 or chosen.shape != rejected.shape:
@@ -125,7 +151,24 @@ class BilinearRewardDecoder(nn.Module):
         return products.sum(-1, keepdim=True) / math.sqrt(products.shape[-1])
 
 
-ENCODERS = {"attention": UserContextEncoder, "difference": DifferenceContextEncoder}
+class ResidualRewardDecoder(nn.Module):
+    """r(e, z) = r_pooled(e) + <MLP(e), W z> / sqrt(hidden): the pooled reward every user shares, plus the user's
+    deviation from it, which is exactly 0 at z = 0 (W has no bias). A user the encoder knows nothing about (the
+    prior mean) gets the pooled reward, which the trainer's `context_dropout` trains as a Bradley-Terry model."""
+
+    def __init__(self, embedding_dim: int, latent_dim: int, hidden_dim: int):
+        super().__init__()
+        self.pooled = _mlp(embedding_dim, hidden_dim, 1, out_bias=False)
+        self.response = _mlp(embedding_dim, hidden_dim, hidden_dim)
+        self.user = nn.Linear(latent_dim, hidden_dim, bias=False)
+
+    def forward(self, embeddings: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        products = self.response(embeddings) * self.user(latent)
+        return self.pooled(embeddings) + products.sum(-1, keepdim=True) / math.sqrt(products.shape[-1])
+
+
+ENCODERS = {"attention": UserContextEncoder, "difference": DifferenceContextEncoder, "bayesian": BayesianContextEncoder}
+LATENT_DECODERS = {"bilinear": BilinearRewardDecoder, "residual": ResidualRewardDecoder}
 
 
 @dataclass
@@ -172,8 +215,9 @@ class VPLRewardModel(PreTrainedModel):
         super().__init__(config)
         if config.use_latent:
             self.encoder = ENCODERS[config.encoder_type](config.embedding_dim, config.hidden_dim, config.latent_dim)
-        if config.use_latent and config.decoder_type == "bilinear":
-            self.decoder = BilinearRewardDecoder(config.embedding_dim, config.latent_dim, config.hidden_dim)
+        if config.use_latent and config.decoder_type in LATENT_DECODERS:
+            self.decoder = LATENT_DECODERS[config.decoder_type](config.embedding_dim, config.latent_dim,
+                                                                config.hidden_dim)
         else:
             decoder_in = config.embedding_dim + (config.latent_dim if config.use_latent else 0)
             # A scalar reward trained on differences (Bradley-Terry) has no use for a bias, which would never learn.
@@ -312,8 +356,11 @@ class VPLRewardModel(PreTrainedModel):
         return F.normalize(z, p=2, dim=-1) * math.sqrt(z.shape[-1])
 
     def latent_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """A posterior draw in training, the posterior mean in evaluation; normalized either way."""
-        return self.normalize_latent(self.sample_latent(mean, logvar) if self.training else mean)
+        """A posterior draw in training; in evaluation the posterior mean, times `config.latent_scale`. Normalized
+        (before the scale) when `config.normalize_latent`."""
+        if self.training:
+            return self.normalize_latent(self.sample_latent(mean, logvar))
+        return self.normalize_latent(mean) * getattr(self.config, "latent_scale", 1.0)
 
     def prior_latent(self, n: int = 1) -> torch.Tensor:
         """The prior mean user's latent (zeros)."""
@@ -331,13 +378,16 @@ class VPLRewardModel(PreTrainedModel):
         context_rejected: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         latent: torch.Tensor | None = None,
+        latent_dropout: torch.Tensor | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> VPLRewardOutput:
-        """Rewards (`logits`), and for `vae` models the user latents and the KL term of the loss.
-        `return_dict`, `use_cache` and `num_items_in_batch`, which `Trainer` and TRL pass to models, change nothing."""
+        """Rewards (`logits`), and for `vae` models the user latents and the KL term of the loss. `latent_dropout`
+        (bool, one per user) gives those users the prior mean latent (0) instead of their posterior's: the trainer's
+        context dropout. `return_dict`, `use_cache` and `num_items_in_batch`, which `Trainer` and TRL pass to models,
+        change nothing."""
         if kwargs:
             raise TypeError(
                 f"VPLRewardModel.forward got unexpected argument(s) {sorted(kwargs)}: it takes input_ids and "
@@ -363,6 +413,8 @@ class VPLRewardModel(PreTrainedModel):
                 latent = self.latent_from_posterior(mean, logvar)
                 output.kl, output.latent_mean, output.latent_logvar = gaussian_kl(mean, logvar), mean, logvar
             latent = latent.to(embeddings.dtype)
+            if latent_dropout is not None:
+                latent = latent.masked_fill(latent_dropout.to(latent.device).bool().view(-1, 1), 0.0)
             if embeddings.shape[0] % latent.shape[0]:
                 raise ValueError(
                     f"{embeddings.shape[0]} sequences cannot be paired with {latent.shape[0]} user latents: "
@@ -370,7 +422,7 @@ class VPLRewardModel(PreTrainedModel):
                 )
             output.latent = latent
             latent = latent.repeat(embeddings.shape[0] // latent.shape[0], 1)
-            if self.config.decoder_type == "bilinear":
+            if self.config.decoder_type in LATENT_DECODERS:
                 output.head = self.decoder(embeddings, latent)
             else:
                 features = torch.cat([embeddings, latent], dim=-1)

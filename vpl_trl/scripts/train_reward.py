@@ -5,8 +5,11 @@ The script behind `recipes/train_reward.py`:
     accelerate launch recipes/train_reward.py --model_type {vae,base,mean_and_variance,categorical} \
         --dataset {pets,pets_controversial,PATH} --output_dir DIR [--config recipe.yaml] [any VPLRewardConfig flag]
 
-As TRL's `trl/scripts/reward.py`: `make_parser()` parses `ScriptArguments`, `VPLRewardConfig` and `trl.ModelConfig`
-(every flag in both spellings, and a YAML `--config`), and `main(argv)` trains a `VPLRewardTrainer` and saves it.
+As TRL's `trl/scripts/reward.py`: `make_parser()` parses `ScriptArguments`, `VPLRewardConfig`, `trl.ModelConfig` and
+`SelectionArguments` (every flag in both spellings, and a YAML `--config`), and `main(argv)` trains a
+`VPLRewardTrainer` and saves it. With `--selection_fraction` above 0 it first chooses among `--selection_grid`'s
+settings and the latent scales on pseudo-new users (`vpl_trl.selection`), writes `DIR/selection.json`, and trains
+the final model on every user with the choice.
 After training it evaluates on the test split, on the `new_users` split where the data set has one (users absent
 from training, each with their own context) and on `--extra_eval_datasets`, writes `DIR/eval_results.json` and
 prints a per-user accuracy table.
@@ -32,6 +35,7 @@ from ..distributed import cpu_launch_defaults
 from ..embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
 from ..evaluation.metrics import evaluate_reward_model, format_table
 from ..logs import show_info_logs
+from ..selection import SELECTION_FILE, SelectionArguments, SelectionResult, select_settings
 
 
 @dataclass
@@ -85,7 +89,7 @@ def model_inputs(model_args: ModelConfig, args: VPLRewardConfig) -> dict:
 
 
 def make_parser() -> TrlParser:
-    parser = TrlParser((ScriptArguments, VPLRewardConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, VPLRewardConfig, ModelConfig, SelectionArguments))
     parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     return parser
 
@@ -93,16 +97,17 @@ def make_parser() -> TrlParser:
 def main(argv: list[str] | None = None) -> dict:
     """Parse `argv` (default: the command line), train, save and evaluate; returns what `eval_results.json` holds."""
     show_info_logs()  # embedding throughput
-    script_args, args, model_args = make_parser().parse_args_and_config(args=argv)
+    script_args, args, model_args, selection = make_parser().parse_args_and_config(args=argv)
     # One run at a time per output folder: the main process holds its lock until the run ends (or is killed).
     with OutputDirLock(args.output_dir) if args.process_index == 0 else contextlib.nullcontext():
         try:
-            return train_and_evaluate(script_args, args, model_args)
+            return train_and_evaluate(script_args, args, model_args, selection)
         except CheckpointSaveError as error:
             raise SystemExit(f"error: {error}") from error
 
 
-def train_and_evaluate(script_args: ScriptArguments, args: VPLRewardConfig, model_args: ModelConfig) -> dict:
+def train_and_evaluate(script_args: ScriptArguments, args: VPLRewardConfig, model_args: ModelConfig,
+                       selection: SelectionArguments | None = None) -> dict:
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.process_index == 0:
@@ -120,15 +125,36 @@ def train_and_evaluate(script_args: ScriptArguments, args: VPLRewardConfig, mode
     if test is not None and script_args.max_eval_samples:
         test = test.select(range(min(script_args.max_eval_samples, len(test))))
 
-    set_seed(args.seed)  # the heads' and adapter's initialization: the same in every process and every launch
     with args.main_process_first(desc="converting the embedded model"):  # once, by the main process
         resolve_model_name_or_path(model_args.model_name_or_path or DEFAULT_MODEL)
-    # Every process loads the model at the same time: under ZeRO-3, loading partitions it across them.
-    trainer = VPLRewardTrainer(**model_inputs(model_args, args), args=args, train_dataset=train, eval_dataset=test)
+
+    def make_trainer(trainer_args: VPLRewardConfig, train_dataset, eval_dataset=None) -> VPLRewardTrainer:
+        set_seed(trainer_args.seed)  # the heads' and adapter's initialization: the same in every process and launch
+        # Every process loads the model at the same time: under ZeRO-3, loading partitions it across them.
+        return VPLRewardTrainer(**model_inputs(model_args, trainer_args), args=trainer_args,
+                                train_dataset=train_dataset, eval_dataset=eval_dataset)
+
+    chosen = None
+    if selection is not None and selection.enabled:
+        previous = output_dir / SELECTION_FILE
+        if resume and previous.exists():  # the choice was made before the final model's checkpoints
+            chosen = SelectionResult.read(previous)
+        else:
+            chosen = select_settings(args, selection, train, make_trainer, output_dir)
+            if args.process_index == 0:
+                chosen.write(previous)
+        print(f"Selection on pseudo-new users: {chosen.reason}")
+        args = dataclasses.replace(args, **chosen.settings)
+    trainer = make_trainer(args, train, test)
+    if chosen is not None and chosen.latent_scale is not None:
+        trainer.accelerator.unwrap_model(trainer.model).config.latent_scale = chosen.latent_scale
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 
     results = {"model_type": args.model_type, "dataset": script_args.dataset}
+    if chosen is not None:
+        results["selection"] = {"settings": chosen.settings, "latent_scale": chosen.latent_scale,
+                                "reason": chosen.reason}
     test_sets = {script_args.dataset: test} if test is not None else {}
     if "new_users" in data:  # users absent from training, each with their own context
         test_sets[f"{script_args.dataset} (new users)"] = data["new_users"]

@@ -38,6 +38,9 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
     num_context (`str`, default `"8"`): context pairs per example, fixed (`"8"`) or a range (`"2-8"`).
     train_context_draws (`int`, default 1): copies of each training pair, each with its own context draw: more
         contexts per user for the encoder to learn from, as the reference's duplicates.
+    context_dropout (`float`, default 0.0): the share of training examples whose user gets the prior mean latent
+        (0) instead of their context's: with the residual decoder, those examples train the pooled reward every user
+        starts from, as a Bradley-Terry model.
     entropy_coeff (`float`, default 0.1): the categorical head's entropy bonus.
     embedding_batch_size (`int`, default 16): batch size of embedding precomputation.
     embedding_cache_dir (`str`, optional): where embeddings are cached (default: the vpl-trl cache).
@@ -58,6 +61,10 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
     train_context_draws: int = field(
         default=1, metadata={"help": "Copies of each training pair, each with its own draw of context pairs (the "
                                      "reference's duplicates with resampled contexts)."}
+    )
+    context_dropout: float = field(
+        default=0.0, metadata={"help": "Share of training examples scored as the prior mean user (z = 0), which "
+                                       "trains the residual decoder's pooled reward."}
     )
     embedding_mode: str | None = field(
         default=None,
@@ -104,5 +111,7 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
         parse_num_context(self.num_context)  # fail early on a malformed value
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}.")
+        if not 0.0 <= self.context_dropout < 1.0:
+            raise ValueError(f"context_dropout must be in [0, 1), got {self.context_dropout}.")
         if self.train_context_draws < 1:
             raise ValueError(f"train_context_draws must be >= 1, got {self.train_context_draws}.")

@@ -271,7 +271,13 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         config = self.accelerator.unwrap_model(model).config
-        outputs = model(**{k: v for k, v in inputs.items() if k != "margin"})
+        model_inputs = {k: v for k, v in inputs.items() if k != "margin"}
+        if mode == "train" and config.use_latent and self.args.context_dropout > 0:
+            users = model_inputs["context_chosen"].shape[0]
+            model_inputs["latent_dropout"] = torch.rand(users, device=model_inputs["context_chosen"].device) < (
+                self.args.context_dropout
+            )
+        outputs = model(**model_inputs)
         head_chosen, head_rejected = torch.chunk(outputs.head, chunks=2)
         rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
         pref_loss = preference_loss(

@@ -1,0 +1,160 @@
+"""Personalization that never hurts: the residual decoder's pooled reward, the Bayesian context encoder's shrinkage,
+context dropout, and the choice of settings on pseudo-new users (whole users held out)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from vpl_trl.data.format import PreferenceDataError
+from vpl_trl.models import VPLConfig, VPLRewardModel
+from vpl_trl.models.modeling_vpl import BayesianContextEncoder
+from vpl_trl.scripts import train_reward
+from vpl_trl.selection import SelectionArguments, split_pseudo_new_users
+
+
+def users_dataset(n_users: int = 10, pairs_each: int = 6) -> Dataset:
+    return Dataset.from_list([{"prompt": f"q{u}-{i}", "chosen": f" good {u} {i}", "rejected": f" bad {u} {i}",
+                               "user_id": f"u{u}"} for u in range(n_users) for i in range(pairs_each)])
+
+
+def test_pseudo_new_users_are_held_out_whole_with_their_own_context():
+    data = users_dataset()
+    train, pseudo_new = split_pseudo_new_users(data, fraction=0.2, seed=0, context_pairs=2)
+    held = set(pseudo_new["user_id"])
+    assert len(held) == 2 and not held & set(train["user_id"]) and len(train) == 8 * 6
+    assert len(pseudo_new) == 2 * (6 - 2)  # every held-out pair outside the user's context is scored
+    for row in pseudo_new:
+        context = {(c["prompt"], c["chosen"]) for c in row["context"]}
+        assert len(context) == 2 and all(p.startswith(f"q{row['user_id'][1:]}-") for p, _ in context)
+        assert (row["prompt"], row["chosen"]) not in context
+    again = split_pseudo_new_users(data, fraction=0.2, seed=0, context_pairs=2)[1]
+    assert again.to_list() == pseudo_new.to_list()
+
+
+def test_pseudo_new_users_need_enough_users_and_a_user_column():
+    with pytest.raises(PreferenceDataError, match="fewer than 2 to train on"):
+        split_pseudo_new_users(users_dataset(n_users=2), fraction=0.5, seed=0)
+    with pytest.raises(PreferenceDataError, match="no `user_id`"):
+        split_pseudo_new_users(users_dataset().remove_columns("user_id"), fraction=0.2, seed=0)
+
+
+def test_selection_arguments_check_their_values():
+    args = SelectionArguments(selection_fraction=0.2, selection_grid="{kl_weight: [0.001, 0.01], num_train_epochs: 2}")
+    assert args.grid({"kl_weight", "num_train_epochs"}) == [{"kl_weight": 0.001, "num_train_epochs": 2},
+                                                            {"kl_weight": 0.01, "num_train_epochs": 2}]
+    with pytest.raises(ValueError, match="not VPLRewardConfig fields"):
+        SelectionArguments(selection_grid="{klweight: [1]}").grid({"kl_weight"})
+    with pytest.raises(ValueError, match="selection_fraction"):
+        SelectionArguments(selection_fraction=1.5)
+    with pytest.raises(ValueError, match="selection_latent_scales"):
+        SelectionArguments(selection_latent_scales="0,half")
+
+
+def residual_model(tiny_backbone) -> VPLRewardModel:
+    torch.manual_seed(0)
+    return VPLRewardModel.from_backbone(tiny_backbone, latent_dim=4, hidden_dim=16, encoder_type="bayesian",
+                                        decoder_type="residual").eval()
+
+
+def test_residual_decoder_gives_the_prior_user_the_pooled_reward(tiny_backbone):
+    model = residual_model(tiny_backbone)
+    assert model.config.normalize_latent is False  # its latent 0 must stay the pooled user
+    embeddings = torch.randn(6, model.config.embedding_dim)
+    with torch.no_grad():
+        prior = model(embeddings=embeddings, latent=model.prior_latent(1)).logits
+        pooled = model.decoder.pooled(model._standardize(embeddings))
+        someone = model(embeddings=embeddings, latent=torch.ones(1, 4)).logits
+    assert torch.equal(prior, pooled) and not torch.allclose(someone, pooled)
+    with pytest.raises(ValueError, match="normalize_latent=False"):
+        VPLConfig(decoder_type="residual", normalize_latent=True)
+
+
+def test_bayesian_encoder_narrows_with_evidence_and_cancels_contradictions():
+    torch.manual_seed(0)
+    encoder = BayesianContextEncoder(embedding_dim=8, hidden_dim=16, latent_dim=4)
+    chosen, rejected = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    means, logvars = [], []
+    with torch.no_grad():
+        for k in (1, 2, 4, 16, 64):
+            mean, logvar = encoder(chosen.repeat(1, k, 1), rejected.repeat(1, k, 1))
+            means.append(mean.abs()), logvars.append(logvar)
+        # the same pair read both ways: no evidence either way, the prior user
+        both = encoder(torch.cat([chosen, rejected], 1), torch.cat([rejected, chosen], 1))
+    assert all((a < b).all() for a, b in zip(means, means[1:]))  # the mean moves away from 0 with each repeat
+    assert all((a > b).all() for a, b in zip(logvars, logvars[1:])) and (logvars[0] < 0).all()
+    assert torch.allclose(both[0], torch.zeros(1, 4), atol=1e-6)
+    padded = encoder(torch.cat([chosen, torch.randn(1, 3, 8)], 1), torch.cat([rejected, torch.randn(1, 3, 8)], 1),
+                     mask=torch.tensor([[True, False, False, False]]))
+    assert torch.allclose(padded[0], encoder(chosen, rejected)[0])  # padded pairs carry no evidence
+
+
+def test_context_dropout_trains_the_pooled_reward(tiny_backbone, pets_data, tmp_path):
+    """On Pets (two users who disagree on half the pairs), a user with one context pair stays nearer the pooled
+    reward than a user with sixteen, and training with context dropout moves the pooled reward too."""
+    from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+
+    args = VPLRewardConfig(
+        output_dir=str(tmp_path), model_type="vae", latent_dim=4, hidden_dim=32, learning_rate=3e-3,
+        num_train_epochs=2, per_device_train_batch_size=16, num_context="1-16", report_to="none", save_strategy="no",
+        disable_tqdm=True, embedding_mode="frozen", encoder_type="bayesian", decoder_type="residual",
+        context_dropout=0.3, kl_weight=0.05, kl_schedule="constant", seed=0,
+    )
+    torch.manual_seed(0)
+    trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=pets_data["train"].select(range(300)))
+    model = trainer.model
+    pooled_before = [p.detach().clone() for p in model.decoder.pooled.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(pooled_before, model.decoder.pooled.parameters()))
+
+    model.eval()
+    inference = trainer.inference
+    test = pets_data["test"].filter(lambda r: r["user_id"] == "harmless").to_list()
+    texts = [r["prompt"] + r["chosen"] for r in test[:16]] + [r["prompt"] + r["rejected"] for r in test[:16]]
+    embeddings = inference.embed(texts)
+    pooled = torch.tensor(inference.rewards(embeddings))
+    context = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in test[16:32]]
+    coin = torch.Generator().manual_seed(0)
+    random_labels = [c if torch.rand(1, generator=coin) < 0.5
+                     else {**c, "chosen": c["rejected"], "rejected": c["chosen"]} for c in context]
+    moved = {name: (torch.tensor(inference.rewards(embeddings, inference.encode_context(pairs))) - pooled).norm().item()
+             for name, pairs in (("one", context[:1]), ("random", random_labels), ("sixteen", context))}
+    assert moved["one"] < moved["sixteen"] and moved["random"] < moved["sixteen"]
+
+
+@pytest.fixture(scope="module")
+def many_users_dir(tmp_path_factory):
+    from vpl_trl.data.population import PopulationConfig, build_population
+
+    folder = tmp_path_factory.mktemp("many-users")
+    build_population(folder, PopulationConfig(train_users=12, new_users=3, pairs_per_user=8, test_pairs_per_user=2,
+                                              context_pairs=4, new_test_pairs=3))
+    return folder
+
+
+@pytest.mark.slow
+def test_recipe_selects_on_pseudo_new_users_deterministically(tiny_backbone, many_users_dir, tmp_path):
+    def run(output: str) -> dict:
+        train_reward.main([
+            "--model_name_or_path", tiny_backbone, "--dataset", str(many_users_dir), "--model_type", "vae",
+            "--embedding_mode", "frozen", "--latent_dim", "4", "--hidden_dim", "16", "--max_steps", "3",
+            "--encoder_type", "bayesian", "--decoder_type", "residual", "--context_dropout", "0.25",
+            "--selection_fraction", "0.25", "--selection-grid", "{kl_weight: [0.001, 0.1]}",
+            "--selection_context_sizes", "1,2", "--report_to", "none", "--output_dir", str(tmp_path / output),
+        ])
+        selection = json.loads((tmp_path / output / "selection.json").read_text())
+        selection.pop("seconds")
+        return selection
+
+    first, second = run("a"), run("b")
+    assert first == second
+    assert first["users"] == {"training": 9, "pseudo_new": 3, "pseudo_new_pairs": 3 * (8 - 4)}
+    assert [c["settings"] for c in first["candidates"]] == [{"kl_weight": 0.001}, {"kl_weight": 0.1}]
+    assert set(first["candidates"][0]["scores"]) == {"0", "0.5", "1"} and "best mean accuracy" in first["reason"]
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["latent_scale"] == first["latent_scale"]
+    results = json.loads((tmp_path / "a" / "eval_results.json").read_text())
+    assert results["selection"]["settings"] == first["settings"]

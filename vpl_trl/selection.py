@@ -1,0 +1,232 @@
+"""Choosing a reward model's settings on pseudo-new users: training users held out as new users would come.
+
+A fraction of the training users is held out whole (`split_pseudo_new_users`): each brings some of their own pairs as
+context, and their other pairs are scored. Every candidate of a small grid of training settings (for example the KL
+weight, the epochs, the context draws) is trained on the other users and scored on the held-out ones at several
+context sizes K, with the user's latent scaled by each of `latent_scales` (0 is the pooled reward every user starts
+from, with the residual decoder). The best candidate and scale, by the mean accuracy over the K values, is what the
+final model (trained on every user) uses: `select_settings` returns it with every candidate's scores and the reason.
+
+`recipes/train_reward.py` runs it when `--selection_fraction` is above 0 and writes `DIR/selection.json`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from datasets import Dataset
+
+from .data.format import PreferenceDataError
+from .evaluation.metrics import limit_contexts, worst_fraction_mean
+
+SELECTION_FILE = "selection.json"
+PREDICTION_BATCH = 128  # pairs per prediction step: the heads are small, the per-step overhead is not
+
+
+@dataclass
+class SelectionArguments:
+    """Selection on pseudo-new users (off when `selection_fraction` is 0)."""
+
+    selection_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the training users held out as pseudo-new users to choose the "
+                                       "settings on (0: no selection)."}
+    )
+    selection_grid: str | None = field(
+        default=None,
+        metadata={"help": "Training settings to choose among, as a mapping of VPLRewardConfig fields to lists of "
+                          "values (YAML/JSON, e.g. '{kl_weight: [1e-3, 1e-2]}'); every combination is tried."},
+    )
+    selection_context_sizes: str = field(
+        default="1,4,16", metadata={"help": "Context sizes K at which pseudo-new users are scored (the score is the "
+                                            "mean accuracy over them)."}
+    )
+    selection_latent_scales: str = field(
+        default="0,0.5,1", metadata={"help": "Factors of the user's latent to try at inference (0: the pooled "
+                                             "reward); the chosen one is saved as the model's latent_scale."}
+    )
+    selection_context_pairs: int = field(
+        default=16, metadata={"help": "Pairs of each pseudo-new user given as their context (at most half of theirs)."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.selection_fraction < 1.0:
+            raise ValueError(f"selection_fraction must be in [0, 1), got {self.selection_fraction}.")
+        if self.selection_context_pairs < 1:
+            raise ValueError(f"selection_context_pairs must be >= 1, got {self.selection_context_pairs}.")
+        self.context_sizes = _numbers(self.selection_context_sizes, int, "selection_context_sizes")
+        self.latent_scales = _numbers(self.selection_latent_scales, float, "selection_latent_scales")
+        if any(k < 1 for k in self.context_sizes) or any(s < 0 for s in self.latent_scales):
+            raise ValueError("selection_context_sizes must be >= 1 and selection_latent_scales >= 0.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.selection_fraction > 0
+
+    def grid(self, config_fields: set[str]) -> list[dict[str, Any]]:
+        """Every combination of the grid's values (one empty candidate without a grid), in a fixed order."""
+        if self.selection_grid is None:
+            return [{}]
+        grid = self.selection_grid
+        if isinstance(grid, str):
+            grid = yaml.safe_load(grid)
+        if not isinstance(grid, dict) or not grid:
+            raise ValueError(f"selection_grid must map settings to lists of values, got {self.selection_grid!r}.")
+        unknown = sorted(set(grid) - config_fields)
+        if unknown:
+            raise ValueError(f"selection_grid: {unknown} are not VPLRewardConfig fields.")
+        values = [v if isinstance(v, list) else [v] for v in grid.values()]
+        return [dict(zip(grid, combination)) for combination in itertools.product(*values)]
+
+
+def _larger_scale_first(item: tuple[str, Any]) -> float:
+    return 0.0 if item[0] == "-" else -float(item[0])
+
+
+def _numbers(text: str, kind: type, name: str) -> list:
+    try:
+        values = [kind(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}.") from None
+    if not values:
+        raise ValueError(f"{name} is empty.")
+    return values
+
+
+def split_pseudo_new_users(dataset: Dataset, fraction: float, seed: int, context_pairs: int = 16
+                           ) -> tuple[Dataset, Dataset]:
+    """Hold out `fraction` of the users, whole: returns the other users' rows, and one row per held-out pair that
+    is not in its user's context, each carrying that user's `context` (up to `context_pairs` of their pairs, at
+    most half of them)."""
+    if "user_id" not in dataset.column_names:
+        raise PreferenceDataError("selection holds out users, but the training data has no `user_id` column.")
+    users = sorted(set(dataset["user_id"]), key=str)
+    held = max(1, round(fraction * len(users)))
+    if len(users) - held < 2:
+        raise PreferenceDataError(
+            f"selection_fraction={fraction} holds out {held} of {len(users)} users, leaving fewer than 2 to train "
+            "on: use more users or a smaller fraction."
+        )
+    held_users = set(random.Random(f"pseudo-new-{seed}").sample(users, held))
+    by_user: dict[Any, list[int]] = defaultdict(list)
+    for index, user in enumerate(dataset["user_id"]):
+        by_user[user].append(index)
+    too_few = sorted((u for u in held_users if len(by_user[u]) < 2), key=str)
+    if too_few:
+        raise PreferenceDataError(f"pseudo-new users need 2 pairs or more (context and test); {too_few[:5]} have 1.")
+    keys = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    rows, contexts = [], []
+    for user in sorted(held_users, key=str):
+        indices = list(by_user[user])
+        random.Random(f"pseudo-new-{seed}-{user}").shuffle(indices)
+        n_context = min(context_pairs, len(indices) // 2)
+        context = [{k: dataset[i][k] for k in keys} for i in indices[:n_context]]
+        rows += indices[n_context:]
+        contexts += [context] * (len(indices) - n_context)
+    pseudo_new = dataset.select(rows)
+    if "context" in pseudo_new.column_names:
+        pseudo_new = pseudo_new.remove_columns("context")
+    train = dataset.filter(lambda user: user not in held_users, input_columns="user_id",
+                           desc="Holding out pseudo-new users")
+    return train, pseudo_new.add_column("context", contexts)
+
+
+def score_on_pseudo_new_users(trainer, pseudo_new: Dataset, context_sizes: list[int], latent_scales: list[float],
+                              seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Accuracy (against the users' labels) and worst-decile user accuracy of a trained `VPLRewardTrainer` on
+    pseudo-new users, for each latent scale (models without a latent: one entry, `"-"`) and context size."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    users = np.asarray(pseudo_new["user_id"], dtype=object)
+    if not model.config.use_latent:
+        latent_scales, context_sizes = [None], [0]
+    saved_scale = getattr(model.config, "latent_scale", 1.0)
+    scores: dict[str, dict[str, Any]] = {}
+    try:
+        for scale in latent_scales:
+            entry: dict[str, Any] = {}
+            for k in context_sizes:
+                if scale is not None:
+                    model.config.latent_scale = scale
+                data = limit_contexts(pseudo_new, k, seed=seed) if k else pseudo_new.remove_columns("context")
+                predictions = trainer.predict_preferences(data, batch_size=PREDICTION_BATCH, name=f"pseudo-new-k{k}")
+                correct = np.asarray(predictions["reward_chosen"]) > np.asarray(predictions["reward_rejected"])
+                per_user = [float(correct[users == u].mean()) for u in sorted(set(users.tolist()), key=str)]
+                entry[str(k)] = {"accuracy": float(correct.mean()), "worst_decile": worst_fraction_mean(per_user)}
+            entry["score"] = float(np.mean([entry[str(k)]["accuracy"] for k in context_sizes]))
+            scores["-" if scale is None else f"{scale:g}"] = entry
+    finally:
+        model.config.latent_scale = saved_scale
+    return scores
+
+
+@dataclass
+class SelectionResult:
+    settings: dict[str, Any]
+    latent_scale: float | None
+    candidates: list[dict[str, Any]]
+    reason: str
+    users: dict[str, int]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def write(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def read(cls, path: str | Path) -> SelectionResult:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def select_settings(
+    args,
+    selection: SelectionArguments,
+    train_dataset: Dataset,
+    make_trainer: Callable[[Any, Dataset], Any],
+    output_dir: str | Path,
+) -> SelectionResult:
+    """Train every grid candidate (`make_trainer(candidate_args, train_subset)`, a `VPLRewardTrainer`) on the users
+    not held out, score it on the pseudo-new users, and return the best settings and latent scale. Ties keep the
+    earlier candidate and the larger scale."""
+    start = time.perf_counter()
+    train, pseudo_new = split_pseudo_new_users(train_dataset, selection.selection_fraction, args.seed,
+                                               selection.selection_context_pairs)
+    candidates = []
+    for number, settings in enumerate(selection.grid({f.name for f in fields(args)})):
+        candidate_args = replace(args, output_dir=str(Path(output_dir) / "selection" / f"candidate-{number}"),
+                                 save_strategy="no", report_to=[], **settings)
+        trainer = make_trainer(candidate_args, train)
+        trainer.train()
+        scores = score_on_pseudo_new_users(trainer, pseudo_new, selection.context_sizes, selection.latent_scales,
+                                           seed=args.seed)
+        candidates.append({"settings": settings, "scores": scores})
+    best_score, best = -1.0, None
+    for number, candidate in enumerate(candidates):
+        for scale, entry in sorted(candidate["scores"].items(), key=_larger_scale_first):
+            if entry["score"] > best_score:
+                best_score, best = entry["score"], (number, scale)
+    number, scale = best
+    chosen = candidates[number]
+    ks = "/".join(str(k) for k in selection.context_sizes)
+    reason = (f"candidate {number} {chosen['settings'] or '(the given settings)'}"
+              + ("" if scale == "-" else f" with latent scale {scale}")
+              + f" has the best mean accuracy over K={ks} on the pseudo-new users: {100 * best_score:.1f}%")
+    pooled = chosen["scores"].get("0")
+    if pooled is not None and scale != "0":
+        reason += f" (its pooled reward, scale 0: {100 * pooled['score']:.1f}%)"
+    users = {"training": len(set(train["user_id"])), "pseudo_new": len(set(pseudo_new["user_id"])),
+             "pseudo_new_pairs": len(pseudo_new)}
+    return SelectionResult(settings=chosen["settings"], latent_scale=None if scale == "-" else float(scale),
+                           candidates=candidates, reason=reason + ".", users=users,
+                           seconds=time.perf_counter() - start)
