@@ -362,3 +362,60 @@ def test_offline_pool_pairs_are_ranked_per_user_without_generation(tiny_backbone
     assert len(margins) == 6 and margins[0] == pytest.approx(0.0, abs=1e-4) and margins[-1] > 0.01
     assert all(later > earlier for earlier, later in zip(margins, margins[1:]))
 
+
+def test_a_saved_policy_travels(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, tmp_path_factory,
+                                monkeypatch, capsys):
+    """A trained policy records its base model's hub id (resolved locally, as the embedded default is) and keeps
+    its reward model beside it: moved elsewhere, with the original reward folder gone, it serves the same
+    answers. A folder of the older kind (absolute paths) still resolves its reward model."""
+    import shutil
+
+    from vpl_trl.policy import conditioned_policy, policy_reward_model, read_policy_config
+
+    hub_id = "acme/tiny-llama"  # a hub id that this machine resolves to a local folder, as the embedded default
+    resolve = conditioned_policy.resolve_model_name_or_path
+    monkeypatch.setattr(conditioned_policy, "resolve_model_name_or_path",
+                        lambda name: tiny_backbone if name == hub_id else resolve(name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reward_folder = tmp_path / "reward"
+    shutil.copytree(tiny_reward_model, reward_folder)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    latent_dim = scorer.model.config.latent_dim
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 2, num_context=3,
+                                   user_latent=scorer.user_latent)
+    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", pool_answers(4))
+    folder = tmp_path / "policy"
+    model = build_policy(hub_id, tokenizer, conditioning, latent_dim, LORA)
+    reward = lambda completions, user_id, **kwargs: [float(len(str(c))) for c in completions]  # noqa: E731
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, folder, pool, num_train_epochs=1)
+    trainer.train()
+    trainer.save_model(str(folder))
+    write_policy_config(folder, conditioning, latent_dim, str(reward_folder), hub_id, signal="dpo")
+
+    recorded = {name: (folder / name).read_text() for name in ("vpl_policy.json", "adapter_config.json")}
+    assert all(str(tmp_path) not in text for text in recorded.values())  # no path of this machine
+    assert json.loads(recorded["adapter_config.json"])["base_model_name_or_path"] == hub_id
+    assert read_policy_config(folder)["reward_model"] == "reward_model"
+
+    context_file = tmp_path_factory.mktemp("user") / "new_user.json"
+    context_file.write_text(json.dumps(pairs_of(pets_data, "harmless", k=3)))
+
+    def serve(policy: Path) -> dict:
+        capsys.readouterr()  # what ran before (training logs)
+        code = sample_main(["--policy", str(policy), "--user-context", str(context_file), "--prompt", PROMPT,
+                            "--n", "3", "--max_new_tokens", "6", "--seed", "1", "--json"])
+        assert code == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    here = serve(folder)
+    moved = tmp_path_factory.mktemp("elsewhere") / "policy"
+    shutil.move(str(folder), str(moved))
+    shutil.rmtree(reward_folder)
+    assert serve(moved) == here and len(here["candidates"]) == 3
+
+    # an older folder records absolute paths: they are used where they exist
+    old_config = read_policy_config(moved)
+    old_config["reward_model"] = str(tiny_reward_model)
+    assert policy_reward_model(moved, old_config) == str(tiny_reward_model)

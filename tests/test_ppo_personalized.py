@@ -91,6 +91,8 @@ def test_recipe_conditioned_mode(tiny_reward_model, tiny_backbone, small_pets, t
     assert (output_dir / "latent_prompt.safetensors").exists() == (conditioning == "latent")
     policy_config = json.loads((output_dir / "vpl_policy.json").read_text())
     assert policy_config["conditioning"]["kind"] == conditioning and policy_config["signal"] == signal
+    # the reward model travels with the policy: copied beside it, recorded relative to it
+    assert policy_config["reward_model"] == "reward_model" and (output_dir / "reward_model" / "config.json").exists()
     results = check_results(output_dir, "conditioned")
     assert results["runs"]["all"]["steps"] == 2
     assert set(results["personalization_margin_ci95_after"]) == set(USERS)

@@ -16,6 +16,7 @@ from .conditioned_policy import (
     build_policy,
     check_reward_fits,
     load_conditioned_policy,
+    policy_reward_model,
     read_policy_config,
     write_policy_config,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "conditioned_on",
     "load_conditioned_policy",
     "margin_interval",
+    "policy_reward_model",
     "read_policy_config",
     "write_policy_config",
     "PersonalizedRewardFunction",

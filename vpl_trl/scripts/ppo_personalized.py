@@ -19,7 +19,8 @@ completion is scored under the latent of the user it was written for.
   and prompt, against the policy as each round began, for `--bon_epochs_per_round` epochs), `bon_sft` (TRL's
   `SFTTrainer` on the best `--bon_keep` of the same rounds: best-of-n distillation) or `grpo` (TRL's
   `GRPOTrainer`). Saved to `output_dir` with
-  `vpl_policy.json`, which `python -m vpl_trl.sample --policy DIR --user-context FILE` reads. Every scored
+  `vpl_policy.json` and a copy of the reward model (`output_dir/reward_model`), which
+  `python -m vpl_trl.sample --policy DIR --user-context FILE` reads wherever DIR is moved. Every scored
   candidate of the bon_sft and dpo rounds goes to `--candidates_file` (default `output_dir/round_candidates.jsonl`).
   `--offline_pool FILE` (a pool of answers per prompt, e.g. `data/population_pool.jsonl.gz`): the first round
   ranks the pool's answers to each training prompt under each user's reward, with no generation.
