@@ -180,10 +180,7 @@ def test_conditioned_mode_refuses_a_reward_model_without_latent(tiny_backbone, t
 def test_reward_ranked_dpo_pairs_reference_and_update(tiny_backbone, scorer, pets_data, tmp_path):
     """Each pair's chosen answer outranks its rejected one under the pair's user; the reference is the policy as the
     round begins (so DPO starts at log 2 with both users' latents); training widens the policy's margin."""
-    from trl import DPOConfig
-
-    from vpl_trl.inference.generation import GenerationSettings
-    from vpl_trl.policy import PersonalizedRewardFunction, RewardRankedDPOTrainer, RoundSettings
+    from vpl_trl.policy import PersonalizedRewardFunction, RewardRankedDPOConfig, RewardRankedDPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
     conditioning = PolicyConditioning("latent", latent_tokens=2)
@@ -193,13 +190,11 @@ def test_reward_ranked_dpo_pairs_reference_and_update(tiny_backbone, scorer, pet
     dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 2, num_context=3,
                                    user_latent=scorer.user_latent)
     candidates = tmp_path / "candidates.jsonl"
-    settings = RoundSettings(n=4, keep=2, epochs_per_round=100, replay=False, candidates_file=str(candidates),
-                             generation=GenerationSettings(max_new_tokens=6, batch_size=8))
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, learning_rate=5e-3,
-                     num_train_epochs=10, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
-                     bf16=False)
-    trainer = RewardRankedDPOTrainer(model, args, dataset, PersonalizedRewardFunction(scorer, latents), settings,
-                                     tokenizer)
+    args = RewardRankedDPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, learning_rate=5e-3,
+                                 num_train_epochs=10, report_to="none", save_strategy="no", disable_tqdm=True,
+                                 logging_steps=1, bf16=False, bon_n=4, bon_keep=2, bon_epochs_per_round=100,
+                                 candidates_file=str(candidates), max_completion_length=6, generation_batch_size=8)
+    trainer = RewardRankedDPOTrainer(model, args, dataset, PersonalizedRewardFunction(scorer, latents), tokenizer)
     assert "ref" not in trainer.model.peft_config  # TRL's adapter copy is not this trainer's reference
 
     scored = [json.loads(line) for line in candidates.read_text().splitlines()]
@@ -231,12 +226,10 @@ def test_best_of_n_distillation_resumes_from_a_checkpoint(tiny_backbone, scorer,
     """A resumed run trains on the round its checkpoint was saved in (no new sampling at the resumed epoch), with
     the checkpoint's soft prompt, and ends where an uninterrupted run does."""
     from safetensors.torch import load_file
-    from trl import SFTConfig
 
     from vpl_trl.checkpoints import MANIFEST_NAME
-    from vpl_trl.inference.generation import GenerationSettings
     from vpl_trl.models.latent_prompt import WEIGHTS_NAME, find_latent_embedding
-    from vpl_trl.policy import BestOfNDistillationTrainer, PersonalizedRewardFunction, RoundSettings
+    from vpl_trl.policy import BestOfNDistillationConfig, BestOfNDistillationTrainer, PersonalizedRewardFunction
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
     conditioning = PolicyConditioning("latent", latent_tokens=2)
@@ -244,14 +237,16 @@ def test_best_of_n_distillation_resumes_from_a_checkpoint(tiny_backbone, scorer,
     reward = PersonalizedRewardFunction(scorer, {user: scorer.user_latent(pairs[user]) for user in USERS})
     dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 1, num_context=2,
                                    user_latent=scorer.user_latent)
-    settings = RoundSettings(n=2, keep=1, epochs_per_round=1, generation=GenerationSettings(max_new_tokens=4))
 
     def trainer_for(output_dir, resume=None):
         model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
-        args = SFTConfig(output_dir=str(output_dir), per_device_train_batch_size=1, num_train_epochs=3,
-                         learning_rate=1e-3, save_strategy="steps", save_steps=1, report_to="none", bf16=False,
-                         disable_tqdm=True, resume_from_checkpoint=resume)
-        return BestOfNDistillationTrainer(model, args, dataset, reward, settings, tokenizer)
+        args = BestOfNDistillationConfig(
+            output_dir=str(output_dir), per_device_train_batch_size=1, num_train_epochs=3, learning_rate=1e-3,
+            save_strategy="steps", save_steps=1, report_to="none", bf16=False, disable_tqdm=True,
+            resume_from_checkpoint=resume, bon_n=2, bon_keep=1, bon_epochs_per_round=1, max_completion_length=4,
+            temperature=0.8, top_p=0.95, generation_batch_size=8,
+        )
+        return BestOfNDistillationTrainer(model, args, dataset, reward, tokenizer)
 
     full = trainer_for(tmp_path / "full")
     full.train()
@@ -271,3 +266,156 @@ def test_best_of_n_distillation_resumes_from_a_checkpoint(tiny_backbone, scorer,
         resumed._load_from_checkpoint(str(folder))
         prompt = find_latent_embedding(resumed.model).prompt.state_dict()
         assert all(torch.equal(prompt[name], tensor) for name, tensor in load_file(str(folder / WEIGHTS_NAME)).items())
+
+
+def write_pool(path: Path, prompt: str, answers: list[str]) -> Path:
+    """A candidate pool in `data/population_pool.jsonl.gz`'s format: rows with `prompt` and `response`."""
+    rows = [{"id": i, "prompt": prompt, "style": "any", "response": answer} for i, answer in enumerate(answers)]
+    rows.append({"id": len(rows), "prompt": "A prompt no user trains on.", "style": "any", "response": "Unused."})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def pool_answers(count: int) -> list[str]:
+    """Pets answers of every kind, of distinct lengths (so that rewards by length never tie)."""
+    from vpl_trl.data.pets import KINDS, sentences
+
+    by_length = {}
+    for kind in KINDS:
+        for text in sentences(kind, "test"):
+            by_length.setdefault(len(text), text)
+    return [by_length[length] for length in sorted(by_length)][:count]
+
+
+def offline_dpo_trainer(model, tokenizer, dataset, reward, output_dir: Path, pool: Path, **overrides):
+    from vpl_trl.policy import RewardRankedDPOConfig, RewardRankedDPOTrainer
+
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=2, learning_rate=5e-3, num_train_epochs=3,
+                    report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, bf16=False, bon_n=4,
+                    bon_keep=2, bon_epochs_per_round=100, offline_pool=str(pool),
+                    candidates_file=str(output_dir / "candidates.jsonl"))
+    args = RewardRankedDPOConfig(**{**settings, **overrides})
+    return RewardRankedDPOTrainer(model, args, dataset, reward, tokenizer)
+
+
+def test_offline_pool_pairs_are_ranked_per_user_without_generation(tiny_backbone, scorer, pets_data, tmp_path,
+                                                                   monkeypatch):
+    """The offline round ranks the pool's answers under each user's reward (one call for all users) into
+    best-against-worst pairs, and DPO trains on them: no generation at all."""
+    import peft
+    import transformers
+
+    from vpl_trl.policy import PersonalizedRewardFunction
+    from vpl_trl.text import completion_text
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the offline round generated")
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", no_generation)
+    monkeypatch.setattr(peft.PeftModelForCausalLM, "generate", no_generation)
+    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", pool_answers(6))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    latent_dim = scorer.model.config.latent_dim
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 2, num_context=3,
+                                   user_latent=scorer.user_latent)
+    user_of = {tuple(row["user_latent"]): row["user_id"] for row in dataset}
+
+    def examples_by_user(trainer) -> dict[str, list[tuple[str, str]]]:
+        found = {user: [] for user in USERS}
+        for example in trainer._round_examples:
+            found[user_of[tuple(example["user_latent"])]].append(
+                (completion_text(example["chosen"]).strip(), completion_text(example["rejected"]).strip()))
+        return found
+
+    # users with opposite rewards (one likes long answers, the other short ones) get opposite pairs
+    calls = []
+
+    def opposite(prompts, completions, user_id, raw_prompt, **kwargs):
+        calls.append(sorted(set(user_id)))
+        sign = {"harmless": 1.0, "helpful": -1.0}
+        return [sign[user] * len(completion_text(c).strip()) for user, c in zip(user_id, completions)]
+
+    model = build_policy(tiny_backbone, tokenizer, conditioning, latent_dim, LORA)
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, opposite, tmp_path / "opposite", pool)
+    assert calls == [list(USERS)]  # one scoring pass over every user's candidates
+    assert trainer.rounds[0]["offline"] and trainer.rounds[0]["generation_seconds"] < 1.0
+    found = examples_by_user(trainer)
+    longest_first = sorted(pool_answers(6), key=len, reverse=True)
+    assert found["harmless"] == [(longest_first[0], longest_first[-1]), (longest_first[1], longest_first[-2])]
+    assert found["helpful"] == [(rejected, chosen) for chosen, rejected in found["harmless"]]
+
+    # under the VPL reward: each pair's chosen answer has the higher reward for its user; DPO trains on the pairs
+    model = build_policy(tiny_backbone, tokenizer, conditioning, latent_dim, LORA)
+    reward = PersonalizedRewardFunction(scorer, {user: scorer.user_latent(pairs[user]) for user in USERS})
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / "vpl", pool)
+    scored = [json.loads(line) for line in (tmp_path / "vpl" / "candidates.jsonl").read_text().splitlines()]
+    assert len(scored) == 6 * len(USERS) and {r["round"] for r in scored} == {0}
+    for user, user_pairs in examples_by_user(trainer).items():
+        rewards = {r["completion"].strip(): r["reward"] for r in scored if r["user_id"] == user}
+        assert len(user_pairs) == 2 and all(rewards[chosen] > rewards[rejected] for chosen, rejected in user_pairs)
+    trainer.train()
+    assert trainer.state.global_step == 6 and len(trainer.rounds) == 1  # 4 pairs, 2 per step, 3 epochs
+    margins = [entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry]
+    # from 0 (the reference is the policy as training began), widening step after step
+    assert len(margins) == 6 and margins[0] == pytest.approx(0.0, abs=1e-4) and margins[-1] > 0.01
+    assert all(later > earlier for earlier, later in zip(margins, margins[1:]))
+
+
+def test_a_saved_policy_travels(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, tmp_path_factory,
+                                monkeypatch, capsys):
+    """A trained policy records its base model's hub id (resolved locally, as the embedded default is) and keeps
+    its reward model beside it: moved elsewhere, with the original reward folder gone, it serves the same
+    answers. A folder of the older kind (absolute paths) still resolves its reward model."""
+    import shutil
+
+    from vpl_trl.policy import conditioned_policy, policy_reward_model, read_policy_config
+
+    hub_id = "acme/tiny-llama"  # a hub id that this machine resolves to a local folder, as the embedded default
+    resolve = conditioned_policy.resolve_model_name_or_path
+    monkeypatch.setattr(conditioned_policy, "resolve_model_name_or_path",
+                        lambda name: tiny_backbone if name == hub_id else resolve(name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reward_folder = tmp_path / "reward"
+    shutil.copytree(tiny_reward_model, reward_folder)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    latent_dim = scorer.model.config.latent_dim
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 2, num_context=3,
+                                   user_latent=scorer.user_latent)
+    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", pool_answers(4))
+    folder = tmp_path / "policy"
+    model = build_policy(hub_id, tokenizer, conditioning, latent_dim, LORA)
+    reward = lambda completions, user_id, **kwargs: [float(len(str(c))) for c in completions]  # noqa: E731
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, folder, pool, num_train_epochs=1)
+    trainer.train()
+    trainer.save_model(str(folder))
+    write_policy_config(folder, conditioning, latent_dim, str(reward_folder), hub_id, signal="dpo")
+
+    recorded = {name: (folder / name).read_text() for name in ("vpl_policy.json", "adapter_config.json")}
+    assert all(str(tmp_path) not in text for text in recorded.values())  # no path of this machine
+    assert json.loads(recorded["adapter_config.json"])["base_model_name_or_path"] == hub_id
+    assert read_policy_config(folder)["reward_model"] == "reward_model"
+
+    context_file = tmp_path_factory.mktemp("user") / "new_user.json"
+    context_file.write_text(json.dumps(pairs_of(pets_data, "harmless", k=3)))
+
+    def serve(policy: Path) -> dict:
+        capsys.readouterr()  # what ran before (training logs)
+        code = sample_main(["--policy", str(policy), "--user-context", str(context_file), "--prompt", PROMPT,
+                            "--n", "3", "--max_new_tokens", "6", "--seed", "1", "--json"])
+        assert code == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    here = serve(folder)
+    moved = tmp_path_factory.mktemp("elsewhere") / "policy"
+    shutil.move(str(folder), str(moved))
+    shutil.rmtree(reward_folder)
+    assert serve(moved) == here and len(here["candidates"]) == 3
+
+    # an older folder records absolute paths: they are used where they exist
+    old_config = read_policy_config(moved)
+    old_config["reward_model"] = str(tiny_reward_model)
+    assert policy_reward_model(moved, old_config) == str(tiny_reward_model)

@@ -91,6 +91,8 @@ def test_recipe_conditioned_mode(tiny_reward_model, tiny_backbone, small_pets, t
     assert (output_dir / "latent_prompt.safetensors").exists() == (conditioning == "latent")
     policy_config = json.loads((output_dir / "vpl_policy.json").read_text())
     assert policy_config["conditioning"]["kind"] == conditioning and policy_config["signal"] == signal
+    # the reward model travels with the policy: copied beside it, recorded relative to it
+    assert policy_config["reward_model"] == "reward_model" and (output_dir / "reward_model" / "config.json").exists()
     results = check_results(output_dir, "conditioned")
     assert results["runs"]["all"]["steps"] == 2
     assert set(results["personalization_margin_ci95_after"]) == set(USERS)
@@ -103,6 +105,31 @@ def test_recipe_conditioned_mode(tiny_reward_model, tiny_backbone, small_pets, t
     test_answers = {r["chosen"] for r in load_user_pairs(small_pets, "test")["helpful"]}
     assert preambles["helpful"] and all(pair["chosen"] in test_answers for pair in preambles["helpful"])
     assert "| policy for \\ reward of | harmless | helpful |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_recipe_offline_pool_round_then_online_rounds(tiny_reward_model, tiny_backbone, small_pets, tmp_path):
+    """`--offline_pool`: the first round's pairs come from the pool (scored for every user, no sampling), the next
+    round samples the policy; the learning curve holds the policy's rounds only."""
+    from vpl_trl.data.pets import KINDS, sentences
+
+    pool = tmp_path / "pool.jsonl"
+    answers = [text for kind in KINDS for text in sentences(kind, "test")[:2]]
+    pool.write_text("".join(json.dumps({"prompt": "Please talk about one kind of pet.", "response": a}) + "\n"
+                            for a in answers))
+    output_dir = tmp_path / "offline"
+    ppo_personalized.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned",
+                                      "--signal", "dpo", "--bon_n", "4", "--bon_keep", "1", "--bon-epochs-per-round",
+                                      "1", "--per_device_train_batch_size", "2", "--num_generations", "2",
+                                      "--offline-pool", str(pool)))
+    results = check_results(output_dir, "conditioned")
+    rounds = results["runs"]["all"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[0]["offline"] and "offline" not in rounds[1]
+    assert [point["step"] for point in results["runs"]["all"]["curve"]] == [rounds[1]["step"]]
+    scored = [json.loads(line) for line in (output_dir / "round_candidates.jsonl").read_text().splitlines()]
+    offline = [r for r in scored if r["round"] == 0]
+    assert {r["completion"].strip() for r in offline} == set(answers) and {r["user_id"] for r in offline} == set(USERS)
+    assert len([r for r in scored if r["round"] == 1]) == 4 * len(USERS)  # bon_n sampled per user and prompt
 
 
 @pytest.mark.slow
@@ -253,3 +280,94 @@ def test_margin_interval_brackets_the_margin():
     ]
     low, high = margin_interval(overlapping, "a")
     assert low < 0.0 < high
+
+
+# ----- the rounds' configs ---------------------------------------------------------------------------------------
+
+
+def test_round_configs_defaults_and_validation(tmp_path):
+    from trl import DPOConfig, SFTConfig
+
+    from vpl_trl.policy import (
+        BestOfNDistillationConfig,
+        BestOfNDistillationTrainer,
+        RewardRankedDPOConfig,
+        RewardRankedDPOTrainer,
+    )
+
+    common = {"output_dir": str(tmp_path), "report_to": "none", "bf16": False}
+    dpo = RewardRankedDPOConfig(**common)
+    assert isinstance(dpo, DPOConfig) and dpo.precompute_ref_log_probs and not dpo.replay
+    assert (dpo.bon_n, dpo.bon_keep, dpo.bon_epochs_per_round, dpo.offline_pool) == (16, 2, 6, None)
+    assert dpo.generation.max_new_tokens == dpo.max_completion_length == 48 and dpo.generation.seed is None
+    sft = BestOfNDistillationConfig(**common, bon_n=4, bon_keep=4, max_completion_length=12)
+    assert isinstance(sft, SFTConfig) and sft.replay and sft.generation.max_new_tokens == 12
+
+    with pytest.raises(ValueError, match="bon_keep=3 pairs per prompt need at least 6 candidates; got bon_n=5"):
+        RewardRankedDPOConfig(**common, bon_n=5, bon_keep=3)
+    with pytest.raises(ValueError, match="precompute_ref_log_probs must be True: .* the policy as each round begins"):
+        RewardRankedDPOConfig(**common, precompute_ref_log_probs=False)
+    with pytest.raises(ValueError, match="bon_keep=5 examples per prompt need at least 5 candidates; got bon_n=4"):
+        BestOfNDistillationConfig(**common, bon_n=4, bon_keep=5)
+    with pytest.raises(ValueError, match="bon_epochs_per_round must be at least 1, got 0"):
+        BestOfNDistillationConfig(**common, bon_epochs_per_round=0)
+    with pytest.raises(ValueError, match="offline_pool .*missing.jsonl: no such file"):
+        RewardRankedDPOConfig(**common, offline_pool=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(TypeError, match="RewardRankedDPOTrainer takes a config with the rounds' fields .*DPOConfig"):
+        RewardRankedDPOTrainer(None, DPOConfig(**common), None, None, None)
+    with pytest.raises(TypeError, match="a BestOfNDistillationConfig"):
+        BestOfNDistillationTrainer(None, SFTConfig(**common), None, None, None)
+
+
+def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
+    from trl import TrlParser
+
+    from vpl_trl.policy import BestOfNDistillationConfig, RewardRankedDPOConfig
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    config = tmp_path / "dpo.yaml"
+    config.write_text("bon_n: 8\nbon_epochs_per_round: 2\nbeta: 0.2\nreport_to: none\nbf16: false\n")
+    (dpo,) = TrlParser((RewardRankedDPOConfig,)).parse_args_and_config(
+        ["--config", str(config), "--output-dir", str(tmp_path), "--bon-keep", "3", "--offline_pool", str(pool),
+         "--generation-batch-size", "4"]
+    )
+    assert (dpo.bon_n, dpo.bon_keep, dpo.bon_epochs_per_round, dpo.beta) == (8, 3, 2, 0.2)
+    assert dpo.offline_pool == str(pool) and dpo.generation.batch_size == 4
+
+    # the recipe composes the same fields: its flags and YAML keys build the signal's config
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((Path(__file__).parents[1] / "recipes/configs/ppo_population.yaml").read_text())
+    for spelling in ("--bon_keep", "--bon-keep"):
+        script_args, rounds, args, _ = ppo_personalized.make_parser().parse_args_and_config(
+            ["--config", str(recipe), "--reward-model", "r", "--output_dir", str(tmp_path / "out"), spelling, "2",
+             "--offline-pool", str(pool), "--dpo-beta", "0.3", "--report_to", "none"]
+        )
+        assert (rounds.bon_n, rounds.bon_keep, rounds.bon_epochs_per_round) == (4, 2, 4)  # YAML, then the flag
+        dpo = ppo_personalized.signal_args("dpo", args, script_args, rounds)
+        assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (4, 2, 0.3)
+        assert dpo.learning_rate == script_args.dpo_learning_rate and dpo.loss_type == ["sigmoid", "sft"]
+        assert dpo.max_completion_length == args.max_completion_length == 48 and dpo.offline_pool == str(pool)
+        assert dpo.candidates_file == str(tmp_path / "out" / "round_candidates.jsonl")
+        sft = ppo_personalized.signal_args("bon_sft", args, script_args, rounds)
+        assert isinstance(sft, BestOfNDistillationConfig) and sft.replay and sft.learning_rate == 1.0e-3
+        assert ppo_personalized.signal_args("grpo", args, script_args, rounds) is args
+
+
+def test_recipe_refuses_bad_round_settings_before_loading_models(tmp_path):
+    with pytest.raises(SystemExit, match="--signal dpo: bon_keep=3 pairs per prompt need at least 6 candidates"):
+        ppo_personalized.main(["--reward_model", str(tmp_path / "not-loaded"), "--output_dir", str(tmp_path / "out"),
+                               "--bon_n", "4", "--bon_keep", "3", "--report_to", "none"])
+
+
+def test_candidate_pool_reads_the_shipped_population_pool():
+    from vpl_trl.data.population import dialogue_prompt, load_pool
+    from vpl_trl.policy import candidate_pool
+
+    rows = load_pool(Path(__file__).parents[1] / "data" / "population_pool.jsonl.gz")
+    pool = candidate_pool(Path(__file__).parents[1] / "data" / "population_pool.jsonl.gz")
+    prompts = {row["prompt"] for row in rows}
+    assert len(prompts) == 44 and len(pool) == 2 * len(prompts)  # each prompt as written and as a dialogue prompt
+    for prompt in prompts:
+        assert pool[prompt] is pool[dialogue_prompt(prompt)] and len(pool[prompt]) >= 2
+    assert sum(len(pool[p]) for p in prompts) == len({(row["prompt"], row["response"]) for row in rows})

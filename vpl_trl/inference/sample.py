@@ -31,7 +31,13 @@ from ..data.user_files import load_user_context, read_prompts
 from ..embedded_model import DEFAULT_MODEL
 from ..logs import show_info_logs
 from ..models.causal_lm import load_policy
-from ..policy.conditioned_policy import PolicyError, check_reward_fits, load_conditioned_policy, read_policy_config
+from ..policy.conditioned_policy import (
+    PolicyError,
+    check_reward_fits,
+    load_conditioned_policy,
+    policy_reward_model,
+    read_policy_config,
+)
 from .best_of_n import PersonalizedBestOfN, Ranking
 from .generation import GenerationSettings
 from .scoring import PersonalizedRewardScorer, RewardModelError
@@ -92,7 +98,7 @@ def build_best_of_n(args: SampleArguments) -> tuple[PersonalizedBestOfN, list[di
         raise UsageError(f"--n must be at least 1, got {args.n}.")
     context = load_user_context(args.user_context) if args.user_context else None
     policy_config = read_policy_config(args.policy) if Path(args.policy).is_dir() else None
-    reward_model = args.reward_model or (policy_config or {}).get("reward_model")
+    reward_model = args.reward_model or (policy_reward_model(args.policy, policy_config) if policy_config else None)
     if not reward_model:
         raise UsageError("--reward_model is required (the policy is not a conditioned policy that records one).")
     scorer = PersonalizedRewardScorer.from_pretrained(reward_model, device=args.device, batch_size=args.batch_size)

@@ -9,18 +9,19 @@ from ..models.latent_prompt import (
     add_latent_prompt,
     conditioned_on,
 )
-from .best_of_n_rounds import RoundSettings
+from .best_of_n_rounds import BestOfNRoundsArguments, BestOfNRoundsConfig, candidate_pool
 from .conditioned_policy import (
     POLICY_CONFIG,
     PolicyError,
     build_policy,
     check_reward_fits,
     load_conditioned_policy,
+    policy_reward_model,
     read_policy_config,
     write_policy_config,
 )
 from .conditioning import PolicyConditioning, build_policy_dataset, context_preamble, policy_prompt
-from .distillation import BestOfNDistillationTrainer
+from .distillation import BestOfNDistillationConfig, BestOfNDistillationTrainer
 from .evaluation import (
     PolicyEvaluation,
     format_results,
@@ -32,7 +33,7 @@ from .evaluation import (
     summarize,
     write_results,
 )
-from .ranked_dpo import RewardRankedDPOTrainer
+from .ranked_dpo import RewardRankedDPOConfig, RewardRankedDPOTrainer
 from .reward import PersonalizedRewardFunction
 from .runs import SIGNALS, round_config, run_record, train_policy
 from .trainers import ConditionedDPOTrainer, ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
@@ -41,7 +42,10 @@ __all__ = [
     "LATENT_TOKEN",
     "POLICY_CONFIG",
     "SIGNALS",
+    "BestOfNDistillationConfig",
     "BestOfNDistillationTrainer",
+    "BestOfNRoundsArguments",
+    "BestOfNRoundsConfig",
     "ConditionedDPOTrainer",
     "ConditionedGRPOTrainer",
     "ConditionedSFTTrainer",
@@ -57,12 +61,14 @@ __all__ = [
     "conditioned_on",
     "load_conditioned_policy",
     "margin_interval",
+    "policy_reward_model",
     "read_policy_config",
     "write_policy_config",
     "PersonalizedRewardFunction",
+    "RewardRankedDPOConfig",
     "RewardRankedDPOTrainer",
-    "RoundSettings",
     "build_policy_dataset",
+    "candidate_pool",
     "context_preamble",
     "draw_context",
     "format_results",

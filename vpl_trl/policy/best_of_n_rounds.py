@@ -11,6 +11,14 @@ and, with `candidates_file`, every scored candidate is written out.
 Each checkpoint also holds the rounds' state (`best_of_n_rounds.json`: the current round's examples, the kept
 examples, the learning curve), so that a run resumed from it (`args.resume_from_checkpoint`, then
 `train(resume_from_checkpoint=...)`) trains on the same round instead of sampling a new one.
+
+With `offline_pool` (a shared pool of candidate answers, such as `data/population_pool.jsonl.gz`), the first round
+generates nothing: each (user, prompt) row's candidates are the pool's answers to its prompt, ranked by the user's
+reward like any round's; the online rounds follow.
+
+The rounds' settings are fields of the trainers' configs (`BestOfNRoundsConfig`: `RewardRankedDPOConfig`,
+`BestOfNDistillationConfig`); `BestOfNRoundsArguments`, the part of them that the policy recipe exposes as flags,
+is one of the recipe's argument dataclasses.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.data_utils import is_conversational
 
+from ..data.population import dialogue_prompt, load_pool
 from ..distributed import full_weights_for_generation
 from ..inference.generation import GenerationSettings, generate_candidates
+from ..text import is_chat, join_response
 from .trainers import LATENT_COLUMN
 
 ROUNDS_STATE = "best_of_n_rounds.json"
@@ -42,22 +52,84 @@ Ranked = list[tuple[float, str]]  # a row's candidates with their rewards, best 
 
 
 @dataclass
-class RoundSettings:
-    """Rounds of reward-ranked candidates: each round takes one row (a draw of the user's conditioning) per (user,
-    prompt), samples `n` candidates for it and keeps `keep` examples (the best `keep` candidates to distill, or
-    `keep` best-against-worst pairs); a new round every `epochs_per_round` epochs. With `shared_first_round`, the
-    first round samples the untrained policy once per bare prompt (`n` x users candidates, which every user's rows
-    of that prompt share) instead of once per user. With `replay`, the examples of a (user, prompt) are the best
-    `keep` of every round so far, not of the last round only. `candidates_file`: a JSONL file that receives every
-    scored candidate of every round (main process)."""
+class BestOfNRoundsArguments:
+    """The rounds of reward-ranked candidates, as the policy recipe's flags (`--bon_n` or `--bon-n`, ...) and as
+    fields of the trainers' configs (`BestOfNRoundsConfig`). Each round takes one row (a draw of the user's
+    conditioning) per (user, prompt), samples `bon_n` candidates for it and keeps `bon_keep` examples; a new round
+    every `bon_epochs_per_round` epochs."""
 
-    n: int = 16
-    keep: int = 2
-    epochs_per_round: int = 6
-    shared_first_round: bool = True
-    replay: bool = True
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    candidates_file: str | None = None
+    bon_n: int = field(default=16, metadata={"help": "Candidates per user and prompt each round (bon_sft and dpo)."})
+    bon_keep: int = field(
+        default=2, metadata={"help": "Examples kept per user and prompt each round: the best candidates to distill "
+                                     "(bon_sft), or best-against-worst pairs (dpo)."}
+    )
+    bon_epochs_per_round: int = field(
+        default=6, metadata={"help": "Epochs on a round's examples before new candidates (bon_sft and dpo)."}
+    )
+    candidates_file: str | None = field(
+        default=None, metadata={"help": "A JSONL file that receives every scored candidate of every round (bon_sft "
+                                        "and dpo; the recipe's default: `output_dir/round_candidates.jsonl`)."}
+    )
+    offline_pool: str | None = field(
+        default=None, metadata={"help": "A pool of candidate answers (JSONL, may be gzipped; rows with `prompt` and "
+                                        "`response`, e.g. data/population_pool.jsonl.gz): the first round ranks the "
+                                        "pool's answers to each training prompt under each user's reward instead of "
+                                        "sampling the policy (no generation); the online rounds follow."}
+    )
+
+    kept = ("examples", 1)  # what a round keeps per user and prompt, and the candidates each one takes
+
+    def __post_init__(self):
+        self.check_rounds(self)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # a trainer config's own checks (TrainingArguments)
+            parent()
+
+    @classmethod
+    def check_rounds(cls, rounds: BestOfNRoundsArguments) -> None:
+        """Raise a `ValueError` saying what is wrong when `cls`' trainer cannot run these rounds (the recipe checks
+        its flags so, before loading any model)."""
+        for name in ("bon_n", "bon_keep", "bon_epochs_per_round"):
+            if getattr(rounds, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(rounds, name)}.")
+        what, candidates = cls.kept
+        if rounds.bon_n < candidates * rounds.bon_keep:
+            raise ValueError(f"bon_keep={rounds.bon_keep} {what} per prompt need at least "
+                             f"{candidates * rounds.bon_keep} candidates; got bon_n={rounds.bon_n}.")
+        if rounds.offline_pool and not Path(rounds.offline_pool).is_file():
+            raise ValueError(f"offline_pool {rounds.offline_pool}: no such file.")
+
+
+@dataclass
+class BestOfNRoundsConfig(BestOfNRoundsArguments):
+    """[`BestOfNRoundsArguments`] and how the rounds sample: the fields that a trainer config (`SFTConfig`,
+    `DPOConfig`) adds for its rounds (`BestOfNDistillationConfig`, `RewardRankedDPOConfig`). With
+    `shared_first_round`, the first round samples the untrained policy once per bare prompt (`bon_n` x users
+    candidates, which every user's rows of that prompt share) instead of once per user. With `replay`, the examples
+    of a (user, prompt) are the best `bon_keep` of every round so far, not of the last round only."""
+
+    max_completion_length: int = field(default=48, metadata={"help": "Maximum tokens per sampled candidate."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the candidates."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold of the candidates."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Sequences per batch in generation."})
+    shared_first_round: bool = field(
+        default=True, metadata={"help": "Sample the first round once per bare prompt, shared by every user."}
+    )
+    replay: bool = field(
+        default=False, metadata={"help": "Keep the best examples of every round so far, not of the last one only."}
+    )
+
+    def __post_init__(self):
+        if self.max_completion_length < 1 or self.generation_batch_size < 1:
+            raise ValueError("max_completion_length and generation_batch_size must be at least 1, got "
+                             f"{self.max_completion_length} and {self.generation_batch_size}.")
+        super().__post_init__()
+
+    @property
+    def generation(self) -> GenerationSettings:
+        """The candidates' sampling settings (no reseeding: each round draws new samples)."""
+        return GenerationSettings(self.max_completion_length, self.temperature, self.top_p,
+                                  self.generation_batch_size, seed=None)
 
 
 class RoundDataset(torch.utils.data.Dataset):
@@ -85,15 +157,15 @@ class RoundDataset(torch.utils.data.Dataset):
 
 
 class _NextRound(TrainerCallback):
-    """A new round every `epochs_per_round` epochs (`epochs`: the epochs begun so far), unless the current round
-    began at this epoch already (a run resumed within it)."""
+    """A new round every `bon_epochs_per_round` epochs (`epochs`: the epochs begun so far), unless the current
+    round began at this epoch already (a run resumed within it)."""
 
     def __init__(self, trainer: BestOfNRounds, epochs: int = 0):
         self.trainer, self.epochs = trainer, epochs
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         epoch = self.epochs
-        if epoch and epoch % self.trainer.settings.epochs_per_round == 0 and epoch != self.trainer.round_epoch:
+        if epoch and epoch % self.trainer.args.bon_epochs_per_round == 0 and epoch != self.trainer.round_epoch:
             self.trainer.next_round()
             self.trainer.round_epoch = epoch
         self.epochs += 1
@@ -102,17 +174,15 @@ class _NextRound(TrainerCallback):
 class BestOfNRounds:
     """Mixin for a TRL trainer that trains on rounds of reward-ranked on-policy candidates. A subclass implements
     `_select` (a row's ranked candidates -> its examples) and `_prepare_round` (a round's examples -> the trainer's
-    tokenized dataset), and may adjust the trainer around its `__init__` (`_before_trainer_init`,
-    `_after_trainer_init`).
+    tokenized dataset), and may adjust the trainer after its `__init__` (`_after_trainer_init`).
 
     Args:
         model: the policy (a PEFT model; latent-conditioned or not).
-        args: the TRL trainer's config (`SFTConfig`, `DPOConfig`).
+        args: the trainer's config: a TRL config with the rounds' fields ([`BestOfNRoundsConfig`]).
         prompt_dataset: rows with `prompt` (what the policy sees), `raw_prompt` (what the reward scores),
             `bare_prompt` (the prompt without conditioning, for the shared first round), `user_id` and, for latent
             conditioning, `user_latent` (`vpl_trl.policy.build_policy_dataset` makes them).
         reward_function: TRL's reward-function signature, `f(prompts, completions, user_id, raw_prompt) -> list`.
-        settings: [`RoundSettings`].
         deadline: a `time.perf_counter()` value past which no new round starts (a wall-time budget).
     """
 
@@ -122,36 +192,38 @@ class BestOfNRounds:
         args,
         prompt_dataset: Dataset,
         reward_function: Callable[..., list[float]],
-        settings: RoundSettings,
         processing_class,
         callbacks=None,
         deadline: float | None = None,
     ):
-        first = self._start_rounds(model, prompt_dataset, reward_function, settings, processing_class, args, deadline)
-        self._before_trainer_init(args)
+        if not isinstance(args, BestOfNRoundsConfig):
+            raise TypeError(f"{type(self).__name__} takes a config with the rounds' fields ({self._config_name()}), "
+                            f"got {type(args).__name__}.")
+        first = self._start_rounds(model, prompt_dataset, reward_function, processing_class, args, deadline)
         super().__init__(model=model, args=args, train_dataset=first, processing_class=processing_class,
                          callbacks=callbacks)
         self._after_trainer_init()
         self._install_rounds()
 
-    def _before_trainer_init(self, args) -> None:
-        """Adjust `args` before the TRL trainer's `__init__` (the first round is sampled by then)."""
+    @classmethod
+    def _config_name(cls) -> str:
+        return "a BestOfNRoundsConfig"
 
     def _after_trainer_init(self) -> None:
         """Adjust the trainer and its first round's prepared examples after the TRL trainer's `__init__`."""
 
     def _start_rounds(self, model, prompt_dataset: Dataset, reward_function: Callable[..., list[float]],
-                      settings: RoundSettings, processing_class, args, deadline: float | None) -> Dataset:
-        """The first round's examples: sampled from the untrained policy, or those of the round that
-        `args.resume_from_checkpoint` was saved in."""
+                      processing_class, args, deadline: float | None) -> Dataset:
+        """The first round's examples: sampled from the untrained policy (or ranked from `args.offline_pool`), or
+        those of the round that `args.resume_from_checkpoint` was saved in."""
         self.prompt_rows, self.deadline, self._start = list(prompt_dataset), deadline, time.perf_counter()
-        self.reward_function, self.settings = reward_function, settings
+        self.reward_function, self.args = reward_function, args  # `args`: set again, the same, by the Trainer
         self._groups = list(_group_rows(self.prompt_rows).values())
         self._best: dict[Group, list[tuple[float, dict[str, Any]]]] = {}
         self.rounds: list[dict[str, Any]] = []
         self.timings = {"generation": 0.0, "scoring": 0.0}
         self.round_epoch = 0  # the epoch at which the current round began
-        self._tokenizer, self._seed = processing_class, args.seed
+        self._tokenizer, self._seed, self._pool = processing_class, args.seed, None
         self._resumed = _read_rounds_state(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         if self._resumed is not None:
             state = self._resumed
@@ -159,14 +231,15 @@ class BestOfNRounds:
             self._best = {(user, prompt): [tuple(item) for item in items] for user, prompt, items in state["best"]}
             self._round_examples = state["examples"]
             return Dataset.from_list(state["examples"])
-        if settings.candidates_file and PartialState().is_main_process:
-            Path(settings.candidates_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(settings.candidates_file).write_text("")
+        if args.candidates_file and PartialState().is_main_process:
+            Path(args.candidates_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.candidates_file).write_text("")
+        self._pool = candidate_pool(args.offline_pool) if args.offline_pool else None
         return self._new_round(model, None)  # before any engine wraps the model
 
     def _install_rounds(self) -> None:
         """Serve the rounds' examples through one dataset object (a resumed run: the checkpoint's prepared
-        examples), and start a new round every `epochs_per_round` epochs."""
+        examples), and start a new round every `bon_epochs_per_round` epochs."""
         self._set_signature_columns_if_needed()
         data, epochs = self.train_dataset, 0
         if self._resumed is not None:
@@ -208,34 +281,38 @@ class BestOfNRounds:
         raise NotImplementedError
 
     def _new_round(self, model, accelerator) -> Dataset:
-        """One round: every process samples and scores its share of the rows; all get every selected example."""
+        """One round: every process samples (or, the offline round, takes from the pool) and scores its share of
+        the rows; all get every selected example."""
         start = time.perf_counter()
         rng = random.Random(f"distillation-{self._seed}-{len(self.rounds)}")
         rows = [rng.choice(group) for group in self._groups]  # one draw of each user's conditioning per prompt
         state = PartialState()
-        shared = self.settings.shared_first_round and not self.rounds
+        offline = self._pool is not None and not self.rounds
+        shared = self.args.shared_first_round and not self.rounds and not offline
         if shared:  # one pool per bare prompt, from the policy before any training: the reference policy
             mine = [row for row in rows if _key(row) in _own_keys(rows, state)]
         else:
             mine = rows[state.process_index :: state.num_processes]
-        with full_weights_for_generation(model, accelerator) as policy:
-            candidates = self._sample(policy, mine, shared)
+        if offline:
+            candidates = [self._pool_candidates(row) for row in mine]
+        else:
+            with full_weights_for_generation(model, accelerator) as policy:
+                candidates = self._sample(policy, mine, shared)
         generation_seconds = time.perf_counter() - start
         flat = [(row, text) for row, texts in zip(mine, candidates) for text in texts]
         rewards = self.reward_function(
             prompts=[row["prompt"] for row, _ in flat], completions=[text for _, text in flat],
             user_id=[row["user_id"] for row, _ in flat], raw_prompt=[row["raw_prompt"] for row, _ in flat],
         ) if flat else []
-        selected, stats, scored, begin = [], [], [], 0
+        selected, stats, scored, begin, keep = [], [], [], 0, self.args.bon_keep
         for row, texts in zip(mine, candidates):
             ranked = sorted(zip(rewards[begin : begin + len(texts)], texts), key=lambda pair: pair[0], reverse=True)
             begin += len(texts)
             examples = self._select(row, ranked)
             selected += [(_group(row), score, example) for score, example in examples]
             stats.append({"user_id": row["user_id"], "mean": sum(r for r, _ in ranked) / len(ranked),
-                          "kept": sum(r for r, _ in ranked[: self.settings.keep]) / min(self.settings.keep,
-                                                                                        len(ranked))})
-            if self.settings.candidates_file:
+                          "kept": sum(r for r, _ in ranked[: keep]) / min(keep, len(ranked))})
+            if self.args.candidates_file:
                 scored += [{"round": len(self.rounds), "user_id": row["user_id"], "prompt": row["raw_prompt"],
                             "completion": text, "reward": reward} for reward, text in ranked]
         selected, stats = gather_object(selected), gather_object(stats)
@@ -243,58 +320,76 @@ class BestOfNRounds:
         for group, score, example in selected:
             this_round.setdefault(group, []).append((score, example))
         for group, examples in this_round.items():
-            previous = self._best.get(group, []) if self.settings.replay else []
+            previous = self._best.get(group, []) if self.args.replay else []
             ranked = sorted([*previous, *examples], key=lambda pair: pair[0], reverse=True)
-            self._best[group] = ranked[: self.settings.keep]
+            self._best[group] = ranked[:keep]
         examples = [example for group in sorted(self._best) for _, example in self._best[group]]
         self.timings["generation"] += generation_seconds
         self.timings["scoring"] += time.perf_counter() - start - generation_seconds
-        self._write_candidates(gather_object(scored) if self.settings.candidates_file else [])
-        self._record_round(stats, generation_seconds, time.perf_counter() - start, start - self._start)
+        self._write_candidates(gather_object(scored) if self.args.candidates_file else [])
+        self._record_round(stats, generation_seconds, time.perf_counter() - start, start - self._start, offline)
         self._round_examples = examples
         return Dataset.from_list(examples)
 
+    def _pool_candidates(self, row: dict[str, Any]) -> list[str]:
+        """The offline round's candidates of a row: the pool's answers to its prompt, as completions of the prompt
+        the policy sees (a plain-text `...Assistant:` prompt gets the leading space its answers have in data)."""
+        answers = self._pool.get(pool_key(row["raw_prompt"]))
+        if answers is None:
+            raise ValueError(f"offline_pool {self.args.offline_pool} has no answers to the training prompt "
+                             f"{str(row['raw_prompt'])[:80]!r}: train on the pool's prompts (or drop offline_pool).")
+        if len(answers) < self._min_candidates():
+            raise ValueError(f"offline_pool {self.args.offline_pool} has {len(answers)} answer(s) to "
+                             f"{str(row['raw_prompt'])[:80]!r}; {self._min_candidates()} are needed per prompt.")
+        return [join_response(row["prompt"], answer) for answer in answers]
+
+    def _min_candidates(self) -> int:
+        """The fewest candidates a row needs for its `bon_keep` examples."""
+        return self.args.bon_keep
+
     def _sample(self, policy, rows: list[dict[str, Any]], shared: bool) -> list[list[str]]:
-        """Each row's candidates: sampled under its conditioning, or (`shared`) from one pool of `n` x users
+        """Each row's candidates: sampled under its conditioning, or (`shared`) from one pool of `bon_n` x users
         samples per bare prompt, which every user's rows of that prompt share."""
         if not rows:
             return []
-        settings = GenerationSettings(**{**vars(self.settings.generation), "seed": None})
+        settings = self.args.generation
         description = f"Best-of-n round {len(self.rounds)}"
         if shared:
             keys = list(dict.fromkeys(_key(row) for row in rows))
             bare = {_key(row): row["bare_prompt"] for row in rows}
-            per_prompt = self.settings.n * len({row["user_id"] for row in self.prompt_rows})
+            per_prompt = self.args.bon_n * len({row["user_id"] for row in self.prompt_rows})
             pools = generate_candidates(policy, self._tokenizer, [bare[k] for k in keys], per_prompt, settings,
                                         progress=description)
             pool_of = dict(zip(keys, pools))
             candidates = [pool_of[_key(row)] for row in rows]
         else:
             latents = torch.tensor([r[LATENT_COLUMN] for r in rows]) if LATENT_COLUMN in rows[0] else None
-            candidates = generate_candidates(policy, self._tokenizer, [r["prompt"] for r in rows], self.settings.n,
+            candidates = generate_candidates(policy, self._tokenizer, [r["prompt"] for r in rows], self.args.bon_n,
                                              settings, latents=latents, progress=description)
         return candidates
 
     def _write_candidates(self, scored: list[dict[str, Any]]) -> None:
         if scored and PartialState().is_main_process:
-            with open(self.settings.candidates_file, "a", encoding="utf-8") as handle:
+            with open(self.args.candidates_file, "a", encoding="utf-8") as handle:
                 for record in scored:
                     handle.write(json.dumps(record, default=str) + "\n")
 
     def _record_round(self, stats: list[dict[str, Any]], generation_seconds: float, seconds: float,
-                      elapsed: float) -> None:
-        """The round's mean reward of the candidates and of the best `keep` per user (the policy's on-policy
-        reward when the round began, `elapsed` seconds into training)."""
+                      elapsed: float, offline: bool = False) -> None:
+        """The round's mean reward of the candidates and of the best `bon_keep` per user (the policy's on-policy
+        reward when the round began, `elapsed` seconds into training; `offline`: the pool's, not the policy's)."""
         users = sorted({s["user_id"] for s in stats})
         record = {"round": len(self.rounds), "step": self.state.global_step if hasattr(self, "state") else 0,
                   "elapsed": elapsed, "generation_seconds": generation_seconds, "seconds": seconds}
+        if offline:
+            record["offline"] = True
         for user in users:
             mine = [s for s in stats if s["user_id"] == user]
             record[f"reward/{user}"] = sum(s["mean"] for s in mine) / len(mine)
             record[f"kept_reward/{user}"] = sum(s["kept"] for s in mine) / len(mine)
         self.rounds.append(record)
         if hasattr(self, "state"):
-            self.log({k: v for k, v in record.items() if k not in ("round", "step", "elapsed")})
+            self.log({k: v for k, v in record.items() if k not in ("round", "step", "elapsed", "offline")})
 
 
 def _read_rounds_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -336,3 +431,25 @@ def with_latent(row: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
     if LATENT_COLUMN in row:
         example[LATENT_COLUMN] = row[LATENT_COLUMN]
     return example
+
+
+def pool_key(prompt: Any) -> str:
+    """The text a pool's prompt and a training prompt share: a chat prompt's last user message, a `Human: ...
+    Assistant:` dialogue prompt's request (as `vpl_trl.data.population` writes it), or the prompt itself."""
+    if is_chat(prompt):
+        return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "").strip()
+    return str(prompt).strip()
+
+
+def candidate_pool(path: str | os.PathLike) -> dict[str, list[str]]:
+    """A shared pool of candidate answers (`vpl_trl.data.population.load_pool`'s format: JSONL rows with `prompt`
+    and `response`) as {prompt: its distinct answers}, each prompt reachable as written and as the dialogue
+    prompt the population data sets make of it."""
+    pool: dict[str, list[str]] = {}
+    for row in load_pool(path):
+        answers = pool.setdefault(pool_key(row["prompt"]), [])
+        if row["response"] not in answers:
+            answers.append(row["response"])
+    for prompt in list(pool):
+        pool.setdefault(pool_key(dialogue_prompt(prompt)), pool[prompt])
+    return pool

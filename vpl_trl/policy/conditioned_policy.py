@@ -2,13 +2,17 @@
 described by `vpl_policy.json` beside its adapter, and loaded back to serve any user from their pairs.
 
 `vpl_policy.json` holds the conditioning (`text`, `latent` or `none`), the latent size of the reward model whose
-encoder gives `z`, and that reward model's folder.
+encoder gives `z`, that reward model, and the base model. The folder travels: the base model is recorded as given
+(a hub id such as the embedded default's, which each machine resolves to its own local copy, not that copy's path),
+and a local reward model is saved beside the adapter (`reward_model/`) and recorded relative to the folder. Folders
+saved before, with absolute paths, still load where those paths exist.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from ..models.latent_prompt import add_latent_prompt, latent_prompt_trainable, l
 from .conditioning import PolicyConditioning
 
 POLICY_CONFIG = "vpl_policy.json"
+REWARD_FOLDER = "reward_model"  # a policy's copy of its reward model, beside the adapter
 
 
 class PolicyError(ValueError):
@@ -46,12 +51,61 @@ def write_policy_config(
     folder: str | os.PathLike, conditioning: PolicyConditioning, latent_dim: int, reward_model: str, base_model: str,
     **extra: Any,
 ) -> Path:
-    path = Path(folder) / POLICY_CONFIG
+    """Write `folder/vpl_policy.json`. A local `reward_model` folder outside `folder` is copied into
+    `folder/reward_model` (its files, not its checkpoints) and recorded relative to `folder`, as one inside it is;
+    a hub id is recorded as it is. `base_model` is recorded as given (a hub id, or a folder), here and in the
+    adapter's `adapter_config.json` when that names the local copy the hub id resolves to."""
+    folder = Path(folder)
+    path = folder / POLICY_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"conditioning": conditioning.to_dict(), "latent_dim": latent_dim, "reward_model": reward_model,
-              "base_model": base_model, **extra}
+    config = {"conditioning": conditioning.to_dict(), "latent_dim": latent_dim,
+              "reward_model": _reward_beside(folder, reward_model), "base_model": str(base_model), **extra}
     path.write_text(json.dumps(config, indent=2))
+    _name_base_model(folder, str(base_model))
     return path
+
+
+def _name_base_model(folder: Path, base_model: str) -> None:
+    """Name the hub id in the adapter's config where PEFT recorded the local copy it resolves to (the embedded
+    default's converted folder in this machine's cache). Training keeps the local path, so that PEFT's saves do
+    not look the id up on the hub."""
+    adapter_config = folder / "adapter_config.json"
+    if not adapter_config.is_file():
+        return
+    config = json.loads(adapter_config.read_text())
+    recorded = config.get("base_model_name_or_path")
+    local = resolve_model_name_or_path(base_model)
+    if recorded and recorded != base_model and Path(local).exists() and Path(recorded) == Path(local):
+        config["base_model_name_or_path"] = base_model
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _reward_beside(folder: Path, reward_model: str | os.PathLike) -> str:
+    """The reward model as `vpl_policy.json` records it: relative to `folder` (copied there first when it is a
+    local folder elsewhere), or a hub id as it is."""
+    source = Path(reward_model)
+    if not source.is_dir():
+        return str(reward_model)
+    if source.resolve().is_relative_to(folder.resolve()):
+        return source.resolve().relative_to(folder.resolve()).as_posix()
+    target = folder / REWARD_FOLDER
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for item in source.iterdir():  # the model's files: config, weights, tokenizer (not checkpoint-* folders)
+        if item.is_file():
+            shutil.copy2(item, target / item.name)
+    return REWARD_FOLDER
+
+
+def policy_reward_model(folder: str | os.PathLike, config: dict[str, Any]) -> str | None:
+    """The reward model a saved policy was trained with: its recorded path resolved against the policy's folder
+    (where it was copied), else as recorded (a hub id, or the absolute path an older folder holds)."""
+    recorded = config.get("reward_model")
+    if not recorded:
+        return None
+    beside = Path(folder) / recorded
+    return str(beside) if beside.exists() else str(recorded)
 
 
 def read_policy_config(folder: str | os.PathLike) -> dict[str, Any] | None:

@@ -1,60 +1,84 @@
 """Iterative DPO on pairs ranked by each user's personalized reward, with TRL's `DPOTrainer`.
 
-Each round (`vpl_trl.policy.best_of_n_rounds`), the policy samples `n` completions for each (user, prompt) row
+Each round (`vpl_trl.policy.best_of_n_rounds`), the policy samples `bon_n` completions for each (user, prompt) row
 under that user's conditioning, and the user's reward ranks them; the best against the worst (then the second best
-against the second worst, up to `keep` pairs) become preference pairs, conditioned the same way. The reference is
-the policy as the round begins (its log-probabilities computed once per round, TRL's `precompute_ref_log_probs`),
-as in iterative DPO (Xu et al. 2023; Pang et al. 2024): each round improves on the last one, within DPO's KL bound
-to it. A latent-conditioned policy's soft prompt is then part of the reference too, not only of the policy.
+against the second worst, up to `bon_keep` pairs) become preference pairs, conditioned the same way. The reference is
+the policy as the round begins (its log-probabilities computed once per round, TRL's `precompute_ref_log_probs`, by
+TRL's `compute_ref_log_probs`), as in iterative DPO (Xu et al. 2023; Pang et al. 2024): each round improves on the
+last one, within DPO's KL bound to it. A latent-conditioned policy's soft prompt is then part of the reference too,
+not only of the policy. With `offline_pool`, the first round's pairs are ranked from a shared pool of answers
+instead of sampled: DPO on them needs no generation.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from trl import DPOConfig
 
 from ..checkpoints import FaultTolerantCheckpoints
 from ..distributed import full_weights_for_generation
-from ..models.latent_prompt import conditioned_on
-from .best_of_n_rounds import BestOfNRounds, Ranked, RoundSettings, as_completion, with_latent
-from .trainers import LATENT_COLUMN, ConditionedDPOTrainer
+from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, as_completion, with_latent
+from .trainers import ConditionedDPOTrainer
+
+
+@dataclass
+class RewardRankedDPOConfig(BestOfNRoundsConfig, DPOConfig):
+    r"""
+    [`~trl.DPOConfig`] for [`RewardRankedDPOTrainer`], with the rounds' fields ([`BestOfNRoundsConfig`]): `bon_n`
+    candidates per user and prompt each round, `bon_keep` best-against-worst pairs kept of them, a new round every
+    `bon_epochs_per_round` epochs, how the candidates are sampled, `candidates_file`, and `offline_pool` (a first
+    round ranked from a pool of answers, without generation). The reference log-probabilities are precomputed, once
+    per round, under the policy as the round begins (`precompute_ref_log_probs`, which must stay True).
+    """
+
+    kept = ("pairs", 2)
+
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata={"help": "The reference log-probabilities of each round's pairs, computed once as the "
+                                        "round begins (required: the reference is the policy at that point)."}
+    )
+
+    def __post_init__(self):
+        if not self.precompute_ref_log_probs:
+            raise ValueError("precompute_ref_log_probs must be True: reward-ranked DPO's reference is the policy as "
+                             "each round begins, whose log-probabilities are computed then, not kept as a model.")
+        super().__post_init__()
 
 
 class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, ConditionedDPOTrainer):
-    """[`ConditionedDPOTrainer`] on best-against-worst pairs of `n` samples per (user, prompt), refreshed every
-    round, against the policy as the round began. Its arguments are [`BestOfNRounds`]' (`args`: a `DPOConfig`, whose
-    `precompute_ref_log_probs` is implied; `settings.keep`: the pairs per (user, prompt))."""
+    """[`ConditionedDPOTrainer`] on best-against-worst pairs of `bon_n` samples per (user, prompt), refreshed every
+    round, against the policy as the round began. Its arguments are [`BestOfNRounds`]' (`args`: a
+    [`RewardRankedDPOConfig`])."""
 
-    def _start_rounds(self, model, prompt_dataset, reward_function, settings: RoundSettings, *args, **kwargs):
-        if settings.n < 2 * settings.keep:
-            raise ValueError(f"{settings.keep} pairs per prompt need at least {2 * settings.keep} candidates; "
-                             f"got n={settings.n}.")
-        return super()._start_rounds(model, prompt_dataset, reward_function, settings, *args, **kwargs)
+    @classmethod
+    def _config_name(cls) -> str:
+        return "a RewardRankedDPOConfig"
 
-    def _before_trainer_init(self, args) -> None:
-        args.precompute_ref_log_probs = False  # TRL's would score against the base model: computed here per round
+    def _min_candidates(self) -> int:
+        return 2 * self.args.bon_keep
 
     def _after_trainer_init(self) -> None:
         self._drop_reference_adapter()
-        self.precompute_ref_logps = True  # the loss reads the round's reference log-probabilities from the batch
-        if self._resumed is None:  # a resumed run reads the round's reference log-probabilities from its checkpoint
-            with full_weights_for_generation(self.model) as policy:
-                self.train_dataset = self._with_reference_logps(self.train_dataset, policy)
 
     def _drop_reference_adapter(self) -> None:
-        """TRL copies a PEFT policy's adapter into a frozen `ref` adapter for its reference; this trainer's reference
-        comes from the round's log-probabilities instead, so the copy is dropped (and not saved)."""
+        """TRL copies a PEFT policy's adapter into a frozen `ref` adapter, its reference for a policy that starts
+        from a trained adapter. This trainer's reference is the policy as each round begins (the soft prompt
+        included, which the copy would not hold), through each round's precomputed log-probabilities: the copy is
+        dropped, so that it takes no memory and is not saved with the policy."""
         if "ref" in getattr(self.model, "peft_config", {}):
             self.model.delete_adapter("ref")
             self.model.set_adapter("default")
 
     def _select(self, row: dict[str, Any], ranked: Ranked) -> list[tuple[float, dict[str, Any]]]:
-        """`keep` pairs: the i-th best candidate against the i-th worst, scored by their reward gap."""
+        """`bon_keep` pairs: the i-th best candidate against the i-th worst, scored by their reward gap."""
         pairs = []
-        for i in range(self.settings.keep):
+        for i in range(self.args.bon_keep):
             (high, chosen), (low, rejected) = ranked[i], ranked[-1 - i]
             example = {"prompt": row["prompt"], "chosen": as_completion(row, chosen),
                        "rejected": as_completion(row, rejected)}
@@ -63,32 +87,49 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
 
     def _prepare_round(self, data: Dataset) -> Dataset:
         prepared = self._prepare_dataset(data, self.processing_class, self.args, "ranked pairs")
-        with full_weights_for_generation(self.model_wrapped, self.accelerator) as policy:
-            return self._with_reference_logps(prepared, policy)
+        size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        return self._reference_logps(prepared, size, self.model_wrapped, self.accelerator)
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """TRL's hook for the reference log-probabilities of a dataset (the first round's pairs, as TRL's
+        `__init__` ends): under the policy as it is, before any training. A resumed run reads its round's from the
+        checkpoint instead (`BestOfNRounds._install_rounds`)."""
+        if self._resumed is not None and name == "train":
+            return dataset
+        return self._reference_logps(dataset, batch_size, self.model, None)
 
     @torch.no_grad()
-    def _with_reference_logps(self, dataset: Dataset, policy) -> Dataset:
-        """`dataset` with `ref_chosen_logps` and `ref_rejected_logps` under `policy` (the policy as the round begins).
-        Every process computes them all (the same numbers), so no process waits for another's."""
-        was_training = policy.training
-        policy.eval()
+    def _reference_logps(self, dataset: Dataset, batch_size: int, model, accelerator) -> Dataset:
+        """`dataset` with `ref_chosen_logps` and `ref_rejected_logps` under the policy as it is now (`model`, whole on
+        every process: prepared by `accelerator`, or not yet), from TRL's `compute_ref_log_probs`. TRL's own
+        precomputation (`_precompute_ref_logps`) cannot serve the later rounds: it would wrap the policy in a second
+        DeepSpeed engine mid-training. Every process computes them all (the same numbers), so none waits for
+        another."""
         chosen, rejected = [], []
-        size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
-        device = self.accelerator.device
-        for start in range(0, len(dataset), size):
-            batch = self.data_collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
-            latents = batch.pop(LATENT_COLUMN, None)
-            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            with conditioned_on(policy, None if latents is None else torch.cat([latents, latents]).to(device)):
-                outputs = policy(input_ids=batch["input_ids"].to(device), labels=labels.to(device),
-                                 attention_mask=batch["attention_mask"].to(device), fused_lm_head=True,
-                                 use_cache=False)
-            logps = outputs.log_probs[:, -(labels.size(1) - 1):].sum(dim=1).float().cpu()
-            chosen_logps, rejected_logps = logps.chunk(2)
-            chosen += chosen_logps.tolist()
-            rejected += rejected_logps.tolist()
-        policy.train(was_training)
+        with full_weights_for_generation(model, accelerator) as policy, self._policy_as_reference(policy):
+            # where the weights are: under DeepSpeed the model reaches the accelerator only as training starts
+            device = next(policy.parameters()).device
+            was_training = policy.training
+            policy.eval()
+            for start in range(0, len(dataset), batch_size):
+                batch = self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                batch = {key: value.to(device) for key, value in batch.items()}
+                chosen_logps, rejected_logps = self.compute_ref_log_probs(policy, batch)
+                chosen += chosen_logps.float().cpu().tolist()
+                rejected += rejected_logps.float().cpu().tolist()
+            policy.train(was_training)
         PartialState().wait_for_everyone()
         dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps")
                                           if c in dataset.column_names])
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+    @contextlib.contextmanager
+    def _policy_as_reference(self, policy):
+        """TRL's `compute_ref_log_probs` runs a PEFT policy without a `ref_model` with its adapter switched (to a
+        `ref` copy, or off: the base model). Here the reference is the policy itself as the round begins, adapter
+        and soft prompt as they are: it is named the reference model for the pass, so TRL runs it unchanged."""
+        self.ref_model = policy
+        try:
+            yield
+        finally:
+            self.ref_model = None

@@ -12,20 +12,20 @@ from dataclasses import fields
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
-from trl import DPOConfig, SFTConfig
 
-from .best_of_n_rounds import RoundSettings
-from .distillation import BestOfNDistillationTrainer
-from .ranked_dpo import RewardRankedDPOTrainer
+from .distillation import BestOfNDistillationConfig, BestOfNDistillationTrainer
+from .ranked_dpo import RewardRankedDPOConfig, RewardRankedDPOTrainer
 from .reward import PersonalizedRewardFunction
 from .trainers import ConditionedGRPOTrainer, TimeBudgetCallback
 
 SIGNALS = ("bon_sft", "dpo", "grpo")
 
 
-def round_config(args: TrainingArguments, config_class: type[SFTConfig] | type[DPOConfig], **overrides: Any):
-    """An `SFTConfig` or `DPOConfig` with the same `TrainingArguments` as `args` (the best-of-n signals train with
-    TRL's SFTTrainer or DPOTrainer), and `overrides` (those that are not None)."""
+def round_config(args: TrainingArguments, config_class: type[BestOfNDistillationConfig] | type[RewardRankedDPOConfig],
+                 **overrides: Any):
+    """A `BestOfNDistillationConfig` or `RewardRankedDPOConfig` with the same `TrainingArguments` as `args` (the
+    best-of-n signals train with TRL's SFTTrainer or DPOTrainer), and `overrides` (those that are not None): the
+    rounds' fields and the signal's own."""
     names = {f.name for f in fields(TrainingArguments) if f.init}
     values = {k: v for k, v in args.to_dict().items() if k in names}
     values["gradient_checkpointing"] = bool(values.get("gradient_checkpointing"))  # SFTConfig's default is True
@@ -39,12 +39,12 @@ def train_policy(
     dataset,
     reward: PersonalizedRewardFunction,
     args: TrainingArguments,
-    rounds: RoundSettings | None = None,
     budget: float | None = None,
 ) -> tuple[Trainer, float]:
-    """Train one LoRA policy with `signal` (`grpo`: `args` is a `GRPOConfig`; `bon_sft` and `dpo`: an `SFTConfig` or
-    `DPOConfig` and the `rounds`' settings) for at most `budget` seconds, resuming from `args.resume_from_checkpoint`
-    and saving the policy to `args.output_dir`. Returns the trainer and the wall time, the first round included."""
+    """Train one LoRA policy with `signal` (`grpo`: `args` is a `GRPOConfig`; `bon_sft`: a
+    `BestOfNDistillationConfig`; `dpo`: a `RewardRankedDPOConfig`, both holding their rounds' settings) for at most
+    `budget` seconds, resuming from `args.resume_from_checkpoint` and saving the policy to `args.output_dir`. Returns
+    the trainer and the wall time, the first round included."""
     if signal not in SIGNALS:
         raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}.")
     start = time.perf_counter()
@@ -54,7 +54,7 @@ def train_policy(
                                          processing_class=tokenizer, callbacks=callbacks)
     else:
         trainer_class = RewardRankedDPOTrainer if signal == "dpo" else BestOfNDistillationTrainer
-        trainer = trainer_class(model, args, dataset, reward, rounds or RoundSettings(), tokenizer, callbacks=callbacks,
+        trainer = trainer_class(model, args, dataset, reward, tokenizer, callbacks=callbacks,
                                 deadline=start + budget if budget else None)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     elapsed = time.perf_counter() - start
@@ -72,13 +72,13 @@ def run_record(trainer: Trainer, seconds: float, output_dir: str) -> dict[str, A
     record = {"steps": steps, "train_seconds": seconds, "adapter": output_dir, "seconds": timings,
               "seconds_per_step": {k: v / max(steps, 1) for k, v in timings.items()}}
     # the on-policy reward of each user over training (seconds: a round's start, or steps times the mean step time):
-    # GRPO's logged batch means, or each best-of-n round's mean
+    # GRPO's logged batch means, or each best-of-n round's mean (an offline round's is the pool's, not the policy's)
     points = trainer.rounds if hasattr(trainer, "rounds") else trainer.state.log_history
     per_step = seconds / max(steps, 1)
     record["curve"] = [
         {"step": point.get("step", 0), "seconds": point.get("elapsed", point.get("step", 0) * per_step),
          **{k: v for k, v in point.items() if k.startswith("reward/")}}
-        for point in points if any(k.startswith("reward/") for k in point)
+        for point in points if any(k.startswith("reward/") for k in point) and not point.get("offline")
     ]
     if hasattr(trainer, "rounds"):
         record["rounds"] = trainer.rounds

@@ -9,11 +9,14 @@ conditioning (no latent column) they behave exactly as TRL's.
 - `ConditionedDPOTrainer`: `trl.DPOTrainer`, the base of reward-ranked DPO (`vpl_trl.policy.ranked_dpo`).
 - `TimeBudgetCallback`: stops training after a wall-time budget, on every process together.
 
-All three save the soft-prompt module with the adapter and load it back when resuming (`LatentPromptCheckpoints`).
+All three keep the `user_latent` column in their batches (`LatentColumn`: a signature column, passed through by
+TRL's default collator) and save the soft-prompt module with the adapter, loading it back when resuming
+(`LatentPromptCheckpoints`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -66,7 +69,53 @@ class LatentPromptCheckpoints:
         load_latent_prompt_weights(model or self.model, resume_from_checkpoint)
 
 
-class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentPromptCheckpoints, GRPOTrainer):
+class LatentCollator:
+    """Collator mixin: each example's `user_latent` passes through as a (batch, d) float tensor."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if LATENT_COLUMN in examples[0]:
+            output[LATENT_COLUMN] = torch.tensor([example[LATENT_COLUMN] for example in examples], dtype=torch.float32)
+        return output
+
+
+class LatentDataCollator(LatentCollator, DataCollatorForLanguageModeling):
+    """TRL's language-modeling collator, passing each example's `user_latent` through."""
+
+
+class LatentPreferenceCollator(LatentCollator, DataCollatorForPreference):
+    """TRL's preference collator, passing each pair's `user_latent` through."""
+
+
+_LATENT_COLLATORS = {
+    DataCollatorForLanguageModeling: LatentDataCollator, DataCollatorForPreference: LatentPreferenceCollator
+}
+
+
+class LatentColumn:
+    """Trainer mixin: each row's `user_latent` reaches the batches. It is one of the signature columns (which TRL
+    keeps), and TRL's default collator, whenever the trainer sets it, becomes its latent subclass with the same
+    settings (a collator passed by the caller is kept as it is, unless it is exactly TRL's default class)."""
+
+    @property
+    def data_collator(self):
+        return self._data_collator
+
+    @data_collator.setter
+    def data_collator(self, collator) -> None:
+        latent_class = _LATENT_COLLATORS.get(type(collator))
+        if latent_class is not None:
+            settings = {f.name: getattr(collator, f.name) for f in dataclasses.fields(collator) if f.init}
+            collator = latent_class(**settings)
+        self._data_collator = collator
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if LATENT_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
+
+
+class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentColumn, LatentPromptCheckpoints, GRPOTrainer):
     """`trl.GRPOTrainer` for a latent-conditioned policy: the rows' `user_latent` condition generation, the old
     and reference log-probabilities and the loss. The soft-prompt module is saved with the adapter."""
 
@@ -89,11 +138,6 @@ class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentPromptCheckpoints, 
             return super()._calculate_rewards(*args, **kwargs)
         finally:
             self.timings["scoring"] += time.perf_counter() - start
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if LATENT_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if LATENT_COLUMN not in inputs[0]:
@@ -137,32 +181,8 @@ class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentPromptCheckpoints, 
         return logps, entropies, aux
 
 
-class LatentDataCollator(DataCollatorForLanguageModeling):
-    """TRL's language-modeling collator, passing each example's `user_latent` through as a (batch, d) tensor."""
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super().torch_call(examples)
-        if LATENT_COLUMN in examples[0]:
-            output[LATENT_COLUMN] = torch.tensor([example[LATENT_COLUMN] for example in examples], dtype=torch.float32)
-        return output
-
-
-class ConditionedSFTTrainer(LatentPromptCheckpoints, SFTTrainer):
+class ConditionedSFTTrainer(LatentColumn, LatentPromptCheckpoints, SFTTrainer):
     """`trl.SFTTrainer` for a latent-conditioned policy: each example's `user_latent` conditions its forward."""
-
-    def __init__(self, *args, data_collator=None, **kwargs):
-        super().__init__(*args, data_collator=data_collator, **kwargs)
-        if data_collator is None and type(self.data_collator) is DataCollatorForLanguageModeling:
-            collator = self.data_collator
-            self.data_collator = LatentDataCollator(
-                pad_token_id=collator.pad_token_id, padding_free=collator.padding_free,
-                return_position_ids=collator.return_position_ids, pad_to_multiple_of=collator.pad_to_multiple_of,
-            )
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if LATENT_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         latents = inputs.pop(LATENT_COLUMN, None)
@@ -170,38 +190,14 @@ class ConditionedSFTTrainer(LatentPromptCheckpoints, SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-class LatentPreferenceCollator(DataCollatorForPreference):
-    """TRL's preference collator, passing each pair's `user_latent` through as a (batch, d) tensor."""
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super().torch_call(examples)
-        if LATENT_COLUMN in examples[0]:
-            output[LATENT_COLUMN] = torch.tensor([example[LATENT_COLUMN] for example in examples], dtype=torch.float32)
-        return output
-
-
 def _chosen_and_rejected(latents: torch.Tensor | None) -> torch.Tensor | None:
     """TRL's preference batches stack the chosen rows, then the rejected ones: each pair's latent serves both."""
     return None if latents is None else torch.cat([latents, latents])
 
 
-class ConditionedDPOTrainer(LatentPromptCheckpoints, DPOTrainer):
+class ConditionedDPOTrainer(LatentColumn, LatentPromptCheckpoints, DPOTrainer):
     """`trl.DPOTrainer` for a latent-conditioned policy: each pair's `user_latent` conditions the policy's (and the
     reference's) forward of both its completions. The soft-prompt module is saved with the adapter."""
-
-    def __init__(self, *args, data_collator=None, **kwargs):
-        super().__init__(*args, data_collator=data_collator, **kwargs)
-        if data_collator is None and type(self.data_collator) is DataCollatorForPreference:
-            collator = self.data_collator
-            self.data_collator = LatentPreferenceCollator(
-                pad_token_id=collator.pad_token_id, max_length=collator.max_length,
-                truncation_mode=collator.truncation_mode, pad_to_multiple_of=collator.pad_to_multiple_of,
-            )
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if LATENT_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
 
     def _compute_loss(self, model, inputs, return_outputs):
         latents = inputs.pop(LATENT_COLUMN, None)

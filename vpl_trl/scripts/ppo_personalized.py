@@ -1,6 +1,7 @@
 """Optimize a policy against a personalized (VPL) reward: one policy for every user, one per user, or a user-blind one.
 
 The script behind `recipes/ppo_personalized.py`, as TRL's scripts: `make_parser()` parses `ScriptArguments`,
+`BestOfNRoundsArguments` (the rounds of `bon_sft` and `dpo`, fields of their trainers' configs),
 `PersonalizedGRPOConfig` and `trl.ModelConfig`, and `main(argv)` runs.
 
     accelerate launch recipes/ppo_personalized.py --reward_model outputs/vpl-pets --user_contexts pets \
@@ -18,8 +19,11 @@ completion is scored under the latent of the user it was written for.
   and prompt, against the policy as each round began, for `--bon_epochs_per_round` epochs), `bon_sft` (TRL's
   `SFTTrainer` on the best `--bon_keep` of the same rounds: best-of-n distillation) or `grpo` (TRL's
   `GRPOTrainer`). Saved to `output_dir` with
-  `vpl_policy.json`, which `python -m vpl_trl.sample --policy DIR --user-context FILE` reads. Every scored
+  `vpl_policy.json` and a copy of the reward model (`output_dir/reward_model`), which
+  `python -m vpl_trl.sample --policy DIR --user-context FILE` reads wherever DIR is moved. Every scored
   candidate of the bon_sft and dpo rounds goes to `--candidates_file` (default `output_dir/round_candidates.jsonl`).
+  `--offline_pool FILE` (a pool of answers per prompt, e.g. `data/population_pool.jsonl.gz`): the first round
+  ranks the pool's answers to each training prompt under each user's reward, with no generation.
 - `shared`: one user-blind LoRA policy on the bare prompts, trained against every user's reward (default signal
   `bon_sft`); with a `base` (Bradley-Terry) reward model, the standard RLHF policy that personalization is
   measured against. Saved like a conditioned policy (conditioning `none`).
@@ -47,13 +51,13 @@ import json
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, TrainingArguments
-from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser, get_peft_config
+from trl import GRPOConfig, ModelConfig, TrlParser, get_peft_config
 
 from ..checkpoints import CheckpointSaveError, OutputDirLock, resolve_resume
 from ..distributed import (
@@ -68,10 +72,12 @@ from ..inference.scoring import PersonalizedRewardScorer
 from ..logs import show_info_logs
 from ..policy import (
     SIGNALS,
+    BestOfNDistillationConfig,
+    BestOfNRoundsArguments,
     PersonalizedRewardFunction,
     PolicyConditioning,
     PolicyEvaluation,
-    RoundSettings,
+    RewardRankedDPOConfig,
     build_policy,
     build_policy_dataset,
     draw_context,
@@ -90,6 +96,7 @@ from ..policy import (
 
 MODES = ("conditioned", "per_user", "shared")
 DEFAULT_SIGNAL = {"conditioned": "dpo", "per_user": "grpo", "shared": "bon_sft"}
+ROUND_CONFIGS = {"dpo": RewardRankedDPOConfig, "bon_sft": BestOfNDistillationConfig}
 
 
 @dataclass
@@ -125,10 +132,6 @@ class ScriptArguments:
     latent_tokens: int = field(default=4, metadata={"help": "Soft-prompt vectors of a latent-conditioned policy."})
     rows_per_user: int = field(default=64, metadata={"help": "Training prompts per user (prompts cycled), each "
                                                              "with its own draw of the user's pairs."})
-    bon_n: int = field(default=16, metadata={"help": "bon_sft and dpo: candidates per user and prompt."})
-    bon_keep: int = field(default=2, metadata={"help": "bon_sft: best candidates distilled per user and prompt; "
-                                                       "dpo: best-against-worst pairs per user and prompt."})
-    bon_epochs_per_round: int = field(default=6, metadata={"help": "bon_sft and dpo: epochs before new candidates."})
     bon_learning_rate: float | None = field(
         default=None, metadata={"help": "bon_sft: the SFT learning rate (default: --learning_rate)."}
     )
@@ -143,10 +146,6 @@ class ScriptArguments:
                                        "loss (RPO, as in iterative RPO, Pang et al. 2024): it keeps the chosen "
                                        "answers likely instead of letting both answers' likelihood fall; 0: plain "
                                        "DPO."}
-    )
-    candidates_file: str | None = field(
-        default=None, metadata={"help": "bon_sft and dpo: a JSONL file that receives every scored candidate of every "
-                                        "round (default: `output_dir/round_candidates.jsonl`)."}
     )
     max_train_seconds: float | None = field(
         default=None, metadata={"help": "Training wall-time budget of the mode (per_user: split among users)."}
@@ -187,7 +186,7 @@ class PersonalizedGRPOConfig(GRPOConfig):
 
 
 def make_parser() -> TrlParser:
-    parser = TrlParser((ScriptArguments, PersonalizedGRPOConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, BestOfNRoundsArguments, PersonalizedGRPOConfig, ModelConfig))
     parser.set_defaults(**cpu_launch_defaults())  # several processes on a machine without GPUs
     return parser
 
@@ -197,17 +196,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     main process; `{}` on the others)."""
     wall_start = time.perf_counter()
     show_info_logs()  # embedding throughput
-    script_args, args, model_args = make_parser().parse_args_and_config(args=argv)
+    script_args, rounds, args, model_args = make_parser().parse_args_and_config(args=argv)
     # One run at a time per output folder: the main process holds its lock until the run ends (or is killed).
     with OutputDirLock(args.output_dir) if args.process_index == 0 else contextlib.nullcontext():
         try:
-            return train_and_evaluate(script_args, args, model_args, wall_start)
+            return train_and_evaluate(script_args, rounds, args, model_args, wall_start)
         except CheckpointSaveError as error:
             raise SystemExit(f"error: {error}") from error
 
 
-def train_and_evaluate(script_args: ScriptArguments, args: PersonalizedGRPOConfig, model_args: ModelConfig,
-                       wall_start: float) -> dict[str, Any]:
+def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArguments, args: PersonalizedGRPOConfig,
+                       model_args: ModelConfig, wall_start: float) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     mode, conditioned = script_args.mode, script_args.mode == "conditioned"
     resume = args.resume_from_checkpoint
@@ -217,6 +216,11 @@ def train_and_evaluate(script_args: ScriptArguments, args: PersonalizedGRPOConfi
         raise SystemExit("error: --mode per_user resumes each user's run from the newest checkpoint in its own folder: "
                          "pass --resume_from_checkpoint true.")
     signal = script_args.signal or DEFAULT_SIGNAL[mode]
+    if signal in ROUND_CONFIGS:  # the rounds' flags, checked before any model loads
+        try:
+            ROUND_CONFIGS[signal].check_rounds(rounds)
+        except ValueError as error:
+            raise SystemExit(f"error: --signal {signal}: {error}") from error
     conditioning = PolicyConditioning(script_args.conditioning if conditioned else "none",
                                       script_args.preamble_pairs, script_args.latent_tokens)
 
@@ -240,8 +244,8 @@ def train_and_evaluate(script_args: ScriptArguments, args: PersonalizedGRPOConfi
     eval_contexts = held_out_contexts(source, users, script_args.num_context, rng) if conditioned else {}
     train_prompts, eval_prompts, held_out = load_prompts(script_args, source)
 
-    policy_path = resolve_model_name_or_path(model_args.model_name_or_path or DEFAULT_MODEL)
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    base_model = model_args.model_name_or_path or DEFAULT_MODEL  # recorded as given: a hub id travels
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(base_model))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     chat = bool(getattr(tokenizer, "chat_template", None))
     settings = GenerationSettings(
@@ -252,7 +256,7 @@ def train_and_evaluate(script_args: ScriptArguments, args: PersonalizedGRPOConfi
     reward = PersonalizedRewardFunction(scorer, latents)
     lora = lora_config(model_args)
 
-    policy = build_policy(policy_path, tokenizer, conditioning, latent_dim, lora)
+    policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora)
     with full_weights_for_generation(policy):  # untrained: the base model (LoRA starts at zero)
         before, completions = evaluate(policy, tokenizer, users, "before")
 
@@ -262,19 +266,19 @@ def train_and_evaluate(script_args: ScriptArguments, args: PersonalizedGRPOConfi
     ]
     budget = script_args.max_train_seconds / len(training) if script_args.max_train_seconds else None
     for name, run_users, run_args in training:
+        if mode == "per_user":  # each user's run: its folder's newest checkpoint, or afresh without one
+            run_args.resume_from_checkpoint = resolve_resume(resume, run_args.output_dir, required=False)
+        # made before the policy loads: under ZeRO-3 the newest TrainingArguments decides how models load (sharded)
+        trainer_args = signal_args(signal, run_args, script_args, rounds)
         if policy is None:
-            policy = build_policy(policy_path, tokenizer, conditioning, latent_dim, lora)
+            policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora)
         dataset = build_policy_dataset(train_prompts, {user: pairs[user] for user in run_users}, conditioning, chat,
                                        script_args.rows_per_user, script_args.num_context, args.seed,
                                        user_latent=scorer.user_latent)
-        if mode == "per_user":  # each user's run: its folder's newest checkpoint, or afresh without one
-            run_args.resume_from_checkpoint = resolve_resume(resume, run_args.output_dir, required=False)
-        trainer, seconds = train_policy(signal, policy, tokenizer, dataset, reward,
-                                        signal_args(signal, run_args, script_args),
-                                        round_settings(signal, script_args, settings, run_args.output_dir), budget)
+        trainer, seconds = train_policy(signal, policy, tokenizer, dataset, reward, trainer_args, budget)
         runs[name] = run_record(trainer, seconds, run_args.output_dir)
         if args.process_index == 0 and mode != "per_user":
-            write_policy_config(run_args.output_dir, conditioning, latent_dim, script_args.reward_model, policy_path,
+            write_policy_config(run_args.output_dir, conditioning, latent_dim, script_args.reward_model, base_model,
                                 signal=signal)
         with full_weights_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
             row, records = evaluate(model, tokenizer, run_users, "after")
@@ -287,7 +291,7 @@ def train_and_evaluate(script_args: ScriptArguments, args: PersonalizedGRPOConfi
         return {}
     results = summarize(
         before, after, completions, mode=mode, signal=signal, conditioning=conditioning.to_dict(),
-        policy=policy_path, reward_model=script_args.reward_model, eval_prompts=len(eval_prompts),
+        policy=base_model, reward_model=script_args.reward_model, eval_prompts=len(eval_prompts),
         eval_samples_per_prompt=script_args.eval_samples, eval_prompts_held_out=held_out, runs=runs,
         train_seconds=sum(run["train_seconds"] for run in runs.values()),
         wall_seconds=time.perf_counter() - wall_start,
@@ -333,26 +337,24 @@ def lora_config(model_args: ModelConfig):
     return get_peft_config(model_args)
 
 
-def signal_args(signal: str, args: PersonalizedGRPOConfig, script_args: ScriptArguments) -> TrainingArguments:
+def signal_args(signal: str, args: PersonalizedGRPOConfig, script_args: ScriptArguments,
+                rounds: BestOfNRoundsArguments) -> TrainingArguments:
     """The arguments of the signal's trainer: `args` for GRPO; for reward-ranked DPO and best-of-n distillation a
-    `DPOConfig` or `SFTConfig` with the same `TrainingArguments` and the signal's flags."""
+    `RewardRankedDPOConfig` or `BestOfNDistillationConfig` with the same `TrainingArguments`, the `rounds`, their
+    candidates sampled as GRPO's (`--max_completion_length`, `--temperature`, `--top_p`) and written to
+    `--candidates_file` (default: `output_dir/round_candidates.jsonl`), and the signal's flags."""
     if signal == "grpo":
         return args
+    candidates_file = rounds.candidates_file or str(Path(args.output_dir) / "round_candidates.jsonl")
+    round_fields = {**asdict(rounds), "candidates_file": candidates_file, "max_completion_length":
+                    args.max_completion_length, "temperature": args.temperature, "top_p": args.top_p,
+                    "generation_batch_size": script_args.eval_batch_size}
     if signal == "dpo":
         sft = script_args.dpo_sft_weight  # RPO: the chosen answers' NLL added to DPO's loss
-        return round_config(args, DPOConfig, learning_rate=script_args.dpo_learning_rate, beta=script_args.dpo_beta,
-                            loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
+        return round_config(args, RewardRankedDPOConfig, **round_fields, learning_rate=script_args.dpo_learning_rate,
+                            beta=script_args.dpo_beta, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
                             loss_weights=[1.0, sft] if sft else None)
-    return round_config(args, SFTConfig, learning_rate=script_args.bon_learning_rate)
-
-
-def round_settings(signal: str, script_args: ScriptArguments, settings: GenerationSettings,
-                   output_dir: str) -> RoundSettings:
-    """The best-of-n rounds of `bon_sft` (which distills the best of every round so far) and `dpo`, their
-    candidates written to `--candidates_file` (default: `output_dir/round_candidates.jsonl`)."""
-    candidates_file = script_args.candidates_file or str(Path(output_dir) / "round_candidates.jsonl")
-    return RoundSettings(script_args.bon_n, script_args.bon_keep, script_args.bon_epochs_per_round,
-                         replay=signal == "bon_sft", generation=settings, candidates_file=candidates_file)
+    return round_config(args, BestOfNDistillationConfig, **round_fields, learning_rate=script_args.bon_learning_rate)
 
 
 def _with_output_dir(args: PersonalizedGRPOConfig, folder: Path) -> PersonalizedGRPOConfig:
