@@ -51,7 +51,7 @@ def embed_pool(pool: list[dict], pooling: str = "mean", max_length: int = 512, b
     from transformers import AutoTokenizer
 
     from vpl_trl.embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
-    from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir
+    from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, embedding_key
     from vpl_trl.models import VPLRewardModel
     from vpl_trl.text import render_text
 
@@ -59,7 +59,7 @@ def embed_pool(pool: list[dict], pooling: str = "mean", max_length: int = 512, b
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(DEFAULT_MODEL))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     texts = [render_text(tokenizer, dialogue_prompt(r["prompt"]), " " + r["response"]) for r in pool]
-    cache = EmbeddingCache(default_embedding_cache_dir(model, model.config.pooling, max_length))
+    cache = EmbeddingCache(default_embedding_cache_dir(model, embedding_key(model.config), max_length))
     return compute_embeddings(model, tokenizer, texts, cache, batch_size=batch_size, max_length=max_length,
                               desc="Embedding the response pool").numpy().astype(np.float64)
 

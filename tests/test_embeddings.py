@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from vpl_trl import embeddings
-from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir
+from vpl_trl.embeddings import EmbeddingCache, compute_embeddings, default_embedding_cache_dir, embedding_key
 from vpl_trl.models import VPLRewardModel
 from vpl_trl.text import render_text
 
@@ -123,3 +123,26 @@ def test_shard_is_written_atomically(model_and_tokenizer, tmp_path, monkeypatch)
     with pytest.raises(Killed):
         compute_embeddings(model, tokenizer, texts, EmbeddingCache(tmp_path), batch_size=2)
     assert not list(tmp_path.iterdir())  # neither a partial shard nor a leftover temporary file
+
+
+def test_embedding_layer_pools_the_hidden_state_it_names(tiny_backbone):
+    """`embedding_layer` picks the hidden state that is pooled (0: token embeddings; middle; last, the default), and
+    embeddings of another layer are cached apart."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    batch = tokenizer(["a dog runs home", "the cat"], padding=True, return_tensors="pt")
+    models = {layer: VPLRewardModel.from_backbone(tiny_backbone, latent_dim=4, hidden_dim=8, pooling="mean",
+                                                  embedding_layer=layer).eval()
+              for layer in ("last", "middle", "1", "2", "0")}
+    with torch.no_grad():
+        hidden = models["last"].model(**batch, output_hidden_states=True).hidden_states  # 2 layers: 3 states
+        embedded = {layer: model.embed(batch["input_ids"], batch["attention_mask"]) for layer, model in models.items()}
+    weights = batch["attention_mask"].unsqueeze(-1).float()
+    for layer, state in (("0", hidden[0]), ("1", hidden[1]), ("middle", hidden[1]), ("2", hidden[2]),
+                         ("last", hidden[2])):
+        torch.testing.assert_close(embedded[layer], (state * weights).sum(1) / weights.sum(1))
+    assert not torch.allclose(embedded["middle"], embedded["last"])
+    assert embedding_key(models["middle"].config) != embedding_key(models["last"].config) == "mean"
+    with pytest.raises(ValueError, match="outside the backbone's 0..2 hidden states"):
+        VPLRewardModel.from_backbone(tiny_backbone, latent_dim=4, hidden_dim=8, embedding_layer="5")
+    with pytest.raises(ValueError, match="last, middle or a layer number"):
+        VPLRewardModel.from_backbone(tiny_backbone, latent_dim=4, hidden_dim=8, embedding_layer="top")

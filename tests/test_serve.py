@@ -209,7 +209,7 @@ def test_tokens_are_stored_hashed(client, service):
 
 
 def test_users_texts_stay_out_of_the_disk_embedding_cache(client, service):
-    from vpl_trl.embeddings import default_embedding_cache_dir, text_key
+    from vpl_trl.embeddings import default_embedding_cache_dir, embedding_key, text_key
     from vpl_trl.text import render_text
 
     user_id, headers = new_user(client)
@@ -219,7 +219,7 @@ def test_users_texts_stay_out_of_the_disk_embedding_cache(client, service):
     assert client.post("/v1/generate", json={"user_id": user_id, "prompt": PROMPT, "n": 1},
                        headers=headers).status_code == 200
     model = service.model
-    folder = default_embedding_cache_dir(model, model.config.pooling, service.scorer.max_length)
+    folder = default_embedding_cache_dir(model, embedding_key(model.config), service.scorer.max_length)
     on_disk = {key for keys in folder.glob("*.json") for key in json.loads(keys.read_text())}
     key = lambda pair, side: text_key(render_text(service.scorer.tokenizer, pair["prompt"], pair[side]))  # noqa: E731
     assert key(service.pool[0], "chosen") in on_disk  # the pool is cached on disk (quick restarts)

@@ -109,6 +109,13 @@ def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def embedding_key(config) -> str:
+    """What, besides the backbone's weights, decides a text's embedding: the pooling, and the layer pooled (caches
+    of the last layer keep the name they had before the layer could be chosen)."""
+    layer = str(getattr(config, "embedding_layer", None) or "last")
+    return config.pooling if layer == "last" else f"{config.pooling}-layer-{layer}"
+
+
 def default_embedding_cache_dir(model, pooling: str, max_length: int | None) -> Path:
     """The cache of one backbone's embeddings, per pooling, maximum length and precision (bf16 ones apart)."""
     precision = "-bf16" if inference_bf16(next(model.parameters()).device) else ""

@@ -22,7 +22,13 @@ from trl.data_utils import get_dataset_column_names
 from ..data.context import attach_contexts
 from ..data.format import PreferenceDataError
 from ..distributed import barrier, gathered_parameters, is_zero3_partitioned, union_across_processes
-from ..embeddings import EmbeddingCache, EmbeddingTable, compute_embeddings, default_embedding_cache_dir
+from ..embeddings import (
+    EmbeddingCache,
+    EmbeddingTable,
+    compute_embeddings,
+    default_embedding_cache_dir,
+    embedding_key,
+)
 from ..losses import gaussian_kl
 from ..models import VPLRewardModel
 from ..text import render_text
@@ -72,7 +78,7 @@ class RewardInference:
         self.max_length = max_length or getattr(model.config, "max_sequence_length", None) or 512
         if cache_dir == AUTO:
             with gathered_parameters(model.backbone):  # the folder is keyed by a digest of the backbone's weights
-                cache_dir = default_embedding_cache_dir(model, model.config.pooling, self.max_length)
+                cache_dir = default_embedding_cache_dir(model, embedding_key(model.config), self.max_length)
         self.cache = EmbeddingCache(cache_dir)
         self.table = EmbeddingTable(model, tokenizer, self.cache, batch_size, self.max_length)
         self._scored = EmbeddingCache(None)  # texts embedded with the adapter (lora and full modes), in memory

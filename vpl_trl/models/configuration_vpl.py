@@ -29,6 +29,12 @@ class VPLArchitecture:
     hidden_dim: int = field(default=512, metadata={"help": "Width of the encoder and decoder MLPs."})
     num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
     pooling: str = field(default="last", metadata={"help": "last (non-pad token) or mean.", "choices": list(POOLINGS)})
+    embedding_layer: str | None = field(
+        default=None,
+        metadata={"help": "The backbone's hidden state that is pooled: last, middle, or a number (0: the token "
+                          "embeddings). Default: last; the trainer's frozen mode takes middle, which carries more of "
+                          "the text's surface (benchmarks/results/embedding_layers.md)."},
+    )
     encoder_type: str = field(
         default="attention",
         metadata={"help": "Context encoder: attention (the reference), difference (mean of a linear map of "
@@ -78,8 +84,8 @@ class VPLConfig(PretrainedConfig):
         peft_config (`dict`, *optional*): the PEFT configuration of the backbone's adapter in `lora` mode (a
             `peft.PeftConfig` or its `to_dict()`; default: `models.backbone.DEFAULT_LORA`). Configurations saved
             with `lora_r`, `lora_alpha`, `lora_dropout` and `lora_target_modules` load into it.
-        latent_dim, hidden_dim, num_atoms, pooling, encoder_type, decoder_type, normalize_latent: the model's shape,
-            as [`VPLArchitecture`] declares and documents them.
+        latent_dim, hidden_dim, num_atoms, pooling, embedding_layer, encoder_type, decoder_type, normalize_latent: the
+            model's shape, as [`VPLArchitecture`] declares and documents them.
         latent_scale (`float`, default 1.0): at inference, a user's latent is their posterior mean times this
             factor: 0 serves every user the pooled reward (residual decoder), 1 the posterior mean. Chosen on
             held-out users by `vpl_trl.selection` (between the two when personalizing does not pay).
@@ -122,6 +128,9 @@ class VPLConfig(PretrainedConfig):
         self.embedding_dim = embedding_dim
         self.reward_type = reward_type
         self.embedding_mode = embedding_mode
+        if architecture.embedding_layer is None:
+            architecture.embedding_layer = "last"
+        resolve_embedding_layer(architecture.embedding_layer, None)  # fail early on a malformed value
         if architecture.normalize_latent is None:
             architecture.normalize_latent = architecture.decoder_type != "residual"
         if architecture.normalize_latent and architecture.decoder_type == "residual" and reward_type == "vae":
@@ -151,6 +160,26 @@ class VPLConfig(PretrainedConfig):
     @property
     def head_outputs(self) -> int:
         return {"vae": 1, "base": 1, "mean_and_variance": 2, "categorical": self.num_atoms}[self.reward_type]
+
+
+def resolve_embedding_layer(spec: str | int, num_hidden_layers: int | None) -> int | None:
+    """The index into a backbone's `hidden_states` (0: token embeddings, `num_hidden_layers`: the output) that
+    `embedding_layer` names; None for the last (the output, read without the other layers)."""
+    text = str(spec).strip().lower()
+    if text == "last":
+        return None
+    if text == "middle":
+        return None if num_hidden_layers is None else num_hidden_layers // 2
+    try:
+        layer = int(text)
+    except ValueError:
+        raise ValueError(f"embedding_layer must be last, middle or a layer number, got {spec!r}.") from None
+    if num_hidden_layers is None:
+        return layer
+    if not -num_hidden_layers - 1 <= layer <= num_hidden_layers:
+        raise ValueError(f"embedding_layer {layer} is outside the backbone's 0..{num_hidden_layers} hidden states.")
+    layer = layer % (num_hidden_layers + 1)
+    return None if layer == num_hidden_layers else layer
 
 
 def peft_config_to_dict(peft_config) -> dict | None:

@@ -29,7 +29,7 @@ from .backbone import (
     local_model_folder,
     match_backbone_dtype,
 )
-from .configuration_vpl import VPLConfig
+from .configuration_vpl import VPLConfig, resolve_embedding_layer
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -246,6 +246,7 @@ class VPLRewardModel(PreTrainedModel):
             )
         self.config.backbone_signature = signature
         self.config.backbone_config = backbone_config_dict(backbone.config)
+        resolve_embedding_layer(self.config.embedding_layer, backbone.config.num_hidden_layers)  # fail early
         # A bitsandbytes-quantized backbone: flag the whole model as TRL and Trainer test it (QLoRA handling).
         self.is_loaded_in_4bit = bool(getattr(backbone, "is_loaded_in_4bit", False))
         self.is_loaded_in_8bit = bool(getattr(backbone, "is_loaded_in_8bit", False))
@@ -304,12 +305,17 @@ class VPLRewardModel(PreTrainedModel):
     # ----- embeddings -------------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_adapter: bool = True) -> torch.Tensor:
-        """Pooled last-layer hidden state of each (right-padded) sequence. `use_adapter=False` embeds with
-        the backbone without its LoRA adapter, as context pairs are embedded."""
+        """Pooled hidden state (`config.embedding_layer`, by default the last) of each (right-padded) sequence.
+        `use_adapter=False` embeds with the backbone without its LoRA adapter, as context pairs are embedded."""
         if not use_adapter and self.config.embedding_mode == "lora":
             with adapter_disabled(self.model):
                 return self.embed(input_ids, attention_mask, use_adapter=True)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        layer = resolve_embedding_layer(getattr(self.config, "embedding_layer", "last"),
+                                        self.config.backbone_config.get("num_hidden_layers")
+                                        if self.config.backbone_config else None)
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            output_hidden_states=layer is not None)
+        hidden = output.last_hidden_state if layer is None else output.hidden_states[layer]
         if self.config.pooling == "mean":
             weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
             return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
