@@ -31,9 +31,10 @@ class VPLArchitecture:
     pooling: str = field(default="last", metadata={"help": "last (non-pad token) or mean.", "choices": list(POOLINGS)})
     embedding_layer: str | None = field(
         default=None,
-        metadata={"help": "The backbone's hidden state that is pooled: last, middle, or a number (0: the token "
-                          "embeddings). Default: last; the trainer's frozen mode takes middle, which carries more of "
-                          "the text's surface (benchmarks/results/embedding_layers.md)."},
+        metadata={"help": "The backbone's hidden state that is pooled: last (the default), middle, or a number (0: "
+                          "the token embeddings). A frozen SmolLM2's middle layer carries more of a text's surface "
+                          "(length, structure, wording) but less of what Pets' users agree on "
+                          "(benchmarks/results/embedding_layers.md)."},
     )
     encoder_type: str = field(
         default="attention",

@@ -10,11 +10,6 @@ from trl import RewardConfig
 from ..distributed import configure_torch_extensions_dir
 from ..models.configuration_vpl import EMBEDDING_MODES, REWARD_TYPES, VPLArchitecture
 
-# The hidden state a frozen backbone's embeddings pool by default: in SmolLM2-135M the middle layer carries more of a
-# text's surface than the output (attribute-probe R^2 0.75 against 0.60; benchmarks/results/embedding_layers.md).
-# A trained backbone (lora, full) learns to bring what the reward needs to its output.
-FROZEN_EMBEDDING_LAYER = "last"
-
 
 @dataclass
 class VPLRewardConfig(VPLArchitecture, RewardConfig):
@@ -32,8 +27,7 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
         Default, as in `trl.RewardTrainer`: `lora` when the trainer is given a `peft_config`, else `full`; frozen
         or full mode with a `peft_config` is refused.
     latent_dim, hidden_dim, num_atoms, pooling, embedding_layer, encoder_type, decoder_type, normalize_latent: the
-        model's shape, declared once in [`VPLArchitecture`] (and stored by `VPLConfig`); `embedding_layer` defaults to
-        `FROZEN_EMBEDDING_LAYER` in frozen mode, else `last`.
+        model's shape, declared once in [`VPLArchitecture`] (and stored by `VPLConfig`).
 
     > Training
 
@@ -105,8 +99,6 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
                 "embedding_mode='lora' (or leave it unset) to train the adapter, or pass no peft_config."
             )
         kwargs = {"reward_type": self.model_type, "embedding_mode": mode, **self.architecture()}
-        if kwargs["embedding_layer"] is None:
-            kwargs["embedding_layer"] = FROZEN_EMBEDDING_LAYER if mode == "frozen" else "last"
         return kwargs if peft_config is None else {**kwargs, "peft_config": peft_config}
 
     def __post_init__(self):
