@@ -158,7 +158,7 @@ def test_lore_serves_a_new_user_from_their_pairs_better_than_one_pooled_reward()
     assert np.mean(right) > 0.8 and np.mean(right) > np.mean(pooled) + 0.1
 
 
-@pytest.mark.parametrize("decoder_type", ["bilinear", "mlp"])
+@pytest.mark.parametrize("decoder_type", ["bilinear", "mlp", "residual"])
 def test_oracle_uses_the_true_weights(decoder_type):
     embeddings, pairs, weights, _ = linear_users(60, user_seed=2)
     oracle = fit_oracle_reward(embeddings, pairs, weights, hidden_dim=64, decoder_type=decoder_type, steps=1500)

@@ -62,15 +62,13 @@ def residual_model(tiny_backbone) -> VPLRewardModel:
 
 def test_residual_decoder_gives_the_prior_user_the_pooled_reward(tiny_backbone):
     model = residual_model(tiny_backbone)
-    assert model.config.normalize_latent is False  # its latent 0 must stay the pooled user
+    assert model.config.normalize_latent is False  # by default its latent 0, the prior user, stays unmoved
     embeddings = torch.randn(6, model.config.embedding_dim)
     with torch.no_grad():
         prior = model(embeddings=embeddings, latent=model.prior_latent(1)).logits
         pooled = model.decoder.pooled(model._standardize(embeddings))
         someone = model(embeddings=embeddings, latent=torch.ones(1, 4)).logits
     assert torch.equal(prior, pooled) and not torch.allclose(someone, pooled)
-    with pytest.raises(ValueError, match="normalize_latent=False"):
-        VPLConfig(decoder_type="residual", normalize_latent=True)
 
 
 def test_bayesian_encoder_narrows_with_evidence_and_cancels_contradictions():
@@ -154,7 +152,29 @@ def test_recipe_selects_on_pseudo_new_users_deterministically(tiny_backbone, man
     assert first["users"] == {"training": 9, "pseudo_new": 3, "pseudo_new_pairs": 3 * (8 - 4)}
     assert [c["settings"] for c in first["candidates"]] == [{"kl_weight": 0.001}, {"kl_weight": 0.1}]
     assert set(first["candidates"][0]["scores"]) == {"0", "0.5", "1"} and "best mean accuracy" in first["reason"]
+    assert set(first["latent_scale"]) == {"1", "2"} and set(first["latent_scale"].values()) <= {0.0, 0.5, 1.0}
+    scores = next(c for c in first["candidates"] if c["settings"] == first["settings"])["scores"]
+    for k, scale in first["latent_scale"].items():  # at each K, no scale scored better on the pseudo-new users
+        assert scores[f"{scale:g}"][k]["accuracy"] == max(entry[k]["accuracy"] for entry in scores.values())
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["latent_scale"] == first["latent_scale"]
     results = json.loads((tmp_path / "a" / "eval_results.json").read_text())
     assert results["selection"]["settings"] == first["settings"]
+
+
+def test_latent_scale_by_context_size_interpolates_in_log_k(tiny_backbone):
+    from vpl_trl.models.modeling_vpl import latent_scale_at
+
+    table = {"1": 0.0, "4": 0.5, "16": 1.0}
+    factors = latent_scale_at(table, torch.tensor([1, 2, 4, 8, 16, 64]), 6).flatten()
+    assert factors.tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    assert latent_scale_at(0.5, None, 3).flatten().tolist() == [0.5, 0.5, 0.5]
+    model = residual_model(tiny_backbone)
+    model.config.latent_scale = {"1": 0.0, "16": 1.0}
+    chosen, rejected = torch.randn(2, 1, 4, model.config.embedding_dim)
+    mean, logvar = model.encode_context(chosen, rejected)
+    one = model.latent_from_posterior(mean, logvar, torch.tensor([1]))
+    sixteen = model.latent_from_posterior(mean, logvar, 16)
+    assert torch.equal(one, torch.zeros_like(one)) and torch.allclose(sixteen, mean)
+    with pytest.raises(ValueError, match="latent_scale must be"):
+        VPLConfig(latent_scale={"0": 1.0})

@@ -4,8 +4,10 @@ A fraction of the training users is held out whole (`split_pseudo_new_users`): e
 context, and their other pairs are scored. Every candidate of a small grid of training settings (for example the KL
 weight, the epochs, the context draws) is trained on the other users and scored on the held-out ones at several
 context sizes K, with the user's latent scaled by each of `latent_scales` (0 is the pooled reward every user starts
-from, with the residual decoder). The best candidate and scale, by the mean accuracy over the K values, is what the
-final model (trained on every user) uses: `select_settings` returns it with every candidate's scores and the reason.
+from, with the residual decoder). At each K the best scale is kept (a user's few pairs move the reward only as far as
+that paid on held-out users; at worst, scale 0, not at all), and the candidate with the best mean accuracy over the K
+values is what the final model (trained on every user) uses, saved with that table of scales as its `latent_scale`:
+`select_settings` returns it with every candidate's scores and the reason.
 
 `recipes/train_reward.py` runs it when `--selection_fraction` is above 0 and writes `DIR/selection.json`.
 """
@@ -88,8 +90,16 @@ class SelectionArguments:
         return [dict(zip(grid, combination)) for combination in itertools.product(*values)]
 
 
-def _larger_scale_first(item: tuple[str, Any]) -> float:
-    return 0.0 if item[0] == "-" else -float(item[0])
+def _best_scales(scores: dict[str, dict[str, Any]], context_sizes: list[int]) -> tuple[dict[str, float] | None, float]:
+    """The best latent scale at each context size (ties: the smaller, nearer the pooled reward) and the mean of the
+    accuracies it reaches; a model without a latent has one entry, `"-"`."""
+    if "-" in scores:
+        return None, scores["-"]["score"]
+    scales = sorted(scores, key=float)
+    table = {str(k): float(max(scales, key=lambda s: (scores[s][str(k)]["accuracy"], -float(s))))
+             for k in context_sizes}
+    accuracy = float(np.mean([scores[f"{table[str(k)]:g}"][str(k)]["accuracy"] for k in context_sizes]))
+    return table, accuracy
 
 
 def _numbers(text: str, kind: type, name: str) -> list:
@@ -171,7 +181,7 @@ def score_on_pseudo_new_users(trainer, pseudo_new: Dataset, context_sizes: list[
 @dataclass
 class SelectionResult:
     settings: dict[str, Any]
-    latent_scale: float | None
+    latent_scale: dict[str, float] | None
     candidates: list[dict[str, Any]]
     reason: str
     users: dict[str, int]
@@ -197,8 +207,9 @@ def select_settings(
     output_dir: str | Path,
 ) -> SelectionResult:
     """Train every grid candidate (`make_trainer(candidate_args, train_subset)`, a `VPLRewardTrainer`) on the users
-    not held out, score it on the pseudo-new users, and return the best settings and latent scale. Ties keep the
-    earlier candidate and the larger scale."""
+    not held out, score it on the pseudo-new users at each context size and latent scale, and return the best
+    settings with their best scale at each context size (a `latent_scale` table by K). Ties keep the earlier
+    candidate and the smaller scale."""
     start = time.perf_counter()
     train, pseudo_new = split_pseudo_new_users(train_dataset, selection.selection_fraction, args.seed,
                                                selection.selection_context_pairs)
@@ -211,22 +222,20 @@ def select_settings(
         scores = score_on_pseudo_new_users(trainer, pseudo_new, selection.context_sizes, selection.latent_scales,
                                            seed=args.seed)
         candidates.append({"settings": settings, "scores": scores})
-    best_score, best = -1.0, None
-    for number, candidate in enumerate(candidates):
-        for scale, entry in sorted(candidate["scores"].items(), key=_larger_scale_first):
-            if entry["score"] > best_score:
-                best_score, best = entry["score"], (number, scale)
-    number, scale = best
+    for candidate in candidates:
+        candidate["latent_scale"], candidate["score"] = _best_scales(candidate["scores"], selection.context_sizes)
+    number = max(range(len(candidates)), key=lambda n: (candidates[n]["score"], -n))
     chosen = candidates[number]
     ks = "/".join(str(k) for k in selection.context_sizes)
-    reason = (f"candidate {number} {chosen['settings'] or '(the given settings)'}"
-              + ("" if scale == "-" else f" with latent scale {scale}")
-              + f" has the best mean accuracy over K={ks} on the pseudo-new users: {100 * best_score:.1f}%")
-    pooled = chosen["scores"].get("0")
-    if pooled is not None and scale != "0":
-        reason += f" (its pooled reward, scale 0: {100 * pooled['score']:.1f}%)"
+    reason = (f"candidate {number} {chosen['settings'] or '(the given settings)'} has the best mean accuracy over "
+              f"K={ks} on the pseudo-new users: {100 * chosen['score']:.1f}%")
+    if chosen["latent_scale"] is not None:
+        by_k = ", ".join(f"K={k}: {v:g}" for k, v in chosen["latent_scale"].items())
+        reason += f", with the latent scaled by {by_k}"
+        if "0" in chosen["scores"]:
+            reason += f" (its pooled reward, scale 0: {100 * chosen['scores']['0']['score']:.1f}%)"
     users = {"training": len(set(train["user_id"])), "pseudo_new": len(set(pseudo_new["user_id"])),
              "pseudo_new_pairs": len(pseudo_new)}
-    return SelectionResult(settings=chosen["settings"], latent_scale=None if scale == "-" else float(scale),
+    return SelectionResult(settings=chosen["settings"], latent_scale=chosen["latent_scale"],
                            candidates=candidates, reason=reason + ".", users=users,
                            seconds=time.perf_counter() - start)

@@ -7,27 +7,27 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.modeling_vpl import BilinearRewardDecoder, _mlp
+from ..models.modeling_vpl import LATENT_DECODERS, _mlp
 from .pairs import PreferencePairs, fit_bradley_terry
 
 
 class OracleReward(nn.Module):
-    """r(e, w): the `decoder_type` decoder of a VPL model (`mlp` on `[e, w]` or `bilinear`) on standardized
-    embeddings and a user's true weight vector `w`."""
+    """r(e, w): the `decoder_type` decoder of a VPL model (`mlp` on `[e, w]`, `bilinear` or `residual`) on
+    standardized embeddings and a user's true weight vector `w`."""
 
     def __init__(self, embedding_dim: int, num_weights: int, hidden_dim: int = 256, decoder_type: str = "bilinear"):
         super().__init__()
         self.decoder_type = decoder_type
-        if decoder_type == "bilinear":
-            self.decoder = BilinearRewardDecoder(embedding_dim, num_weights, hidden_dim)
+        if decoder_type in LATENT_DECODERS:
+            self.decoder = LATENT_DECODERS[decoder_type](embedding_dim, num_weights, hidden_dim)
         elif decoder_type == "mlp":
             self.decoder = _mlp(embedding_dim + num_weights, hidden_dim, 1, out_bias=False)
         else:
-            raise ValueError(f"decoder_type must be 'mlp' or 'bilinear', got {decoder_type!r}.")
+            raise ValueError(f"decoder_type must be 'mlp', 'bilinear' or 'residual', got {decoder_type!r}.")
 
     def forward(self, embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Rewards (n,) of `embeddings` (n, d) for users with `weights` (n, num_weights)."""
-        if self.decoder_type == "bilinear":
+        if self.decoder_type in LATENT_DECODERS:
             return self.decoder(embeddings, weights).squeeze(-1)
         return self.decoder(torch.cat([embeddings, weights], dim=-1)).squeeze(-1)
 

@@ -233,7 +233,7 @@ class RewardInference:
         pairs = pairs.view(2, 1, len(context), -1)
         with _eval_mode(self.model):
             mean, logvar = self.model.encode_context(pairs[0], pairs[1])
-            return self.model.latent_from_posterior(mean, logvar)
+            return self.model.latent_from_posterior(mean, logvar, len(context))
 
     @torch.no_grad()
     def rewards(self, embeddings: torch.Tensor, latent: torch.Tensor | None = None) -> list[float]:

@@ -29,8 +29,8 @@ class VPLArchitecture:
     hidden_dim: int = field(default=512, metadata={"help": "Width of the encoder and decoder MLPs."})
     num_atoms: int = field(default=10, metadata={"help": "Atoms of the categorical head."})
     pooling: str = field(default="last", metadata={"help": "last (non-pad token) or mean.", "choices": list(POOLINGS)})
-    embedding_layer: str | None = field(
-        default=None,
+    embedding_layer: str = field(
+        default="last",
         metadata={"help": "The backbone's hidden state that is pooled: last (the default), middle, or a number (0: "
                           "the token embeddings). A frozen SmolLM2's middle layer carries more of a text's surface "
                           "(length, structure, wording) but less of what Pets' users agree on "
@@ -56,8 +56,11 @@ class VPLArchitecture:
     )
 
     def architecture(self) -> dict:
-        """These fields' values."""
-        return {f.name: getattr(self, f.name) for f in fields(VPLArchitecture)}
+        """These fields' values, with the defaults that depend on others resolved (`normalize_latent`)."""
+        values = {f.name: getattr(self, f.name) for f in fields(VPLArchitecture)}
+        if values["normalize_latent"] is None:
+            values["normalize_latent"] = values["decoder_type"] != "residual"
+        return values
 
 
 def check_choice(owner: str, name: str, value, allowed) -> None:
@@ -87,9 +90,10 @@ class VPLConfig(PretrainedConfig):
             with `lora_r`, `lora_alpha`, `lora_dropout` and `lora_target_modules` load into it.
         latent_dim, hidden_dim, num_atoms, pooling, embedding_layer, encoder_type, decoder_type, normalize_latent: the
             model's shape, as [`VPLArchitecture`] declares and documents them.
-        latent_scale (`float`, default 1.0): at inference, a user's latent is their posterior mean times this
-            factor: 0 serves every user the pooled reward (residual decoder), 1 the posterior mean. Chosen on
-            held-out users by `vpl_trl.selection` (between the two when personalizing does not pay).
+        latent_scale (`float` or `dict`, default 1.0): at inference, a user's latent is their posterior mean times
+            this factor: 0 serves the pooled reward (residual decoder), 1 the posterior mean. A dict `{K: factor}`
+            gives it per number of context pairs (linear in log K between, constant beyond): `vpl_trl.selection`
+            chooses it on held-out users, so that a user's few pairs move the reward only as far as they paid.
     """
 
     model_type = "vpl_reward"
@@ -104,11 +108,11 @@ class VPLConfig(PretrainedConfig):
         embedding_mode: str = "frozen",
         max_sequence_length: int | None = 512,
         peft_config: dict | None = None,
-        latent_scale: float = 1.0,
+        latent_scale: float | dict = 1.0,
         **kwargs,
     ):
-        architecture = VPLArchitecture(**{f.name: kwargs.pop(f.name) for f in fields(VPLArchitecture)
-                                          if f.name in kwargs})
+        architecture = VPLArchitecture(**VPLArchitecture(**{f.name: kwargs.pop(f.name) for f in fields(VPLArchitecture)
+                                                            if f.name in kwargs}).architecture())
         legacy_lora = {LEGACY_LORA_FIELDS[name]: kwargs.pop(name) for name in list(LEGACY_LORA_FIELDS)
                        if name in kwargs}
         kwargs.setdefault("num_labels", 1)  # one scalar reward per sequence, as `trl.RewardTrainer` expects
@@ -129,21 +133,12 @@ class VPLConfig(PretrainedConfig):
         self.embedding_dim = embedding_dim
         self.reward_type = reward_type
         self.embedding_mode = embedding_mode
-        if architecture.embedding_layer is None:
-            architecture.embedding_layer = "last"
         resolve_embedding_layer(architecture.embedding_layer, None)  # fail early on a malformed value
-        if architecture.normalize_latent is None:
-            architecture.normalize_latent = architecture.decoder_type != "residual"
-        if architecture.normalize_latent and architecture.decoder_type == "residual" and reward_type == "vae":
-            raise ValueError(
-                "the residual decoder needs normalize_latent=False: its latent 0 is the pooled user, which "
-                "normalization to norm sqrt(latent_dim) would move."
-            )
-        if latent_scale < 0:
-            raise ValueError(f"latent_scale must be >= 0, got {latent_scale}.")
+        check_latent_scale(latent_scale)
         for name, value in asdict(architecture).items():
             setattr(self, name, value)
-        self.latent_scale = latent_scale
+        self.latent_scale = {str(k): float(v) for k, v in latent_scale.items()} if isinstance(latent_scale, dict) \
+            else float(latent_scale)
         self.max_sequence_length = max_sequence_length
         if peft_config is None and legacy_lora:
             peft_config = {**DEFAULT_LORA, **legacy_lora}
@@ -161,6 +156,17 @@ class VPLConfig(PretrainedConfig):
     @property
     def head_outputs(self) -> int:
         return {"vae": 1, "base": 1, "mean_and_variance": 2, "categorical": self.num_atoms}[self.reward_type]
+
+
+def check_latent_scale(scale) -> None:
+    """A factor >= 0, or a non-empty table of them by a number of context pairs >= 1."""
+    table = scale if isinstance(scale, dict) else {"1": scale}
+    try:
+        valid = bool(table) and all(int(k) >= 1 and float(v) >= 0 for k, v in table.items())
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"latent_scale must be a factor >= 0 or a mapping {{K >= 1: factor >= 0}}, got {scale!r}.")
 
 
 def resolve_embedding_layer(spec: str | int, num_hidden_layers: int | None) -> int | None:

@@ -184,6 +184,25 @@ class VPLRewardOutput(ModelOutput):
     latent: torch.Tensor | None = None
 
 
+def latent_scale_at(scale: float | dict, num_pairs: torch.Tensor | int | None, users: int) -> torch.Tensor:
+    """The factor of each of `users` latents: `scale` itself, or from a table `{K: factor}` (chosen on held-out
+    users) at each user's number of context pairs, linear in log K between the table's K and constant beyond."""
+    if not isinstance(scale, dict):
+        return torch.full((users, 1), float(scale))
+    if num_pairs is None:
+        raise ValueError("a latent_scale given per number of context pairs needs the number of pairs.")
+    points = sorted((math.log2(int(k)), float(v)) for k, v in scale.items())
+    where = torch.log2(torch.as_tensor(num_pairs, dtype=torch.float32).cpu().clamp_min(1).reshape(-1))
+    x = torch.tensor([p[0] for p in points])
+    y = torch.tensor([p[1] for p in points])
+    where = where.clamp(x[0], x[-1]).expand(users) if where.numel() == 1 else where.clamp(x[0], x[-1])
+    if len(points) == 1:
+        return y.expand(users).reshape(-1, 1).clone()
+    upper = torch.searchsorted(x, where, right=True).clamp(1, len(points) - 1)
+    weight = (where - x[upper - 1]) / (x[upper] - x[upper - 1])
+    return (y[upper - 1] + weight * (y[upper] - y[upper - 1])).reshape(-1, 1)
+
+
 def _current_key(key: str) -> str:
     """A weight's name in this version: the backbone was `backbone` (its adapter in a PEFT wrapper) before."""
     for old in ("backbone.base_model.model.", "backbone."):
@@ -361,12 +380,16 @@ class VPLRewardModel(PreTrainedModel):
             return z
         return F.normalize(z, p=2, dim=-1) * math.sqrt(z.shape[-1])
 
-    def latent_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """A posterior draw in training; in evaluation the posterior mean, times `config.latent_scale`. Normalized
-        (before the scale) when `config.normalize_latent`."""
+    def latent_from_posterior(
+        self, mean: torch.Tensor, logvar: torch.Tensor, num_pairs: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """A posterior draw in training; in evaluation the posterior mean, times `config.latent_scale` at the user's
+        number of context pairs (`num_pairs`, one per user or one for all). Normalized (before the scale) when
+        `config.normalize_latent`."""
         if self.training:
             return self.normalize_latent(self.sample_latent(mean, logvar))
-        return self.normalize_latent(mean) * getattr(self.config, "latent_scale", 1.0)
+        scale = latent_scale_at(getattr(self.config, "latent_scale", 1.0), num_pairs, mean.shape[0])
+        return self.normalize_latent(mean) * scale.to(mean)
 
     def prior_latent(self, n: int = 1) -> torch.Tensor:
         """The prior mean user's latent (zeros)."""
@@ -416,7 +439,8 @@ class VPLRewardModel(PreTrainedModel):
                         "or a `latent`."
                     )
                 mean, logvar = self.encode_context(context_chosen, context_rejected, context_mask)
-                latent = self.latent_from_posterior(mean, logvar)
+                num_pairs = context_chosen.shape[1] if context_mask is None else context_mask.sum(-1)
+                latent = self.latent_from_posterior(mean, logvar, num_pairs)
                 output.kl, output.latent_mean, output.latent_logvar = gaussian_kl(mean, logvar), mean, logvar
             latent = latent.to(embeddings.dtype)
             if latent_dropout is not None:

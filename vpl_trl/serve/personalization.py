@@ -186,7 +186,7 @@ class Personalization:
         with self._lock:
             self.latent_computations += 1
             mean, logvar = posterior(self.model, answered.context_chosen, answered.context_rejected)
-            z = self.model.latent_from_posterior(mean, logvar)
+            z = self.model.latent_from_posterior(mean, logvar, len(pairs))
         latent = UserLatent(version, z.cpu(), mean.cpu(), logvar.cpu())
         self.store.save_latent(user_id, latent)
         return latent
