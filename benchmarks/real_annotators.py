@@ -180,7 +180,9 @@ def render(summary: dict[str, Any]) -> str:
         for c in selection["candidates"]:
             lines.append(f"| {c['settings'] or 'as configured'} | "
                          + " | ".join(pct(e["score"]) for e in c["scores"].values()) + " |")
-        lines += ["", f"Scores: mean accuracy over K={'/'.join(str(k) for k in K_VALUES)} on "
+        sizes = [k for k in selection["candidates"][0]["scores"]["0"] if k != "score"]
+        lines += ["", f"Scores: mean accuracy over K={'/'.join(sizes)} at each scale; the chosen candidate's scale "
+                      f"at each K: {selection['latent_scale']}; on "
                       f"{selection['users']['pseudo_new']} pseudo-new users ({selection['users']['pseudo_new_pairs']} "
                       "pairs), training workers held out whole.", ""]
     lines += ["| training | seconds |", "|---|---|",

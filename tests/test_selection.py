@@ -178,3 +178,19 @@ def test_latent_scale_by_context_size_interpolates_in_log_k(tiny_backbone):
     assert torch.equal(one, torch.zeros_like(one)) and torch.allclose(sixteen, mean)
     with pytest.raises(ValueError, match="latent_scale must be"):
         VPLConfig(latent_scale={"0": 1.0})
+
+
+def test_scales_by_context_size_never_shrink_as_pairs_grow_and_ties_stay_pooled():
+    from vpl_trl.selection import _best_scales
+
+    def scores(table: dict[str, list[float]]) -> dict:
+        return {scale: {k: {"accuracy": a} for k, a in zip(("1", "4", "16"), accuracies)}
+                for scale, accuracies in table.items()}
+
+    # K=16 alone would take 0.5, below K=4's 1: the best non-decreasing choice keeps 1 from K=4 on
+    chosen, mean = _best_scales(scores({"0": [0.60, 0.60, 0.60], "0.5": [0.55, 0.62, 0.72], "1": [0.50, 0.66, 0.70]}),
+                                [1, 4, 16])
+    assert chosen == {"1": 0.0, "4": 1.0, "16": 1.0} and mean == pytest.approx((0.60 + 0.66 + 0.70) / 3)
+    assert _best_scales(scores({s: [0.6] * 3 for s in ("0", "0.5", "1")}), [1, 4, 16])[0] == {
+        "1": 0.0, "4": 0.0, "16": 0.0}
+    assert _best_scales({"-": {"0": {"accuracy": 0.7}, "score": 0.7}}, [1]) == (None, 0.7)

@@ -5,7 +5,7 @@ context, and their other pairs are scored. Every candidate of a small grid of tr
 weight, the epochs, the context draws) is trained on the other users and scored on the held-out ones at several
 context sizes K, with the user's latent scaled by each of `latent_scales` (0 is the pooled reward every user starts
 from, with the residual decoder). At each K the best scale is kept (a user's few pairs move the reward only as far as
-that paid on held-out users; at worst, scale 0, not at all), and the candidate with the best mean accuracy over the K
+that paid on held-out users; at worst, scale 0, not at all; never less at a larger K), and the candidate with the best mean accuracy over the K
 values is what the final model (trained on every user) uses, saved with that table of scales as its `latent_scale`:
 `select_settings` returns it with every candidate's scores and the reason.
 
@@ -91,15 +91,24 @@ class SelectionArguments:
 
 
 def _best_scales(scores: dict[str, dict[str, Any]], context_sizes: list[int]) -> tuple[dict[str, float] | None, float]:
-    """The best latent scale at each context size (ties: the smaller, nearer the pooled reward) and the mean of the
-    accuracies it reaches; a model without a latent has one entry, `"-"`."""
+    """The latent scale at each context size, never smaller at a larger K (more of a user's pairs are trusted no
+    less), with the best mean accuracy over the context sizes (ties: the smaller scales, nearer the pooled reward),
+    and that mean; a model without a latent has one entry, `"-"`."""
     if "-" in scores:
         return None, scores["-"]["score"]
     scales = sorted(scores, key=float)
-    table = {str(k): float(max(scales, key=lambda s: (scores[s][str(k)]["accuracy"], -float(s))))
-             for k in context_sizes}
-    accuracy = float(np.mean([scores[f"{table[str(k)]:g}"][str(k)]["accuracy"] for k in context_sizes]))
-    return table, accuracy
+    ks = [str(k) for k in sorted(context_sizes)]
+    # best[i]: (total accuracy, scales so far) of the best non-decreasing sequence ending at scales[i]
+    best = [(scores[s][ks[0]]["accuracy"], [s]) for s in scales]
+    for k in ks[1:]:
+        running, step = None, []
+        for i, scale in enumerate(scales):
+            if running is None or best[i][0] > running[0]:
+                running = best[i]
+            step.append((running[0] + scores[scale][k]["accuracy"], running[1] + [scale]))
+        best = step
+    total, chosen = max(best, key=lambda item: item[0])  # the first best: ties keep the smaller scales
+    return {k: float(s) for k, s in zip(ks, chosen)}, float(total / len(ks))
 
 
 def _numbers(text: str, kind: type, name: str) -> list:
