@@ -4,10 +4,11 @@ A fraction of the training users is held out whole (`split_pseudo_new_users`): e
 context, and their other pairs are scored. Every candidate of a small grid of training settings (for example the KL
 weight, the epochs, the context draws) is trained on the other users and scored on the held-out ones at several
 context sizes K, with the user's latent scaled by each of `latent_scales` (0 is the pooled reward every user starts
-from, with the residual decoder). At each K the best scale is kept (a user's few pairs move the reward only as far as
-that paid on held-out users; at worst, scale 0, not at all; never less at a larger K), and the candidate with the best mean accuracy over the K
-values is what the final model (trained on every user) uses, saved with that table of scales as its `latent_scale`:
-`select_settings` returns it with every candidate's scores and the reason.
+from, with the residual decoder). At each K a scale is kept, never smaller at a larger K, the best such table: a
+user's few pairs move the reward only as far as that paid on held-out users (at worst, scale 0, not at all). The
+candidate with the best mean accuracy over the K values is what the final model (trained on every user) uses, saved
+with its table of scales as its `latent_scale`: `select_settings` returns it with every candidate's scores and the
+reason.
 
 `recipes/train_reward.py` runs it when `--selection_fraction` is above 0 and writes `DIR/selection.json`.
 """

@@ -52,7 +52,7 @@ class VPLArchitecture:
     normalize_latent: bool | None = field(
         default=None,
         metadata={"help": "Scale z to norm sqrt(latent_dim), as in the reference method. Default: on, except with "
-                          "the residual decoder, whose z = 0 must stay the pooled user."},
+                          "the residual decoder (whose latent 0, the prior user, then stays the pooled user)."},
     )
 
     def architecture(self) -> dict:
@@ -111,8 +111,8 @@ class VPLConfig(PretrainedConfig):
         latent_scale: float | dict = 1.0,
         **kwargs,
     ):
-        architecture = VPLArchitecture(**VPLArchitecture(**{f.name: kwargs.pop(f.name) for f in fields(VPLArchitecture)
-                                                            if f.name in kwargs}).architecture())
+        given = VPLArchitecture(**{f.name: kwargs.pop(f.name) for f in fields(VPLArchitecture) if f.name in kwargs})
+        architecture = VPLArchitecture(**given.architecture())  # with the defaults that depend on others resolved
         legacy_lora = {LEGACY_LORA_FIELDS[name]: kwargs.pop(name) for name in list(LEGACY_LORA_FIELDS)
                        if name in kwargs}
         kwargs.setdefault("num_labels", 1)  # one scalar reward per sequence, as `trl.RewardTrainer` expects
