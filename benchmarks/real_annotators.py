@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from population import lore_margins  # noqa: E402
+from population import PoolEmbeddings, lore_margins  # noqa: E402
 
-from vpl_trl.baselines import PreferencePairs, fit_low_rank_reward  # noqa: E402
+from vpl_trl.baselines import fit_low_rank_reward  # noqa: E402
 from vpl_trl.data.format import load_preference_splits  # noqa: E402
 from vpl_trl.data.ukp_conv_arg import UKPConvArgConfig, build_ukp_conv_arg  # noqa: E402
 from vpl_trl.evaluation.metrics import limit_contexts, predict, worst_fraction_mean  # noqa: E402
@@ -84,8 +84,9 @@ def correct_of(predictions: dict[str, Any]) -> np.ndarray:
     return (chosen > rejected).astype(float) + 0.5 * (chosen == rejected)
 
 
-class Embedded:
-    """Every text of the rows (contexts included), embedded once by a saved model's frozen backbone, standardized."""
+class Embedded(PoolEmbeddings):
+    """Every text of the rows (contexts included), embedded once by a saved model's frozen backbone, standardized;
+    `pairs` as the population benchmark's."""
 
     def __init__(self, inference: RewardInference, rows: list[dict[str, Any]]):
         tokenizer, keys = inference.tokenizer, {}
@@ -97,11 +98,6 @@ class Embedded:
         with torch.no_grad():
             self.matrix = inference.model._standardize(raw).float()
         self.row = {key: i for i, key in enumerate(keys)}
-
-    def pairs(self, rows: list[dict[str, Any]], users: dict[str, int] | None = None) -> PreferencePairs:
-        return PreferencePairs([self.row[(r["prompt"], r["chosen"])] for r in rows],
-                               [self.row[(r["prompt"], r["rejected"])] for r in rows],
-                               [users[r["user_id"]] if users else 0 for r in rows])
 
 
 def evaluate(vpl_dir: Path, btl_dir: Path, splits, lore_rank: int, seed: int) -> dict[str, Any]:

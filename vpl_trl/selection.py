@@ -169,6 +169,8 @@ def score_on_pseudo_new_users(trainer, pseudo_new: Dataset, context_sizes: list[
     if not model.config.use_latent:
         latent_scales, context_sizes = [None], [0]
     saved_scale = getattr(model.config, "latent_scale", 1.0)
+    limited = {k: limit_contexts(pseudo_new, k, seed=seed) if k else pseudo_new.remove_columns("context")
+               for k in context_sizes}  # the same K pairs of each user under every scale
     scores: dict[str, dict[str, Any]] = {}
     try:
         for scale in latent_scales:
@@ -176,8 +178,8 @@ def score_on_pseudo_new_users(trainer, pseudo_new: Dataset, context_sizes: list[
             for k in context_sizes:
                 if scale is not None:
                     model.config.latent_scale = scale
-                data = limit_contexts(pseudo_new, k, seed=seed) if k else pseudo_new.remove_columns("context")
-                predictions = trainer.predict_preferences(data, batch_size=PREDICTION_BATCH, name=f"pseudo-new-k{k}")
+                predictions = trainer.predict_preferences(limited[k], batch_size=PREDICTION_BATCH,
+                                                          name=f"pseudo-new-k{k}")
                 correct = np.asarray(predictions["reward_chosen"]) > np.asarray(predictions["reward_rejected"])
                 per_user = [float(correct[users == u].mean()) for u in sorted(set(users.tolist()), key=str)]
                 entry[str(k)] = {"accuracy": float(correct.mean()), "worst_decile": worst_fraction_mean(per_user)}
