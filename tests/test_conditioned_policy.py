@@ -419,3 +419,25 @@ def test_a_saved_policy_travels(tiny_backbone, tiny_reward_model, scorer, pets_d
     old_config = read_policy_config(moved)
     old_config["reward_model"] = str(tiny_reward_model)
     assert policy_reward_model(moved, old_config) == str(tiny_reward_model)
+
+
+def test_offline_pool_answers_are_cut_as_the_policy_samples(tiny_backbone, scorer, pets_data, tmp_path):
+    """The offline round's candidates are the pool's answers cut to `max_completion_length` tokens, the length
+    of the policy's own samples: DPO does not train on text the policy could never write."""
+    from vpl_trl.text import completion_text
+
+    answers = pool_answers(6)
+    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", answers)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 1, num_context=3,
+                                   user_latent=scorer.user_latent)
+    model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+    reward = lambda completions, user_id, **kwargs: [float(len(str(c))) for c in completions]  # noqa: E731
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / "cut", pool, max_completion_length=3,
+                                  bon_keep=1)
+    texts = [completion_text(example[side]).strip() for example in trainer._round_examples
+             for side in ("chosen", "rejected")]
+    assert texts and all(len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 3 for text in texts)
+    assert all(any(answer.startswith(text) and len(text) < len(answer) for answer in answers) for text in texts)

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from transformers import AutoTokenizer
 
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
@@ -128,7 +129,10 @@ def test_recipe_offline_pool_round_then_online_rounds(tiny_reward_model, tiny_ba
     assert [point["step"] for point in results["runs"]["all"]["curve"]] == [rounds[1]["step"]]
     scored = [json.loads(line) for line in (output_dir / "round_candidates.jsonl").read_text().splitlines()]
     offline = [r for r in scored if r["round"] == 0]
-    assert {r["completion"].strip() for r in offline} == set(answers) and {r["user_id"] for r in offline} == set(USERS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    cut = {tokenizer.decode(tokenizer(a, add_special_tokens=False)["input_ids"][:6]).strip() for a in answers}
+    # the pool's answers, cut to the policy's --max_completion_length (6 tokens)
+    assert {r["completion"].strip() for r in offline} == cut and {r["user_id"] for r in offline} == set(USERS)
     assert len([r for r in scored if r["round"] == 1]) == 4 * len(USERS)  # bon_n sampled per user and prompt
 
 
@@ -217,6 +221,11 @@ def test_conditioning_preamble_and_dataset():
                                    chat=False, rows_per_user=3)
     assert len(dataset) == 6 and set(dataset.column_names) == {"prompt", "raw_prompt", "bare_prompt", "user_id"}
     assert all(row["prompt"].endswith(row["raw_prompt"]) and "preferred:" in row["prompt"] for row in dataset)
+    # users with fewer rows than prompts take turns through them: together they cover every prompt
+    dataset = build_policy_dataset(["p1", "p2", "p3", "p4"], {"a": context, "b": context}, PolicyConditioning("none"),
+                                   chat=False, rows_per_user=2)
+    prompts_of = {user: sorted(row["raw_prompt"] for row in dataset if row["user_id"] == user) for user in "ab"}
+    assert prompts_of == {"a": ["p1", "p2"], "b": ["p3", "p4"]}
 
 
 def test_dialogue_prompts_become_chat_turns():
@@ -338,14 +347,14 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
     # the recipe composes the same fields: its flags and YAML keys build the signal's config
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text((Path(__file__).parents[1] / "recipes/configs/ppo_population.yaml").read_text())
-    for spelling in ("--bon_keep", "--bon-keep"):
+    for spelling in ("--bon_n", "--bon-n"):
         script_args, rounds, args, _ = ppo_personalized.make_parser().parse_args_and_config(
-            ["--config", str(recipe), "--reward-model", "r", "--output_dir", str(tmp_path / "out"), spelling, "2",
+            ["--config", str(recipe), "--reward-model", "r", "--output_dir", str(tmp_path / "out"), spelling, "6",
              "--offline-pool", str(pool), "--dpo-beta", "0.3", "--report_to", "none"]
         )
-        assert (rounds.bon_n, rounds.bon_keep, rounds.bon_epochs_per_round) == (4, 2, 4)  # YAML, then the flag
+        assert (rounds.bon_n, rounds.bon_keep, rounds.bon_epochs_per_round) == (6, 1, 1)  # YAML, then the flag
         dpo = ppo_personalized.signal_args("dpo", args, script_args, rounds)
-        assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (4, 2, 0.3)
+        assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (6, 1, 0.3)
         assert dpo.learning_rate == script_args.dpo_learning_rate and dpo.loss_type == ["sigmoid", "sft"]
         assert dpo.max_completion_length == args.max_completion_length == 48 and dpo.offline_pool == str(pool)
         assert dpo.candidates_file == str(tmp_path / "out" / "round_candidates.jsonl")

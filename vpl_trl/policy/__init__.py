@@ -25,7 +25,6 @@ from .distillation import BestOfNDistillationConfig, BestOfNDistillationTrainer
 from .evaluation import (
     PolicyEvaluation,
     format_results,
-    generate_for_user,
     margin_interval,
     mean_rewards,
     plot_matrices,
@@ -72,7 +71,6 @@ __all__ = [
     "context_preamble",
     "draw_context",
     "format_results",
-    "generate_for_user",
     "held_out_contexts",
     "load_prompt_list",
     "load_user_pairs",

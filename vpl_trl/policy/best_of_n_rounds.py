@@ -332,8 +332,9 @@ class BestOfNRounds:
         return Dataset.from_list(examples)
 
     def _pool_candidates(self, row: dict[str, Any]) -> list[str]:
-        """The offline round's candidates of a row: the pool's answers to its prompt, as completions of the prompt
-        the policy sees (a plain-text `...Assistant:` prompt gets the leading space its answers have in data)."""
+        """The offline round's candidates of a row: the pool's answers to its prompt, cut to `max_completion_length`
+        tokens as the policy's own samples are, as completions of the prompt the policy sees (a plain-text
+        `...Assistant:` prompt gets the leading space its answers have in data)."""
         answers = self._pool.get(pool_key(row["raw_prompt"]))
         if answers is None:
             raise ValueError(f"offline_pool {self.args.offline_pool} has no answers to the training prompt "
@@ -341,7 +342,12 @@ class BestOfNRounds:
         if len(answers) < self._min_candidates():
             raise ValueError(f"offline_pool {self.args.offline_pool} has {len(answers)} answer(s) to "
                              f"{str(row['raw_prompt'])[:80]!r}; {self._min_candidates()} are needed per prompt.")
-        return [join_response(row["prompt"], answer) for answer in answers]
+        return [join_response(row["prompt"], self._cut(answer)) for answer in answers]
+
+    def _cut(self, answer: str) -> str:
+        ids = self._tokenizer(answer, add_special_tokens=False)["input_ids"]
+        limit = self.args.max_completion_length
+        return answer if len(ids) <= limit else self._tokenizer.decode(ids[:limit]).rstrip()
 
     def _min_candidates(self) -> int:
         """The fewest candidates a row needs for its `bon_keep` examples."""

@@ -105,22 +105,23 @@ def build_policy_dataset(
     seed: int = 0,
     user_latent: LatentFn | None = None,
 ) -> Dataset:
-    """Policy prompts: `rows_per_user` rows per user cycling through `prompts`, with `prompt` (what the policy
-    sees), `raw_prompt` (what the reward scores), `bare_prompt` (the prompt without the user's conditioning),
-    `user_id` and, for latent conditioning, `user_latent` (the
-    latent of the row's context, from `user_latent(pairs)`). Each conditioned row shows a fresh draw of the
-    user's pairs (`preamble_pairs` in a preamble, `num_context` encoded into `z`), so the policy learns to read
-    a user's pairs rather than memorize one draw."""
+    """Policy prompts: `rows_per_user` rows per user cycling through `prompts` (each user starting where the
+    previous one stopped, so that users with fewer rows than prompts still cover them all together), with `prompt`
+    (what the policy sees), `raw_prompt` (what the reward scores), `bare_prompt` (the prompt without the user's
+    conditioning), `user_id` and, for latent conditioning, `user_latent` (the latent of the row's context, from
+    `user_latent(pairs)`). Each conditioned row shows a fresh draw of the user's pairs (`preamble_pairs` in a
+    preamble, `num_context` encoded into `z`), so the policy learns to read a user's pairs rather than memorize one
+    draw."""
     if not prompts:
         raise ValueError("no prompts to optimize the policy on.")
     if conditioning.uses_latent and user_latent is None:
         raise ValueError("latent conditioning needs `user_latent`, the reward model's encoder of a user's pairs.")
     rng = random.Random(f"policy-dataset-{seed}")
     rows = []
-    for user, pairs in user_pairs.items():
+    for number, (user, pairs) in enumerate(user_pairs.items()):
         if not pairs:
             raise PreferenceDataError(f"user {user!r}: no labelled pairs to condition the policy on.")
-        for index in range(rows_per_user):
+        for index in range(number * rows_per_user, (number + 1) * rows_per_user):
             raw = prompts[index % len(prompts)]
             size = num_context if conditioning.uses_latent else conditioning.preamble_pairs
             context = draw_context(pairs, size, rng) if conditioning.kind != "none" else None

@@ -22,13 +22,16 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list
+from peft import PeftModel
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..checkpoints import FaultTolerantCheckpoints
 from ..models.latent_prompt import conditioned_on, load_latent_prompt_weights, save_latent_prompt
+from .lm_head import add_logits_lm_head
 
 LATENT_COLUMN = "user_latent"
 
@@ -197,14 +200,22 @@ def _chosen_and_rejected(latents: torch.Tensor | None) -> torch.Tensor | None:
 
 class ConditionedDPOTrainer(LatentColumn, LatentPromptCheckpoints, DPOTrainer):
     """`trl.DPOTrainer` for a latent-conditioned policy: each pair's `user_latent` conditions the policy's (and the
-    reference's) forward of both its completions. The soft-prompt module is saved with the adapter."""
+    reference's) forward of both its completions. The soft-prompt module is saved with the adapter. On a CPU (not
+    under ZeRO-3, whose sharded head TRL's gathers), the log-probabilities come from the full logits
+    (`vpl_trl.policy.lm_head`): the same numbers as TRL's chunked head, several times faster there."""
+
+    def _use_logits_head(self) -> None:
+        if not is_deepspeed_zero3_enabled():
+            add_logits_lm_head(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model)
 
     def _compute_loss(self, model, inputs, return_outputs):
+        self._use_logits_head()
         latents = inputs.pop(LATENT_COLUMN, None)
         with conditioned_on(model, _chosen_and_rejected(latents)):
             return super()._compute_loss(model, inputs, return_outputs)
 
     def compute_ref_log_probs(self, model, inputs):
+        self._use_logits_head()
         latents = inputs.pop(LATENT_COLUMN, None)
         with conditioned_on(model, _chosen_and_rejected(latents)):
             return super().compute_ref_log_probs(model, inputs)

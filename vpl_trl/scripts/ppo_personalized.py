@@ -130,8 +130,9 @@ class ScriptArguments:
     num_context: int = field(default=8, metadata={"help": "Context pairs per user that define their latent z."})
     preamble_pairs: int = field(default=2, metadata={"help": "Pairs shown in a text-conditioned policy's prompt."})
     latent_tokens: int = field(default=4, metadata={"help": "Soft-prompt vectors of a latent-conditioned policy."})
-    rows_per_user: int = field(default=64, metadata={"help": "Training prompts per user (prompts cycled), each "
-                                                             "with its own draw of the user's pairs."})
+    rows_per_user: int = field(default=64, metadata={"help": "Training prompts per user (prompts cycled, each user "
+                                                             "starting where the last one stopped), each with its "
+                                                             "own draw of the user's pairs."})
     bon_learning_rate: float | None = field(
         default=None, metadata={"help": "bon_sft: the SFT learning rate (default: --learning_rate)."}
     )

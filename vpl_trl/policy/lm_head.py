@@ -1,0 +1,68 @@
+"""The per-token log-probabilities of TRL's fused LM head, from the full logits: for CPUs.
+
+TRL's trainers (`DPOTrainer`) patch the policy with `trl.trainer.utils.add_fused_lm_head`, which scores the labels
+through the LM head in vocabulary tiles so as never to hold the `(batch, length, vocab)` logits. Without Triton (a
+CPU) the tiles are folded in eager torch: on a 2-core CPU, SmolLM2's head takes about 5x as long as a plain
+`log_softmax` over the whole vocabulary, more than the rest of a DPO step. `add_logits_lm_head` keeps TRL's
+contract (`model(..., labels=..., fused_lm_head=True)` returns a `FusedCausalLMOutput`) and computes it from the
+logits, which a CPU's memory holds easily at the lengths a CPU trains.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from transformers import PreTrainedModel
+from trl.trainer.utils import FusedCausalLMOutput
+
+_PATCHED = "_vpl_logits_lm_head"
+
+
+def plain_head_applies(model: PreTrainedModel) -> bool:
+    """Whether `model`'s head can be replaced: on a CPU, and with plain logits (no softcapping or scaling, which
+    TRL's head handles)."""
+    config = model.config.get_text_config()
+    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in
+                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                  "logits_scaling"))
+    return next(model.parameters()).device.type == "cpu" and not scaled
+
+
+def add_logits_lm_head(model: PreTrainedModel, temperature: float = 1.0) -> bool:
+    """Make `model(..., labels=..., fused_lm_head=True)` (TRL's fused head, already added) compute its outputs from
+    the full logits. Returns whether the head was replaced now (not when it already was, or does not apply)."""
+    if getattr(model, _PATCHED, False) or not plain_head_applies(model):
+        return False
+    fused_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return fused_forward(*args, labels=labels, shift_labels=shift_labels,
+                                 num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100
+        logits = self.get_output_embeddings()(hidden).float() / temperature
+        log_norm = logits.logsumexp(dim=-1)
+        target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        log_probs = (target - log_norm).masked_fill(~mask, 0)
+        with torch.no_grad():  # TRL's metrics (DPO's entropy and logits means, the labels' top-1 rate)
+            probs = torch.softmax(logits, dim=-1)
+            entropy = (log_norm - (probs * logits).sum(dim=-1)).masked_fill(~mask, 0)
+            log_sum_sq_probs = probs.square().sum(dim=-1).log().masked_fill(~mask, 0)
+            mean_logits = logits.mean(dim=-1).masked_fill(~mask, 0)
+            is_top1 = (target >= logits.max(dim=-1).values) & mask
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    setattr(model, _PATCHED, True)
+    return True
