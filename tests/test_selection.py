@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -154,8 +155,9 @@ def test_recipe_selects_on_pseudo_new_users_deterministically(tiny_backbone, man
     assert set(first["candidates"][0]["scores"]) == {"0", "0.5", "1"} and "best mean accuracy" in first["reason"]
     assert set(first["latent_scale"]) == {"1", "2"} and set(first["latent_scale"].values()) <= {0.0, 0.5, 1.0}
     scores = next(c for c in first["candidates"] if c["settings"] == first["settings"])["scores"]
-    for k, scale in first["latent_scale"].items():  # at each K, no scale scored better on the pseudo-new users
-        assert scores[f"{scale:g}"][k]["accuracy"] == max(entry[k]["accuracy"] for entry in scores.values())
+    for k, scale in first["latent_scale"].items():  # at each K, never below the pooled reward on the pseudo-new users
+        assert scores[f"{scale:g}"][k]["accuracy"] >= scores["0"][k]["accuracy"]
+        assert all(len(entry[k]["per_user"]) == 3 for entry in scores.values())
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["latent_scale"] == first["latent_scale"]
     results = json.loads((tmp_path / "a" / "eval_results.json").read_text())
@@ -181,11 +183,22 @@ def test_latent_scale_by_context_size_interpolates_in_log_k(tiny_backbone):
 
 
 def test_scales_by_context_size_never_shrink_as_pairs_grow_and_ties_stay_pooled():
-    from vpl_trl.selection import _best_scales
+    from vpl_trl.selection import _best_scales, _held_back
 
-    def scores(table: dict[str, list[float]]) -> dict:
-        return {scale: {k: {"accuracy": a} for k, a in zip(("1", "4", "16"), accuracies)}
-                for scale, accuracies in table.items()}
+    def scores(table: dict[str, list[float]], spread: dict[str, list[float]] | None = None,
+               worst: dict[str, list[float]] | None = None) -> dict:
+        """Scores of 20 pseudo-new users at K=1/4/16: each user's accuracy is the mean plus the same offset under
+        every scale (plus `spread[scale]`'s, alternating in sign, per K)."""
+        offsets = np.linspace(-0.1, 0.1, 20)
+        signs = np.resize([1.0, -1.0], 20)
+        result = {}
+        for scale, accuracies in table.items():
+            result[scale] = {}
+            for i, (k, accuracy) in enumerate(zip(("1", "4", "16"), accuracies)):
+                noise = (spread or {}).get(scale, [0.0] * 3)[i] * signs
+                result[scale][k] = {"accuracy": accuracy, "per_user": (accuracy + offsets + noise).tolist(),
+                                    "worst_decile": (worst or {}).get(scale, [accuracy - 0.1] * 3)[i]}
+        return result
 
     # K=16 alone would take 0.5, below K=4's 1: the best non-decreasing choice keeps 1 from K=4 on
     chosen, mean = _best_scales(scores({"0": [0.60, 0.60, 0.60], "0.5": [0.55, 0.62, 0.72], "1": [0.50, 0.66, 0.70]}),
@@ -194,3 +207,11 @@ def test_scales_by_context_size_never_shrink_as_pairs_grow_and_ties_stay_pooled(
     assert _best_scales(scores({s: [0.6] * 3 for s in ("0", "0.5", "1")}), [1, 4, 16])[0] == {
         "1": 0.0, "4": 0.0, "16": 0.0}
     assert _best_scales({"-": {"0": {"accuracy": 0.7}, "score": 0.7}}, [1]) == (None, 0.7)
+
+    # a higher mean within noise (half the users gain 20 points, half lose 19) keeps the pooled reward
+    noisy = scores({"0": [0.60] * 3, "1": [0.605] * 3}, spread={"1": [0.195] * 3})
+    assert _best_scales(noisy, [1, 4, 16])[0] == {"1": 0.0, "4": 0.0, "16": 0.0}
+    assert _held_back(noisy, {"1": 0.0, "4": 0.0, "16": 0.0}).startswith("K=1 (scale 1: 60.5% against 60.0%)")
+    # so does a clear gain that costs the worst-served users more than a point
+    costly = scores({"0": [0.60] * 3, "1": [0.60, 0.65, 0.70]}, worst={"1": [0.50, 0.48, 0.52]})
+    assert _best_scales(costly, [1, 4, 16])[0] == {"1": 0.0, "4": 0.0, "16": 1.0}

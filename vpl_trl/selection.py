@@ -5,7 +5,9 @@ context, and their other pairs are scored. Every candidate of a small grid of tr
 weight, the epochs, the context draws) is trained on the other users and scored on the held-out ones at several
 context sizes K, with the user's latent scaled by each of `latent_scales` (0 is the pooled reward every user starts
 from, with the residual decoder). At each K a scale is kept, never smaller at a larger K, the best such table: a
-user's few pairs move the reward only as far as that paid on held-out users (at worst, scale 0, not at all). The
+user's few pairs move the reward only as far as that paid on held-out users (at worst, scale 0, not at all); a
+scale above the smallest must beat it at that K beyond noise (per-user gains, one-sided 90% bootstrap over the
+users) without losing more than a point on the worst decile of users. The
 candidate with the best mean accuracy over the K values is what the final model (trained on every user) uses, saved
 with its table of scales as its `latent_scale`: `select_settings` returns it with every candidate's scores and the
 reason.
@@ -34,6 +36,9 @@ from .evaluation.metrics import limit_contexts, worst_fraction_mean
 
 SELECTION_FILE = "selection.json"
 PREDICTION_BATCH = 128  # pairs per prediction step: the heads are small, the per-step overhead is not
+BOOTSTRAP_RESAMPLES = 2000
+NO_HARM_CONFIDENCE = 0.9  # one-sided: a scale's gain over the pooled reward must be above 0 at this confidence
+WORST_DECILE_SLACK = 0.01  # the worst decile's accuracy a scale may lose against the pooled reward
 
 
 @dataclass
@@ -91,25 +96,59 @@ class SelectionArguments:
         return [dict(zip(grid, combination)) for combination in itertools.product(*values)]
 
 
+def _admissible(scores: dict[str, dict[str, Any]], scale: str, reference: str, k: str) -> bool:
+    """Whether `scale` did no harm at K=`k` against the `reference` scale (the smallest, 0: the pooled reward) on
+    the pseudo-new users: its gain in per-user accuracy is above 0 at one-sided 90% confidence (users resampled),
+    and its worst decile of users is at most a point below the reference's. A gain within noise keeps the
+    reference: a new user's few pairs move the reward only where that measurably paid."""
+    if scale == reference:
+        return True
+    mine, base = scores[scale][k], scores[reference][k]
+    if "per_user" not in mine:  # scores of an older selection.json: the mean accuracy decides
+        return mine["accuracy"] > base["accuracy"]
+    gains = np.asarray(mine["per_user"]) - np.asarray(base["per_user"])
+    rng = np.random.default_rng(0)
+    means = gains[rng.integers(len(gains), size=(BOOTSTRAP_RESAMPLES, len(gains)))].mean(axis=1)
+    return bool(np.quantile(means, 1 - NO_HARM_CONFIDENCE) > 0
+                and mine["worst_decile"] >= base["worst_decile"] - WORST_DECILE_SLACK)
+
+
 def _best_scales(scores: dict[str, dict[str, Any]], context_sizes: list[int]) -> tuple[dict[str, float] | None, float]:
     """The latent scale at each context size, never smaller at a larger K (more of a user's pairs are trusted no
-    less), with the best mean accuracy over the context sizes (ties: the smaller scales, nearer the pooled reward),
-    and that mean; a model without a latent has one entry, `"-"`."""
+    less) and each doing no harm against the smallest scale (`_admissible`), with the best mean accuracy over the
+    context sizes (ties: the smaller scales, nearer the pooled reward), and that mean; a model without a latent has
+    one entry, `"-"`."""
     if "-" in scores:
         return None, scores["-"]["score"]
     scales = sorted(scores, key=float)
     ks = [str(k) for k in sorted(context_sizes)]
-    # best[i]: (total accuracy, scales so far) of the best non-decreasing sequence ending at scales[i]
-    best = [(scores[s][ks[0]]["accuracy"], [s]) for s in scales]
+    allowed = {k: [_admissible(scores, scale, scales[0], k) for scale in scales] for k in ks}
+    # best[i]: (total accuracy, scales so far) of the best admissible non-decreasing sequence ending at scales[i]
+    # (None: no such sequence)
+    best = [(scores[s][ks[0]]["accuracy"], [s]) if allowed[ks[0]][i] else None for i, s in enumerate(scales)]
     for k in ks[1:]:
         running, step = None, []
         for i, scale in enumerate(scales):
-            if running is None or best[i][0] > running[0]:
+            if best[i] is not None and (running is None or best[i][0] > running[0]):
                 running = best[i]
-            step.append((running[0] + scores[scale][k]["accuracy"], running[1] + [scale]))
+            step.append((running[0] + scores[scale][k]["accuracy"], running[1] + [scale])
+                        if allowed[k][i] and running is not None else None)
         best = step
-    total, chosen = max(best, key=lambda item: item[0])  # the first best: ties keep the smaller scales
+    # the first best: ties keep the smaller scales (the smallest scale everywhere is always admissible)
+    total, chosen = max((item for item in best if item is not None), key=lambda item: item[0])
     return {k: float(s) for k, s in zip(ks, chosen)}, float(total / len(ks))
+
+
+def _held_back(scores: dict[str, dict[str, Any]], table: dict[str, float]) -> str:
+    """The context sizes where a larger scale than the chosen one scored a higher mean accuracy, with theirs."""
+    notes = []
+    for k, chosen in table.items():
+        larger = [scale for scale in scores if float(scale) > chosen]
+        best = max(larger, key=lambda scale: scores[scale][k]["accuracy"], default=None)
+        if best is not None and scores[best][k]["accuracy"] > scores[f"{chosen:g}"][k]["accuracy"]:
+            notes.append(f"K={k} (scale {best}: {100 * scores[best][k]['accuracy']:.1f}% against "
+                         f"{100 * scores[f'{chosen:g}'][k]['accuracy']:.1f}%)")
+    return ", ".join(notes)
 
 
 def _numbers(text: str, kind: type, name: str) -> list:
@@ -182,7 +221,8 @@ def score_on_pseudo_new_users(trainer, pseudo_new: Dataset, context_sizes: list[
                                                           name=f"pseudo-new-k{k}")
                 correct = np.asarray(predictions["reward_chosen"]) > np.asarray(predictions["reward_rejected"])
                 per_user = [float(correct[users == u].mean()) for u in sorted(set(users.tolist()), key=str)]
-                entry[str(k)] = {"accuracy": float(correct.mean()), "worst_decile": worst_fraction_mean(per_user)}
+                entry[str(k)] = {"accuracy": float(correct.mean()), "worst_decile": worst_fraction_mean(per_user),
+                                 "per_user": per_user}
             entry["score"] = float(np.mean([entry[str(k)]["accuracy"] for k in context_sizes]))
             scores["-" if scale is None else f"{scale:g}"] = entry
     finally:
@@ -246,6 +286,11 @@ def select_settings(
         reason += f", with the latent scaled by {by_k}"
         if "0" in chosen["scores"]:
             reason += f" (its pooled reward, scale 0: {100 * chosen['scores']['0']['score']:.1f}%)"
+        held_back = _held_back(chosen["scores"], chosen["latent_scale"])
+        if held_back:
+            reason += ("; kept nearer the pooled reward where a larger scale scored higher but its gain was within "
+                       "noise, cost the worst-served users, or would have forced a larger scale at a larger K: "
+                       f"{held_back}")
     users = {"training": len(set(train["user_id"])), "pseudo_new": len(set(pseudo_new["user_id"])),
              "pseudo_new_pairs": len(pseudo_new)}
     return SelectionResult(settings=chosen["settings"], latent_scale=chosen["latent_scale"],
