@@ -345,6 +345,7 @@ class BestOfNRounds:
         return [join_response(row["prompt"], self._cut(answer)) for answer in answers]
 
     def _cut(self, answer: str) -> str:
+        """`answer`'s first `max_completion_length` tokens."""
         ids = self._tokenizer(answer, add_special_tokens=False)["input_ids"]
         limit = self.args.max_completion_length
         return answer if len(ids) <= limit else self._tokenizer.decode(ids[:limit]).rstrip()
