@@ -26,7 +26,8 @@ true utility.
 
 Writes `DIR/summary.json` (`{"new_users_heldout_prompts": {"users", "prompts", "vs_untrained", "vs_bt_blind",
 "best_of_16_vs_untrained", "users_gaining", "utility": {POLICY: ...}, "gains": {POLICY: {BASELINE: ...}}},
-"hacking": {POLICY: {"reward": [...], "utility": [...]}}, "training": {...}, "generation": {...}, "seconds"}`),
+"personalization": {POLICY: ...}, "hacking": {POLICY: {"reward": [...], "utility": [...]}}, "training": {...},
+"generation": {...}, "seconds"}`),
 the results file and its PNGs. `--reuse` keeps the trained models and the scored answers found in DIR.
 """
 
@@ -70,7 +71,8 @@ PAIR_KEYS = ("prompt", "chosen", "rejected")
 TRAINED = {
     "conditioned": ("vpl", ["--mode", "conditioned", "--conditioning", "latent"]),
     "text": ("vpl", ["--mode", "conditioned", "--conditioning", "text", "--preamble_pairs", "2"]),
-    "bt_blind": ("bt", ["--mode", "shared"]),
+    # a user-blind reward rates every answer alike for every user: no contrast between users to pair on
+    "bt_blind": ("bt", ["--mode", "shared", "--contrast_pairs", "0"]),
 }
 COLORS = {"untrained": "0.6", "best_of_16": "tab:purple", "bt_blind": "tab:orange", "text": "tab:blue",
           "conditioned": "tab:green"}
@@ -248,6 +250,26 @@ def new_user_summary(scored: dict, users: int, prompts: int, samples: int, best_
     return summary
 
 
+def personalization(scored: dict, population: Population) -> dict[str, dict[str, float]]:
+    """How much each policy's answers are each user's own: the mean over users of their true utility for the
+    answers written for them minus for the answers written for the other new users (the same prompts), with the
+    share of users for whom it is positive. 0 for a user-blind policy; the answers' counterpart of the reward
+    model's context swap."""
+    result = {}
+    for name, by_user in scored.items():
+        users = list(by_user)
+        scores = {u: population.attribute_scores(by_user[u]["answers"]) for u in users}
+        gaps = []
+        for user in users:
+            weights = population.weights(user)
+            own = float(np.mean(scores[user] @ weights))
+            others = [float(np.mean(scores[other] @ weights)) for other in users if other != user]
+            gaps.append(own - float(np.mean(others)))
+        # a user-blind policy's gaps are 0 up to rounding: not positive
+        result[name] = {"mean": float(np.mean(gaps)), "users_positive": float(np.mean(np.asarray(gaps) > 1e-9))}
+    return result
+
+
 def _interval(gain: dict[str, Any]) -> dict[str, Any]:
     return {"mean": gain["mean"], "ci95": gain["ci95"]}
 
@@ -349,6 +371,12 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
         for baseline, value in against.items():
             lines.append(f"| {name} | {baseline} | {value['mean']:+.3f} [{value['ci95'][0]:+.3f}, "
                          f"{value['ci95'][1]:+.3f}] | {value['users_gaining']:.0%} |")
+    lines += ["", "Personalization: each new user's true utility for the answers written for them minus for those "
+              "written for the other new users (same prompts); 0 for a user-blind policy.", "",
+              "| policy | own answers minus the others' | users for whom positive |", "|---|---|---|"]
+    for name, value in summary.get("personalization", {}).items():
+        if name != "untrained":
+            lines.append(f"| {name} | {value['mean']:+.3f} | {value['users_positive']:.0%} |")
     lines += ["", f"![new users]({stem}_new_users.png)", "", "## Training", "",
               "| policy | reward | train min | rounds | DPO steps | seconds in generation, scoring, updates |",
               "|---|---|---|---|---|---|"]
@@ -436,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "new_users_heldout_prompts": new_user_summary(scored, len(contexts), len(prompts), args.samples,
                                                       args.best_of),
+        "personalization": personalization(scored, population),
         "hacking": {name: round_curves(folder / name / "round_candidates.jsonl", population) for name in runs},
         "training": {},
         "train_users": args.train_users, "train_prompts": args.train_prompts,

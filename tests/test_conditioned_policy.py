@@ -363,6 +363,45 @@ def test_offline_pool_pairs_are_ranked_per_user_without_generation(tiny_backbone
     assert all(later > earlier for earlier, later in zip(margins, margins[1:]))
 
 
+def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets_data, tmp_path):
+    """With `contrast_pairs`, the offline round's last pairs per user set the answer of their upper half that they
+    prefer most relative to the other users against the answer of their lower half that the others prefer most
+    relative to them, rather than their best against an answer everyone dislikes."""
+    from vpl_trl.text import completion_text
+
+    answers = pool_answers(6)
+    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", answers)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 1, num_context=3,
+                                   user_latent=scorer.user_latent)
+    user_of = {tuple(row["user_latent"]): row["user_id"] for row in dataset}
+    # harmless likes 0 best, then 1, which helpful likes least; helpful likes 3 best (harmless's 4th), then 0
+    table = {"harmless": [5, 4, 3, 2, 1, 0], "helpful": [4, 0, 2, 5, 3, 1]}
+
+    def reward(prompts, completions, user_id, raw_prompt, **kwargs):
+        return [float(table[user][answers.index(completion_text(c).strip())]) for user, c in zip(user_id, completions)]
+
+    def pairs_by_user(contrast_pairs: int) -> dict[str, list[tuple[int, int]]]:
+        model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+        trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / str(contrast_pairs), pool,
+                                      bon_keep=2, contrast_pairs=contrast_pairs)
+        found = {user: [] for user in USERS}
+        for example in trainer._round_examples:
+            found[user_of[tuple(example["user_latent"])]].append(
+                tuple(answers.index(completion_text(example[side]).strip()) for side in ("chosen", "rejected")))
+        return found
+
+    assert pairs_by_user(0) == {"harmless": [(0, 5), (1, 4)], "helpful": [(3, 1), (0, 5)]}
+    # harmless: of its upper half 0, 1, 2, answer 1 is the most its own (helpful likes it least); of its lower half
+    # 3, 4, 5 helpful prefers 3 most. helpful: of 3, 0, 4, answer 3 is the most its own; of 2, 5, 1 harmless
+    # prefers 1 most
+    assert pairs_by_user(1) == {"harmless": [(0, 5), (1, 3)], "helpful": [(3, 1), (3, 1)]}
+    with pytest.raises(ValueError, match="contrast_pairs must be between 0 and bon_keep=2"):
+        offline_dpo_trainer(None, tokenizer, dataset, reward, tmp_path / "bad", pool, bon_keep=2, contrast_pairs=3)
+
+
 def test_a_saved_policy_travels(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, tmp_path_factory,
                                 monkeypatch, capsys):
     """A trained policy records its base model's hub id (resolved locally, as the embedded default is) and keeps

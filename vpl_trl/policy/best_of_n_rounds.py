@@ -14,7 +14,9 @@ examples, the learning curve), so that a run resumed from it (`args.resume_from_
 
 With `offline_pool` (a shared pool of candidate answers, such as `data/population_pool.jsonl.gz`), the first round
 generates nothing: each (user, prompt) row's candidates are the pool's answers to its prompt, ranked by the user's
-reward like any round's; the online rounds follow.
+reward like any round's; the online rounds follow. Where several users rank the same candidates (the pool, a
+shared first round), each user's ranking is also compared with the other users' of the prompt
+(`_preferred_by_others`), for the trainers that pair what sets a user apart (`contrast_pairs`).
 
 The rounds' settings are fields of the trainers' configs (`BestOfNRoundsConfig`: `RewardRankedDPOConfig`,
 `BestOfNDistillationConfig`); `BestOfNRoundsArguments`, the part of them that the policy recipe exposes as flags,
@@ -70,6 +72,14 @@ class BestOfNRoundsArguments:
         default=None, metadata={"help": "A JSONL file that receives every scored candidate of every round (bon_sft "
                                         "and dpo; the recipe's default: `output_dir/round_candidates.jsonl`)."}
     )
+    contrast_pairs: int = field(
+        default=0, metadata={"help": "dpo: of the `bon_keep` pairs per user and prompt, how many are contrast pairs "
+                                     "in a round whose candidates several users score (the offline pool, a shared "
+                                     "first round): of the user's upper half, the candidate they prefer most "
+                                     "relative to the prompt's other users, against the candidate of their lower "
+                                     "half that the others prefer most relative to them. They carry what sets a "
+                                     "user apart; the other pairs, best against worst, what everyone prefers."}
+    )
     offline_pool: str | None = field(
         default=None, metadata={"help": "A pool of candidate answers (JSONL, may be gzipped; rows with `prompt` and "
                                         "`response`, e.g. data/population_pool.jsonl.gz): the first round ranks the "
@@ -96,6 +106,9 @@ class BestOfNRoundsArguments:
         if rounds.bon_n < candidates * rounds.bon_keep:
             raise ValueError(f"bon_keep={rounds.bon_keep} {what} per prompt need at least "
                              f"{candidates * rounds.bon_keep} candidates; got bon_n={rounds.bon_n}.")
+        if not 0 <= rounds.contrast_pairs <= rounds.bon_keep:
+            raise ValueError(f"contrast_pairs must be between 0 and bon_keep={rounds.bon_keep}, got "
+                             f"{rounds.contrast_pairs}.")
         if rounds.offline_pool and not Path(rounds.offline_pool).is_file():
             raise ValueError(f"offline_pool {rounds.offline_pool}: no such file.")
 
@@ -273,8 +286,11 @@ class BestOfNRounds:
         }
         (folder / ROUNDS_STATE).write_text(json.dumps(state, default=str))
 
-    def _select(self, row: dict[str, Any], ranked: Ranked) -> list[tuple[float, dict[str, Any]]]:
-        """A row's examples with their scores (what `replay` ranks them by)."""
+    def _select(self, row: dict[str, Any], ranked: Ranked, others: dict[str, float] | None = None
+                ) -> list[tuple[float, dict[str, Any]]]:
+        """A row's examples with their scores (what `replay` ranks them by). `others`, with `contrast_pairs` where
+        the row's candidates are shared: how much more the round's other users of its prompt prefer each candidate
+        than this user does ([`_preferred_by_others`])."""
         raise NotImplementedError
 
     def _prepare_round(self, data: Dataset) -> Dataset:
@@ -304,11 +320,16 @@ class BestOfNRounds:
             prompts=[row["prompt"] for row, _ in flat], completions=[text for _, text in flat],
             user_id=[row["user_id"] for row, _ in flat], raw_prompt=[row["raw_prompt"] for row, _ in flat],
         ) if flat else []
-        selected, stats, scored, begin, keep = [], [], [], 0, self.args.bon_keep
+        ranked_rows, begin = [], 0
         for row, texts in zip(mine, candidates):
             ranked = sorted(zip(rewards[begin : begin + len(texts)], texts), key=lambda pair: pair[0], reverse=True)
+            ranked_rows.append((row, ranked))
             begin += len(texts)
-            examples = self._select(row, ranked)
+        contrast = self.args.contrast_pairs > 0 and (offline or shared)
+        others = _preferred_by_others(ranked_rows) if contrast else {}
+        selected, stats, scored, keep = [], [], [], self.args.bon_keep
+        for row, ranked in ranked_rows:
+            examples = self._select(row, ranked, others.get(_group(row)))
             selected += [(_group(row), score, example) for score, example in examples]
             stats.append({"user_id": row["user_id"], "mean": sum(r for r, _ in ranked) / len(ranked),
                           "kept": sum(r for r, _ in ranked[: keep]) / min(keep, len(ranked))})
@@ -397,6 +418,33 @@ class BestOfNRounds:
         self.rounds.append(record)
         if hasattr(self, "state"):
             self.log({k: v for k, v in record.items() if k not in ("round", "step", "elapsed", "offline")})
+
+
+def _preferred_by_others(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -> dict[Group, dict[str, float]]:
+    """For each (user, prompt) of a round whose candidates several users scored (the pool's, or a shared first
+    round's): each candidate's mean reward under the prompt's other users minus its reward under this user, both
+    standardized over the candidates of a row (so that users whose rewards have different scales count alike). A
+    candidate that the others like and this user does not scores high; a candidate that everyone rates the same,
+    0. Every process gets every user's scores."""
+    standardized = []
+    for row, ranked in ranked_rows:
+        rewards = torch.tensor([reward for reward, _ in ranked], dtype=torch.float64)
+        spread = float(rewards.std()) if len(ranked) > 1 else 0.0
+        values = ((rewards - rewards.mean()) / spread if spread > 0 else torch.zeros_like(rewards)).tolist()
+        standardized.append((_group(row), {text: value for (_, text), value in zip(ranked, values)}))
+    by_prompt: dict[str, dict[str, dict[str, float]]] = {}
+    for (user, prompt), values in gather_object(standardized):
+        by_prompt.setdefault(prompt, {})[user] = values
+    result = {}
+    for prompt, users in by_prompt.items():
+        for user, mine in users.items():
+            others = [values for other, values in users.items() if other != user]
+            result[(user, prompt)] = {
+                text: sum(values[text] for values in others if text in values)
+                / max(1, sum(text in values for values in others)) - value
+                for text, value in mine.items() if any(text in values for values in others)
+            }
+    return result
 
 
 def _read_rounds_state(checkpoint: str | os.PathLike) -> dict[str, Any]:

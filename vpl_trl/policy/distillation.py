@@ -41,7 +41,8 @@ class BestOfNDistillationTrainer(FaultTolerantCheckpoints, BestOfNRounds, Condit
     def _config_name(cls) -> str:
         return "a BestOfNDistillationConfig"
 
-    def _select(self, row: dict[str, Any], ranked: Ranked) -> list[tuple[float, dict[str, Any]]]:
+    def _select(self, row: dict[str, Any], ranked: Ranked, others: dict[str, float] | None = None
+                ) -> list[tuple[float, dict[str, Any]]]:
         """The best `bon_keep` candidates, as prompt-completion examples."""
         return [(reward, with_latent(row, {"prompt": row["prompt"], "completion": as_completion(row, text)}))
                 for reward, text in ranked[: self.args.bon_keep]]

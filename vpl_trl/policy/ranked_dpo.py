@@ -7,7 +7,10 @@ the policy as the round begins (its log-probabilities computed once per round, T
 TRL's `compute_ref_log_probs`), as in iterative DPO (Xu et al. 2023; Pang et al. 2024): each round improves on the
 last one, within DPO's KL bound to it. A latent-conditioned policy's soft prompt is then part of the reference too,
 not only of the policy. With `offline_pool`, the first round's pairs are ranked from a shared pool of answers
-instead of sampled: DPO on them needs no generation.
+instead of sampled: DPO on them needs no generation. Where several users rank the same candidates (the pool, a
+shared first round), `contrast_pairs` of each user's pairs set what they prefer more than the other users do
+against what the others prefer more than they do: best-against-worst pairs mostly teach what every user prefers,
+which a user-blind policy learns as well.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ class RewardRankedDPOConfig(BestOfNRoundsConfig, DPOConfig):
     r"""
     [`~trl.DPOConfig`] for [`RewardRankedDPOTrainer`], with the rounds' fields ([`BestOfNRoundsConfig`]): `bon_n`
     candidates per user and prompt each round, `bon_keep` best-against-worst pairs kept of them, a new round every
-    `bon_epochs_per_round` epochs, how the candidates are sampled, `candidates_file`, and `offline_pool` (a first
-    round ranked from a pool of answers, without generation). The reference log-probabilities are precomputed, once
-    per round, under the policy as the round begins (`precompute_ref_log_probs`, which must stay True).
+    `bon_epochs_per_round` epochs, how the candidates are sampled, `candidates_file`, `offline_pool` (a first
+    round ranked from a pool of answers, without generation) and `contrast_pairs` (of the `bon_keep` pairs, those
+    that set the user apart from the other users of the prompt, where they rank the same candidates). The
+    reference log-probabilities are precomputed, once per round, under the policy as the round begins
+    (`precompute_ref_log_probs`, which must stay True).
     """
 
     kept = ("pairs", 2)
@@ -75,11 +80,22 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
             self.model.delete_adapter("ref")
             self.model.set_adapter("default")
 
-    def _select(self, row: dict[str, Any], ranked: Ranked) -> list[tuple[float, dict[str, Any]]]:
-        """`bon_keep` pairs: the i-th best candidate against the i-th worst, scored by their reward gap."""
+    def _select(self, row: dict[str, Any], ranked: Ranked, others: dict[str, float] | None = None
+                ) -> list[tuple[float, dict[str, Any]]]:
+        """`bon_keep` pairs, scored by their reward gap: the i-th best candidate against the i-th worst; with
+        `others` (shared candidates), the last `contrast_pairs` of them are contrast pairs instead: the i-th of the
+        upper half that this user prefers most relative to the other users against the i-th of the lower half that
+        the others prefer most relative to this user (ties: the higher, and the lower, reward)."""
+        keep = self.args.bon_keep
+        contrast = min(self.args.contrast_pairs, keep) if others else 0
+        half = len(ranked) // 2
+        mine_most = sorted(ranked[:half], key=lambda c: (others.get(c[1], 0.0), -c[0])) if contrast else []
+        theirs_most = sorted(ranked[half:], key=lambda c: (others.get(c[1], 0.0), -c[0]), reverse=True) \
+            if contrast else []
+        chosen_rejected = [(ranked[i], ranked[-1 - i]) for i in range(keep - contrast)]
+        chosen_rejected += list(zip(mine_most, theirs_most))[:contrast]
         pairs = []
-        for i in range(self.args.bon_keep):
-            (high, chosen), (low, rejected) = ranked[i], ranked[-1 - i]
+        for (high, chosen), (low, rejected) in chosen_rejected:
             example = {"prompt": row["prompt"], "chosen": as_completion(row, chosen),
                        "rejected": as_completion(row, rejected)}
             pairs.append((high - low, with_latent(row, example)))
