@@ -124,6 +124,43 @@ def test_context_dropout_trains_the_pooled_reward(tiny_backbone, pets_data, tmp_
     assert moved["one"] < moved["sixteen"] and moved["random"] < moved["sixteen"]
 
 
+def test_pooled_loss_adds_a_bradley_terry_loss_on_the_pooled_reward(tiny_backbone, pets_data, tmp_path):
+    """With `pooled_loss_weight` w, every training batch's loss gains w times the Bradley-Terry loss of the residual
+    decoder's pooled reward alone (the reward of a user without context) on its pairs, logged as `pooled_bt_loss`;
+    a model without a pooled reward gets a clear error."""
+    from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+
+    def trainer(weight: float, decoder: str = "residual"):
+        args = VPLRewardConfig(
+            output_dir=str(tmp_path), model_type="vae", latent_dim=4, hidden_dim=32, learning_rate=3e-3,
+            max_steps=6, per_device_train_batch_size=16, num_context="4-8", report_to="none", save_strategy="no",
+            disable_tqdm=True, embedding_mode="frozen", encoder_type="difference", decoder_type=decoder,
+            pooled_loss_weight=weight, kl_weight=1e-3, kl_schedule="constant", seed=0, logging_steps=2,
+        )
+        return VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=pets_data["train"].select(range(200)))
+
+    weighted = trainer(0.5)
+    model = weighted.model.train()
+    batch = next(iter(weighted.get_train_dataloader()))
+
+    def loss(weight: float) -> float:
+        weighted.args.pooled_loss_weight = weight
+        torch.manual_seed(0)  # the same draw of the latents
+        with torch.no_grad():
+            return weighted.compute_loss(model, batch).item()
+
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "margin"}
+        pooled_chosen, pooled_rejected = torch.chunk(model(**inputs).pooled.squeeze(-1), chunks=2)
+    expected = torch.nn.functional.softplus(pooled_rejected - pooled_chosen).mean().item()
+    assert loss(0.5) - loss(0.0) == pytest.approx(0.5 * expected, rel=1e-4)
+    weighted.args.pooled_loss_weight = 0.5
+    weighted.train()
+    assert len([e for e in weighted.state.log_history if "pooled_bt_loss" in e]) == 3
+    with pytest.raises(ValueError, match="pooled_loss_weight=1.0 trains the residual decoder's pooled reward"):
+        trainer(1.0, decoder="bilinear")
+
+
 @pytest.fixture(scope="module")
 def many_users_dir(tmp_path_factory):
     from vpl_trl.data.population import PopulationConfig, build_population

@@ -174,10 +174,12 @@ LATENT_DECODERS = {"bilinear": BilinearRewardDecoder, "residual": ResidualReward
 @dataclass
 class VPLRewardOutput(ModelOutput):
     """`logits`: the scalar reward per sequence, shape (N, 1). `head`: the raw head output (N, head_outputs).
-    `kl`: KL(q(z|context) || N(0, I)) averaged over users. `latent_mean`, `latent_logvar`, `latent`: per user."""
+    `pooled`: the residual decoder's pooled reward (the prior user's, z = 0), (N, 1). `kl`: KL(q(z|context) ||
+    N(0, I)) averaged over users. `latent_mean`, `latent_logvar`, `latent`: per user."""
 
     logits: torch.Tensor | None = None
     head: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     latent_mean: torch.Tensor | None = None
     latent_logvar: torch.Tensor | None = None
@@ -454,6 +456,8 @@ class VPLRewardModel(PreTrainedModel):
             latent = latent.repeat(embeddings.shape[0] // latent.shape[0], 1)
             if self.config.decoder_type in LATENT_DECODERS:
                 output.head = self.decoder(embeddings, latent)
+                if isinstance(self.decoder, ResidualRewardDecoder):
+                    output.pooled = self.decoder.pooled(embeddings)
             else:
                 features = torch.cat([embeddings, latent], dim=-1)
         if output.head is None:

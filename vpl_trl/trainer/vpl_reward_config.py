@@ -41,6 +41,10 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
     context_dropout (`float`, default 0.0): the share of training examples whose user gets the prior mean latent
         (0) instead of their context's: with the residual decoder, those examples train the pooled reward every user
         starts from, as a Bradley-Terry model.
+    pooled_loss_weight (`float`, default 0.0): with the residual decoder, the weight of a Bradley-Terry loss on its
+        pooled reward alone for every training example (not only the dropped-out ones), so that the reward of a
+        user without context is a Bradley-Terry model of all the pairs, not what is left of them beside the users'
+        deviations. Models without a latent ignore it, as they do `context_dropout`.
     entropy_coeff (`float`, default 0.1): the categorical head's entropy bonus.
     embedding_batch_size (`int`, default 16): batch size of embedding precomputation.
     embedding_cache_dir (`str`, optional): where embeddings are cached (default: the vpl-trl cache).
@@ -65,6 +69,10 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
     context_dropout: float = field(
         default=0.0, metadata={"help": "Share of training examples scored as the prior mean user (z = 0), which "
                                        "trains the residual decoder's pooled reward."}
+    )
+    pooled_loss_weight: float = field(
+        default=0.0, metadata={"help": "Residual decoder: weight of a Bradley-Terry loss on the pooled reward alone "
+                                       "for every training example."}
     )
     embedding_mode: str | None = field(
         default=None,
@@ -113,5 +121,7 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}.")
         if not 0.0 <= self.context_dropout < 1.0:
             raise ValueError(f"context_dropout must be in [0, 1), got {self.context_dropout}.")
+        if self.pooled_loss_weight < 0:
+            raise ValueError(f"pooled_loss_weight must be >= 0, got {self.pooled_loss_weight}.")
         if self.train_context_draws < 1:
             raise ValueError(f"train_context_draws must be >= 1, got {self.train_context_draws}.")

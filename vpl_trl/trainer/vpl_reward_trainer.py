@@ -113,6 +113,11 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         model, peft_config, adapter = self._create_model(model, args, quantization_config, peft_config)
+        # like context_dropout, a no-op for a model without a latent (one configuration serves VPL and its baseline)
+        if args.pooled_loss_weight and model.config.use_latent and model.config.decoder_type != "residual":
+            raise ValueError(f"pooled_loss_weight={args.pooled_loss_weight} trains the residual decoder's pooled "
+                             f"reward, but decoder_type={model.config.decoder_type!r}: use decoder_type='residual' "
+                             "or pooled_loss_weight=0.")
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(
                 resolve_model_name_or_path(model.config.backbone_name_or_path), trust_remote_code=args.trust_remote_code
@@ -284,6 +289,12 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
             head_chosen, head_rejected, config.reward_type, self.args.entropy_coeff, margin=inputs.get("margin")
         )
         loss = pref_loss
+        if self.args.pooled_loss_weight and mode == "train" and outputs.pooled is not None:
+            pooled_chosen, pooled_rejected = torch.chunk(outputs.pooled, chunks=2)
+            pooled_loss = preference_loss(pooled_chosen, pooled_rejected, "base", margin=inputs.get("margin"))
+            loss = loss + self.args.pooled_loss_weight * pooled_loss
+            self._metrics[mode]["pooled_bt_loss"].append(
+                self.accelerator.gather_for_metrics(pooled_loss.detach()).mean().item())
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
         metrics = self._metrics[mode]
