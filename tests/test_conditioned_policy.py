@@ -287,6 +287,18 @@ def pool_answers(count: int) -> list[str]:
     return [by_length[length] for length in sorted(by_length)][:count]
 
 
+def one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path):
+    """Six pool answers to the one training prompt, the tokenizer, latent conditioning and a row per user."""
+    answers = pool_answers(6)
+    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", answers)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 1, num_context=3,
+                                   user_latent=scorer.user_latent)
+    return answers, pool, tokenizer, conditioning, dataset
+
+
 def offline_dpo_trainer(model, tokenizer, dataset, reward, output_dir: Path, pool: Path, **overrides):
     from vpl_trl.policy import RewardRankedDPOConfig, RewardRankedDPOTrainer
 
@@ -369,13 +381,7 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     relative to them, rather than their best against an answer everyone dislikes."""
     from vpl_trl.text import completion_text
 
-    answers = pool_answers(6)
-    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", answers)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
-    conditioning = PolicyConditioning("latent", latent_tokens=2)
-    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
-    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 1, num_context=3,
-                                   user_latent=scorer.user_latent)
+    answers, pool, tokenizer, conditioning, dataset = one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path)
     user_of = {tuple(row["user_latent"]): row["user_id"] for row in dataset}
     # harmless likes 0 best, then 1, which helpful likes least; helpful likes 3 best (harmless's 4th), then 0
     table = {"harmless": [5, 4, 3, 2, 1, 0], "helpful": [4, 0, 2, 5, 3, 1]}
@@ -465,13 +471,7 @@ def test_offline_pool_answers_are_cut_as_the_policy_samples(tiny_backbone, score
     of the policy's own samples: DPO does not train on text the policy could never write."""
     from vpl_trl.text import completion_text
 
-    answers = pool_answers(6)
-    pool = write_pool(tmp_path / "pool.jsonl", "Please talk about one kind of pet.", answers)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
-    conditioning = PolicyConditioning("latent", latent_tokens=2)
-    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
-    dataset = build_policy_dataset([PROMPT], pairs, conditioning, True, 1, num_context=3,
-                                   user_latent=scorer.user_latent)
+    answers, pool, tokenizer, conditioning, dataset = one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path)
     model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
     reward = lambda completions, user_id, **kwargs: [float(len(str(c))) for c in completions]  # noqa: E731
     trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / "cut", pool, max_completion_length=3,
