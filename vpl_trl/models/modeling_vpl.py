@@ -163,8 +163,13 @@ class ResidualRewardDecoder(nn.Module):
         self.user = nn.Linear(latent_dim, hidden_dim, bias=False)
 
     def forward(self, embeddings: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return self.with_pooled(embeddings, latent)[0]
+
+    def with_pooled(self, embeddings: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user's reward and the pooled reward it deviates from."""
         products = self.response(embeddings) * self.user(latent)
-        return self.pooled(embeddings) + products.sum(-1, keepdim=True) / math.sqrt(products.shape[-1])
+        pooled = self.pooled(embeddings)
+        return pooled + products.sum(-1, keepdim=True) / math.sqrt(products.shape[-1]), pooled
 
 
 ENCODERS = {"attention": UserContextEncoder, "difference": DifferenceContextEncoder, "bayesian": BayesianContextEncoder}
@@ -454,10 +459,10 @@ class VPLRewardModel(PreTrainedModel):
                 )
             output.latent = latent
             latent = latent.repeat(embeddings.shape[0] // latent.shape[0], 1)
-            if self.config.decoder_type in LATENT_DECODERS:
+            if isinstance(self.decoder, ResidualRewardDecoder):
+                output.head, output.pooled = self.decoder.with_pooled(embeddings, latent)
+            elif self.config.decoder_type in LATENT_DECODERS:
                 output.head = self.decoder(embeddings, latent)
-                if isinstance(self.decoder, ResidualRewardDecoder):
-                    output.pooled = self.decoder.pooled(embeddings)
             else:
                 features = torch.cat([embeddings, latent], dim=-1)
         if output.head is None:

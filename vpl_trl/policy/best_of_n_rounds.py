@@ -435,15 +435,14 @@ def _preferred_by_others(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -
     by_prompt: dict[str, dict[str, dict[str, float]]] = {}
     for (user, prompt), values in gather_object(standardized):
         by_prompt.setdefault(prompt, {})[user] = values
-    result = {}
+    result: dict[Group, dict[str, float]] = {}
     for prompt, users in by_prompt.items():
         for user, mine in users.items():
-            others = [values for other, values in users.items() if other != user]
-            result[(user, prompt)] = {
-                text: sum(values[text] for values in others if text in values)
-                / max(1, sum(text in values for values in others)) - value
-                for text, value in mine.items() if any(text in values for values in others)
-            }
+            gaps = result.setdefault((user, prompt), {})
+            for text, value in mine.items():
+                theirs = [values[text] for other, values in users.items() if other != user and text in values]
+                if theirs:
+                    gaps[text] = sum(theirs) / len(theirs) - value
     return result
 
 
