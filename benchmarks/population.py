@@ -107,8 +107,8 @@ def train_models(train: Dataset, output_dir: Path, seed: int, config: Path = CON
             print(f"seed {seed}: selection: {chosen.reason}")
             args = dataclasses.replace(args, **chosen.settings)
         trainer = make_trainer(args, train)
-        if model_type == "vae" and chosen is not None and chosen.latent_scale is not None:
-            trainer.model.config.latent_scale = chosen.latent_scale
+        if model_type == "vae" and chosen is not None:
+            chosen.apply(trainer.model)
         trainer.train()
         trainer.save_model(str(output_dir / name))
         trainers[name], seconds[name] = trainer, time.perf_counter() - start

@@ -174,7 +174,8 @@ def render(summary: dict[str, Any]) -> str:
                   "| candidate | " + " | ".join(f"scale {s}" for s in selection["candidates"][0]["scores"]) + " |",
                   "|---|" + "---|" * len(selection["candidates"][0]["scores"])]
         for c in selection["candidates"]:
-            lines.append(f"| {c['settings'] or 'as configured'} | "
+            fit = f", latent fit {c['latent_fit_precision']:g}" if c.get("latent_fit_precision") else ""
+            lines.append(f"| {c['settings'] or 'as configured'}{fit} | "
                          + " | ".join(pct(e["score"]) for e in c["scores"].values()) + " |")
         sizes = [k for k in selection["candidates"][0]["scores"]["0"] if k != "score"]
         lines += ["", f"Scores: mean accuracy over K={'/'.join(sizes)} at each scale; the chosen candidate's scale "

@@ -55,6 +55,22 @@ def test_selection_arguments_check_their_values():
         SelectionArguments(selection_latent_scales="0,half")
 
 
+def test_latent_fits_need_a_decoder_linear_in_the_latent(tmp_path):
+    from vpl_trl import VPLRewardConfig
+    from vpl_trl.selection import select_settings
+
+    args = VPLRewardConfig(output_dir=str(tmp_path), model_type="vae", decoder_type="mlp", report_to="none")
+    selection = SelectionArguments(selection_fraction=0.2, selection_latent_fit_precisions="0,0.1")
+
+    def never(*_):
+        raise AssertionError("no candidate is trained before the settings are checked")
+
+    with pytest.raises(ValueError, match="decoder_type='mlp'"):
+        select_settings(args, selection, users_dataset(), never, tmp_path)
+    with pytest.raises(ValueError, match="selection_latent_fit_precisions >= 0"):
+        SelectionArguments(selection_latent_fit_precisions="0,-1")
+
+
 def residual_model(tiny_backbone) -> VPLRewardModel:
     torch.manual_seed(0)
     return VPLRewardModel.from_backbone(tiny_backbone, latent_dim=4, hidden_dim=16, encoder_type="bayesian",
@@ -179,7 +195,8 @@ def test_recipe_selects_on_pseudo_new_users_deterministically(tiny_backbone, man
             "--embedding_mode", "frozen", "--latent_dim", "4", "--hidden_dim", "16", "--max_steps", "3",
             "--encoder_type", "bayesian", "--decoder_type", "residual", "--context_dropout", "0.25",
             "--selection_fraction", "0.25", "--selection-grid", "{kl_weight: [0.001, 0.1]}",
-            "--selection_context_sizes", "1,2", "--report_to", "none", "--output_dir", str(tmp_path / output),
+            "--selection_context_sizes", "1,2", "--selection-latent-fit-precisions", "0,0.5",
+            "--report_to", "none", "--output_dir", str(tmp_path / output),
         ])
         selection = json.loads((tmp_path / output / "selection.json").read_text())
         selection.pop("seconds")
@@ -188,17 +205,73 @@ def test_recipe_selects_on_pseudo_new_users_deterministically(tiny_backbone, man
     first, second = run("a"), run("b")
     assert first == second
     assert first["users"] == {"training": 9, "pseudo_new": 3, "pseudo_new_pairs": 3 * (8 - 4)}
-    assert [c["settings"] for c in first["candidates"]] == [{"kl_weight": 0.001}, {"kl_weight": 0.1}]
+    # each trained candidate is scored with and without the latent fit, which needs no training of its own
+    assert [(c["settings"], c["latent_fit_precision"]) for c in first["candidates"]] == [
+        ({"kl_weight": 0.001}, 0.0), ({"kl_weight": 0.001}, 0.5), ({"kl_weight": 0.1}, 0.0), ({"kl_weight": 0.1}, 0.5)]
     assert set(first["candidates"][0]["scores"]) == {"0", "0.5", "1"} and "best mean accuracy" in first["reason"]
     assert set(first["latent_scale"]) == {"1", "2"} and set(first["latent_scale"].values()) <= {0.0, 0.5, 1.0}
-    scores = next(c for c in first["candidates"] if c["settings"] == first["settings"])["scores"]
+    scores = next(c for c in first["candidates"] if c["settings"] == first["settings"]
+                  and c["latent_fit_precision"] == first["latent_fit_precision"])["scores"]
     for k, scale in first["latent_scale"].items():  # at each K, never below the pooled reward on the pseudo-new users
         assert scores[f"{scale:g}"][k]["accuracy"] >= scores["0"][k]["accuracy"]
         assert all(len(entry[k]["per_user"]) == 3 for entry in scores.values())
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["latent_scale"] == first["latent_scale"]
+    assert saved["latent_fit_precision"] == first["latent_fit_precision"]
     results = json.loads((tmp_path / "a" / "eval_results.json").read_text())
     assert results["selection"]["settings"] == first["settings"]
+
+
+def context_log_likelihood(model: VPLRewardModel, chosen, rejected, latent) -> float:
+    with torch.no_grad():
+        rewards = [model(embeddings=side[0], latent=latent).logits for side in (chosen, rejected)]
+    margins = rewards[0] - rewards[1]
+    return torch.nn.functional.logsigmoid(margins).sum().item()
+
+
+def test_latent_fit_explains_the_context_and_a_strong_prior_keeps_the_pooled_reward(tiny_backbone, tmp_path):
+    model = residual_model(tiny_backbone)
+    torch.manual_seed(1)
+    chosen, rejected = torch.randn(2, 1, 6, model.config.embedding_dim)
+    scored = torch.randn(5, model.config.embedding_dim)
+    with torch.no_grad():
+        encoded, _, _ = model.user_latent(chosen, rejected)
+        pooled = model(embeddings=scored, latent=model.prior_latent(1)).logits
+
+    model.config.latent_fit_precision = 0.01
+    with torch.no_grad():
+        fitted, _, _ = model.user_latent(chosen, rejected)
+        served = model(embeddings=scored, context_chosen=chosen, context_rejected=rejected).logits
+    assert context_log_likelihood(model, chosen, rejected, fitted) > context_log_likelihood(
+        model, chosen, rejected, encoded) + 0.1
+    # a MAP fit: no latent near it explains the pairs better, prior included
+    def objective(latent: torch.Tensor) -> float:
+        return -context_log_likelihood(model, chosen, rejected, latent) + 0.005 * latent.pow(2).sum().item()
+    assert all(objective(fitted) <= objective(fitted + 0.05 * torch.randn(1, 4)) for _ in range(10))
+    # users are fitted each on their own: a user's latent does not depend on who else is in the batch
+    others = torch.randn(2, 3, 6, model.config.embedding_dim)
+    batch = model.fit_latent(torch.cat([chosen, others[0]]), torch.cat([rejected, others[1]]))
+    torch.testing.assert_close(batch[:1], fitted, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(served, model(embeddings=scored, latent=fitted).logits.detach())
+    assert not any(p.grad is not None for p in model.parameters())  # the fit leaves the model's gradients alone
+
+    model.save_pretrained(tmp_path / "fitted")
+    reloaded = VPLRewardModel.from_pretrained(tmp_path / "fitted").eval()
+    assert reloaded.config.latent_fit_precision == 0.01
+    with torch.no_grad():
+        again = reloaded(embeddings=scored, context_chosen=chosen, context_rejected=rejected).logits
+    torch.testing.assert_close(again, served)
+
+    model.config.latent_fit_precision = 1e6  # a prior that no context pair outweighs: the pooled reward
+    with torch.no_grad():
+        shrunk = model(embeddings=scored, context_chosen=chosen, context_rejected=rejected).logits
+    torch.testing.assert_close(shrunk, pooled, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="latent_fit_precision must be >= 0"):
+        VPLConfig(latent_fit_precision=-1.0)
+    torch.manual_seed(0)
+    mlp = VPLRewardModel.from_backbone(tiny_backbone, latent_dim=4, hidden_dim=16, latent_fit_precision=0.1).eval()
+    with pytest.raises(ValueError, match="needs a decoder linear in the latent"):
+        mlp(embeddings=scored, context_chosen=chosen, context_rejected=rejected)
 
 
 def test_latent_scale_by_context_size_interpolates_in_log_k(tiny_backbone):

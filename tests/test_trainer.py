@@ -384,10 +384,7 @@ def test_a_reloaded_full_mode_vae_embeds_contexts_with_its_trained_backbone(tiny
     assert again["reward_chosen"] == precision.approx(in_memory["reward_chosen"])
     precision.assert_close(again["latent_mean"], in_memory["latent_mean"])
     prepared = fresh._prepare_dataset(sample, fresh.processing_class, args, "eval")
-    first = prepared[0]
-    context = [
-        {"chosen": c, "rejected": r} for c, r in zip(first["context_chosen_text"], first["context_rejected_text"])
-    ]
+    context = prepared[0]["context"]  # the pairs drawn for it, as the user wrote them
     scorer = PersonalizedRewardScorer(reloaded, trainer.processing_class, max_length=args.max_length)
     expected_latent = reloaded.normalize_latent(torch.tensor(in_memory["latent_mean"][:1]))
     precision.assert_close(scorer.encode_context(context), expected_latent)

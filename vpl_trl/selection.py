@@ -3,14 +3,14 @@
 A fraction of the training users is held out whole (`split_pseudo_new_users`): each brings some of their own pairs as
 context, and their other pairs are scored. Every candidate of a small grid of training settings (for example the KL
 weight, the epochs, the context draws) is trained on the other users and scored on the held-out ones at several
-context sizes K, with the user's latent scaled by each of `latent_scales` (0 is the pooled reward every user starts
-from, with the residual decoder). At each K a scale is kept, never smaller at a larger K, the best such table: a
-user's few pairs move the reward only as far as that paid on held-out users (at worst, scale 0, not at all); a
-scale above the smallest must beat it at that K beyond noise (per-user gains, one-sided 90% bootstrap over the
-users) without losing more than a point on the worst decile of users. The
-candidate with the best mean accuracy over the K values is what the final model (trained on every user) uses, saved
-with its table of scales as its `latent_scale`: `select_settings` returns it with every candidate's scores and the
-reason.
+context sizes K, with the user's latent taken from the encoder or fitted to their pairs (each of
+`latent_fit_precisions`, `VPLRewardModel.fit_latent`) and scaled by each of `latent_scales` (0 is the pooled reward
+every user starts from, with the residual decoder). At each K a scale is kept, never smaller at a larger K, the best
+such table: a user's few pairs move the reward only as far as that paid on held-out users (at worst, scale 0, not at
+all); a scale above the smallest must beat it at that K beyond noise (per-user gains, one-sided 90% bootstrap over
+the users) without losing more than a point on the worst decile of users. The candidate and latent fit with the best
+mean accuracy over the K values are what the final model (trained on every user) uses, saved with its table of
+scales as its `latent_scale`: `select_settings` returns them with every candidate's scores and the reason.
 
 `recipes/train_reward.py` runs it when `--selection_fraction` is above 0 and writes `DIR/selection.json`.
 """
@@ -33,6 +33,7 @@ from datasets import Dataset
 
 from .data.format import PreferenceDataError
 from .evaluation.metrics import limit_contexts, worst_fraction_mean
+from .models.modeling_vpl import LATENT_DECODERS
 
 SELECTION_FILE = "selection.json"
 PREDICTION_BATCH = 128  # pairs per prediction step: the heads are small, the per-step overhead is not
@@ -62,6 +63,11 @@ class SelectionArguments:
         default="0,0.5,1", metadata={"help": "Factors of the user's latent to try at inference (0: the pooled "
                                              "reward); the chosen one is saved as the model's latent_scale."}
     )
+    selection_latent_fit_precisions: str = field(
+        default="0", metadata={"help": "Latent fits to try at inference with each trained candidate: "
+                                       "latent_fit_precision values (0: the encoder's mean, no fit); the chosen one "
+                                       "is saved with the model."}
+    )
     selection_context_pairs: int = field(
         default=16, metadata={"help": "Pairs of each pseudo-new user given as their context (at most half of theirs)."}
     )
@@ -73,8 +79,11 @@ class SelectionArguments:
             raise ValueError(f"selection_context_pairs must be >= 1, got {self.selection_context_pairs}.")
         self.context_sizes = _numbers(self.selection_context_sizes, int, "selection_context_sizes")
         self.latent_scales = _numbers(self.selection_latent_scales, float, "selection_latent_scales")
-        if any(k < 1 for k in self.context_sizes) or any(s < 0 for s in self.latent_scales):
-            raise ValueError("selection_context_sizes must be >= 1 and selection_latent_scales >= 0.")
+        self.latent_fit_precisions = _numbers(self.selection_latent_fit_precisions, float,
+                                              "selection_latent_fit_precisions")
+        if any(k < 1 for k in self.context_sizes) or min(self.latent_scales + self.latent_fit_precisions) < 0:
+            raise ValueError("selection_context_sizes must be >= 1, and selection_latent_scales and "
+                             "selection_latent_fit_precisions >= 0.")
 
     @property
     def enabled(self) -> bool:
@@ -208,8 +217,11 @@ def score_on_pseudo_new_users(trainer, pseudo_new: Dataset, context_sizes: list[
     if not model.config.use_latent:
         latent_scales, context_sizes = [None], [0]
     saved_scale = getattr(model.config, "latent_scale", 1.0)
-    limited = {k: limit_contexts(pseudo_new, k, seed=seed) if k else pseudo_new.remove_columns("context")
-               for k in context_sizes}  # the same K pairs of each user under every scale
+    # the same K pairs of each user under every scale, embedded and indexed once
+    limited = {k: trainer.inference.prepare(limit_contexts(pseudo_new, k, seed=seed) if k
+                                            else pseudo_new.remove_columns("context"), f"pseudo-new-k{k}",
+                                            keep_in_memory=True)
+               for k in context_sizes}
     scores: dict[str, dict[str, Any]] = {}
     try:
         for scale in latent_scales:
@@ -238,6 +250,13 @@ class SelectionResult:
     reason: str
     users: dict[str, int]
     seconds: float
+    latent_fit_precision: float = 0.0  # absent from the files of earlier versions, which had no latent fit
+
+    def apply(self, model) -> None:
+        """Give a trained model with a latent the chosen inference settings (latent scale table, latent fit)."""
+        if self.latent_scale is not None and model.config.use_latent:
+            model.config.latent_scale = self.latent_scale
+            model.config.latent_fit_precision = self.latent_fit_precision
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -259,10 +278,15 @@ def select_settings(
     output_dir: str | Path,
 ) -> SelectionResult:
     """Train every grid candidate (`make_trainer(candidate_args, train_subset)`, a `VPLRewardTrainer`) on the users
-    not held out, score it on the pseudo-new users at each context size and latent scale, and return the best
-    settings with their best scale at each context size (a `latent_scale` table by K). Ties keep the earlier
-    candidate and the smaller scale."""
+    not held out, score it on the pseudo-new users at each latent fit, context size and latent scale, and return the
+    best settings and latent fit with their best scale at each context size (a `latent_scale` table by K). Ties keep
+    the earlier candidate (the smaller grid values and latent fits as given) and the smaller scale."""
     start = time.perf_counter()
+    fits = max(selection.latent_fit_precisions) > 0
+    if fits and args.model_type == "vae" and args.decoder_type not in LATENT_DECODERS:
+        raise ValueError(f"selection_latent_fit_precisions={selection.selection_latent_fit_precisions!r} fits latents "
+                         f"under a decoder linear in them ({' or '.join(LATENT_DECODERS)}), not decoder_type="
+                         f"{args.decoder_type!r}: set --decoder_type residual, or selection_latent_fit_precisions 0.")
     train, pseudo_new = split_pseudo_new_users(train_dataset, selection.selection_fraction, args.seed,
                                                selection.selection_context_pairs)
     candidates = []
@@ -271,16 +295,21 @@ def select_settings(
                                  save_strategy="no", report_to=[], **settings)
         trainer = make_trainer(candidate_args, train)
         trainer.train()
-        scores = score_on_pseudo_new_users(trainer, pseudo_new, selection.context_sizes, selection.latent_scales,
-                                           seed=args.seed)
-        candidates.append({"settings": settings, "scores": scores})
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        # the latent fits are inference settings: scored on the same trained model, not trained again
+        for precision in selection.latent_fit_precisions if model.config.use_latent else [0.0]:
+            model.config.latent_fit_precision = precision
+            scores = score_on_pseudo_new_users(trainer, pseudo_new, selection.context_sizes,
+                                               selection.latent_scales, seed=args.seed)
+            candidates.append({"settings": settings, "latent_fit_precision": precision, "scores": scores})
     for candidate in candidates:
         candidate["latent_scale"], candidate["score"] = _best_scales(candidate["scores"], selection.context_sizes)
     number = max(range(len(candidates)), key=lambda n: (candidates[n]["score"], -n))
     chosen = candidates[number]
     ks = "/".join(str(k) for k in selection.context_sizes)
-    reason = (f"candidate {number} {chosen['settings'] or '(the given settings)'} has the best mean accuracy over "
-              f"K={ks} on the pseudo-new users: {100 * chosen['score']:.1f}%")
+    fit = f", latent fit precision {chosen['latent_fit_precision']:g}" if chosen["latent_fit_precision"] else ""
+    reason = (f"candidate {number} {chosen['settings'] or '(the given settings)'}{fit} has the best mean accuracy "
+              f"over K={ks} on the pseudo-new users: {100 * chosen['score']:.1f}%")
     if chosen["latent_scale"] is not None:
         by_k = ", ".join(f"K={k}: {v:g}" for k, v in chosen["latent_scale"].items())
         reason += f", with the latent scaled by {by_k}"
@@ -295,4 +324,4 @@ def select_settings(
              "pseudo_new_pairs": len(pseudo_new)}
     return SelectionResult(settings=chosen["settings"], latent_scale=chosen["latent_scale"],
                            candidates=candidates, reason=reason + ".", users=users,
-                           seconds=time.perf_counter() - start)
+                           seconds=time.perf_counter() - start, latent_fit_precision=chosen["latent_fit_precision"])

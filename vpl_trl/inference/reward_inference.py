@@ -157,11 +157,12 @@ class RewardInference:
 
     # ----- datasets ---------------------------------------------------------------------------------------
 
-    def prepare(self, dataset: Dataset | IterableDataset, name: str, context_draws: int = 1) -> Dataset:
+    def prepare(self, dataset: Dataset | IterableDataset, name: str, context_draws: int = 1,
+                keep_in_memory: bool = False) -> Dataset:
         """`dataset` with each example's context pairs as rows of the table (`vae` models), and in `frozen` mode its
         responses too (`chosen_index`, `rejected_index`); other modes' responses are left to be tokenized.
         `context_draws` copies of the context pool itself, each with its own draw. Prepared datasets come back
-        as they are."""
+        as they are. `keep_in_memory` writes nothing to `datasets`' cache (predictions: the cache would only grow)."""
         config = self.model.config
         columns = get_dataset_column_names(dataset)
         if any(c in columns for c in INDEX_COLUMNS):
@@ -178,7 +179,7 @@ class RewardInference:
                 raise PreferenceDataError(f"{name} dataset: missing column(s) {missing}; it has {columns}.")
         if config.use_latent:
             dataset = self.add_contexts(dataset, name, context_draws)
-        return self.index_responses(dataset, name) if frozen else dataset
+        return self.index_responses(dataset, name, keep_in_memory) if frozen else dataset
 
     def add_contexts(self, dataset: Dataset, name: str, draws: int = 1) -> Dataset:
         """Draw each example's context pairs (from the pool, or the pool itself with `draws` draws), embed them
@@ -186,36 +187,48 @@ class RewardInference:
         if "context_chosen_index" in dataset.column_names:
             return dataset
         check_users(dataset, name)
-        is_pool = dataset is self.context_pool
-        with self._datasets_first():
-            if is_pool and draws > 1:
-                dataset = concatenate_datasets([
-                    attach_contexts(dataset, self.num_context, self.seed, name=name + (f"-draw{d}" if d else ""))
-                    for d in range(draws)
-                ])
-            else:
-                pool = None if is_pool else self.context_pool
-                dataset = attach_contexts(dataset, self.num_context, self.seed, pool=pool, name=name)
-            dataset = dataset.map(_render_context, fn_kwargs={"tokenizer": self.tokenizer},
-                                  desc=f"Rendering {name} contexts")
-        texts = []
-        for chosen, rejected in zip(dataset["context_chosen_text"], dataset["context_rejected_text"]):
-            texts += list(chosen) + list(rejected)
-        self.add_to_table(texts, desc=f"Embedding {name} texts")
-        return self._index(dataset, CONTEXT_COLUMNS, f"{name} contexts")
+        if dataset is self.context_pool and draws > 1:
+            dataset = concatenate_datasets([
+                attach_contexts(dataset, self.num_context, self.seed, name=name + (f"-draw{d}" if d else ""))
+                for d in range(draws)
+            ])
+        else:
+            pool = None if dataset is self.context_pool else self.context_pool
+            dataset = attach_contexts(dataset, self.num_context, self.seed, pool=pool, name=name)
+        # Rendered and indexed here, not by `Dataset.map`: a map would write every example's context texts (and
+        # the rest of its columns) to datasets' cache again, gigabytes per pass with long contexts and many draws.
+        # Each distinct text is rendered once; the examples keep only their rows of the table.
+        rendered: dict[tuple, str] = {}
 
-    def index_responses(self, dataset: Dataset, name: str) -> Dataset:
+        def render(pair: dict[str, Any], side: str) -> str:
+            key = (pair.get("prompt"), pair[side])
+            if key not in rendered:
+                rendered[key] = render_text(self.tokenizer, *key)
+            return rendered[key]
+
+        texts = {"chosen": [], "rejected": []}
+        for context in dataset["context"]:
+            for side, rows in texts.items():
+                rows.append([render(pair, side) for pair in context])
+        self.add_to_table([text for chosen, rejected in zip(texts["chosen"], texts["rejected"])
+                           for text in chosen + rejected], desc=f"Embedding {name} texts")
+        index = self.table.index
+        for side, rows in texts.items():
+            dataset = dataset.add_column(f"context_{side}_index", [[index[text] for text in row] for row in rows])
+        return dataset
+
+    def index_responses(self, dataset: Dataset, name: str, keep_in_memory: bool = False) -> Dataset:
         """Frozen mode: embed each response (prompt included) once, and refer to it by its row of the table."""
         with self._datasets_first():
             dataset = dataset.map(_render_example, fn_kwargs={"tokenizer": self.tokenizer},
-                                  desc=f"Rendering {name} texts")
+                                  desc=f"Rendering {name} texts", keep_in_memory=keep_in_memory)
         self.add_to_table(list(dataset["chosen_text"]) + list(dataset["rejected_text"]), desc=f"Embedding {name} texts")
-        return self._index(dataset, INDEX_COLUMNS, f"{name} dataset")
+        return self._index(dataset, INDEX_COLUMNS, f"{name} dataset", keep_in_memory)
 
-    def _index(self, dataset: Dataset, columns: tuple[str, ...], what: str) -> Dataset:
+    def _index(self, dataset: Dataset, columns: tuple[str, ...], what: str, keep_in_memory: bool = False) -> Dataset:
         with self._datasets_first():
             return dataset.map(_index_columns, fn_kwargs={"index": self.table.index, "columns": columns},
-                               desc=f"Indexing {what}")
+                               desc=f"Indexing {what}", keep_in_memory=keep_in_memory)
 
     def _datasets_first(self):
         """When `collective`, the local main process maps datasets first (writing `datasets`' cache) and the others
@@ -226,14 +239,13 @@ class RewardInference:
 
     @torch.no_grad()
     def encode_context(self, context: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """The posterior-mean latent (1, latent_dim) of one user's context pairs."""
+        """The latent (1, latent_dim) one user's context pairs give at inference (`VPLRewardModel.user_latent`)."""
         chosen = [render_text(self.tokenizer, p.get("prompt"), p["chosen"]) for p in context]
         rejected = [render_text(self.tokenizer, p.get("prompt"), p["rejected"]) for p in context]
         pairs = self.embed(chosen + rejected, desc="Embedding context pairs").to(self.device)
         pairs = pairs.view(2, 1, len(context), -1)
         with _eval_mode(self.model):
-            mean, logvar = self.model.encode_context(pairs[0], pairs[1])
-            return self.model.latent_from_posterior(mean, logvar, len(context))
+            return self.model.user_latent(pairs[0], pairs[1])[0]
 
     @torch.no_grad()
     def rewards(self, embeddings: torch.Tensor, latent: torch.Tensor | None = None) -> list[float]:
@@ -264,12 +276,12 @@ class RewardInference:
         for `vae` models each example's posterior `latent_mean` and `kl` (what `VPLRewardTrainer.predict_preferences`
         returns, there through `Trainer.predict`).
         """
-        prepared = self.prepare(dataset, name)
+        prepared = self.prepare(dataset, name, keep_in_memory=True)
         if self.model.config.embedding_mode == "frozen":
             chosen, rejected = self.rows(prepared["chosen_text"]), self.rows(prepared["rejected_text"])
         else:
             rendered = prepared.map(_render_example, fn_kwargs={"tokenizer": self.tokenizer},
-                                    desc=f"Rendering {name} texts")
+                                    desc=f"Rendering {name} texts", keep_in_memory=True)
             scored = self.embed_scored(list(rendered["chosen_text"]) + list(rendered["rejected_text"]))
             chosen, rejected = scored[: len(prepared)], scored[len(prepared):]
         result: dict[str, list] = {"reward_chosen": [], "reward_rejected": []}
@@ -350,18 +362,6 @@ def _render_example(example: dict[str, Any], tokenizer) -> dict[str, Any]:
     }
 
 
-def _render_context(example: dict[str, Any], tokenizer) -> dict[str, Any]:
-    context = example["context"]
-    return {
-        "context_chosen_text": [render_text(tokenizer, p.get("prompt"), p["chosen"]) for p in context],
-        "context_rejected_text": [render_text(tokenizer, p.get("prompt"), p["rejected"]) for p in context],
-    }
-
-
 def _index_columns(example: dict[str, Any], index: dict[str, int], columns: tuple[str, ...]) -> dict[str, Any]:
-    """`chosen_index` from `chosen_text`, `context_chosen_index` from `context_chosen_text`, ..."""
-    output = {}
-    for column in columns:
-        texts = example[column.replace("_index", "_text")]
-        output[column] = index[texts] if isinstance(texts, str) else [index[t] for t in texts]
-    return output
+    """`chosen_index` from `chosen_text`, `rejected_index` from `rejected_text`."""
+    return {column: index[example[column.replace("_index", "_text")]] for column in columns}

@@ -94,6 +94,12 @@ class VPLConfig(PretrainedConfig):
             this factor: 0 serves the pooled reward (residual decoder), 1 the posterior mean. A dict `{K: factor}`
             gives it per number of context pairs (linear in log K between, constant beyond): `vpl_trl.selection`
             chooses it on held-out users, so that a user's few pairs move the reward only as far as they paid.
+        latent_fit_precision (`float`, default 0.0): above 0 (residual and bilinear decoders), a user's latent at
+            inference is not the encoder's mean but the latent (as the decoder sees it) that best explains their
+            context pairs under the decoder, with a Gaussian prior of this precision around 0, the prior user (a MAP
+            fit, `VPLRewardModel.fit_latent`), then times `latent_scale`. The prior keeps a user with few or
+            uninformative pairs near the pooled reward; the fit recovers what the one-pass encoder misses
+            (`vpl_trl.selection` chooses it on held-out users).
     """
 
     model_type = "vpl_reward"
@@ -109,6 +115,7 @@ class VPLConfig(PretrainedConfig):
         max_sequence_length: int | None = 512,
         peft_config: dict | None = None,
         latent_scale: float | dict = 1.0,
+        latent_fit_precision: float = 0.0,
         **kwargs,
     ):
         given = VPLArchitecture(**{f.name: kwargs.pop(f.name) for f in fields(VPLArchitecture) if f.name in kwargs})
@@ -139,6 +146,9 @@ class VPLConfig(PretrainedConfig):
             setattr(self, name, value)
         self.latent_scale = {str(k): float(v) for k, v in latent_scale.items()} if isinstance(latent_scale, dict) \
             else float(latent_scale)
+        if not latent_fit_precision >= 0:
+            raise ValueError(f"latent_fit_precision must be >= 0 (0: the encoder's mean), got {latent_fit_precision}.")
+        self.latent_fit_precision = float(latent_fit_precision)
         self.max_sequence_length = max_sequence_length
         if peft_config is None and legacy_lora:
             peft_config = {**DEFAULT_LORA, **legacy_lora}

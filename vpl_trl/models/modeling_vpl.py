@@ -150,6 +150,11 @@ class BilinearRewardDecoder(nn.Module):
         products = self.response(embeddings) * self.user(latent)
         return products.sum(-1, keepdim=True) / math.sqrt(products.shape[-1])
 
+    def linear_in_latent(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reward as `offset + slope @ z`: `offset` (N,), `slope` (N, latent_dim)."""
+        response = self.response(embeddings) / math.sqrt(self.user.out_features)
+        return response @ self.user.bias, response @ self.user.weight
+
 
 class ResidualRewardDecoder(nn.Module):
     """r(e, z) = r_pooled(e) + <MLP(e), W z> / sqrt(hidden): the pooled reward every user shares, plus the user's
@@ -170,6 +175,11 @@ class ResidualRewardDecoder(nn.Module):
         products = self.response(embeddings) * self.user(latent)
         pooled = self.pooled(embeddings)
         return pooled + products.sum(-1, keepdim=True) / math.sqrt(products.shape[-1]), pooled
+
+    def linear_in_latent(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reward as `offset + slope @ z`: the pooled reward (N,) and the slope (N, latent_dim)."""
+        response = self.response(embeddings) / math.sqrt(self.user.out_features)
+        return self.pooled(embeddings)[:, 0], response @ self.user.weight
 
 
 ENCODERS = {"attention": UserContextEncoder, "difference": DifferenceContextEncoder, "bayesian": BayesianContextEncoder}
@@ -398,6 +408,76 @@ class VPLRewardModel(PreTrainedModel):
         scale = latent_scale_at(getattr(self.config, "latent_scale", 1.0), num_pairs, mean.shape[0])
         return self.normalize_latent(mean) * scale.to(mean)
 
+    def user_latent(
+        self, context_chosen: torch.Tensor, context_rejected: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each user's latent as the decoder sees it, with the posterior mean and log-variance: a posterior draw in
+        training; in evaluation the posterior mean, or with `config.latent_fit_precision` above 0 the MAP fit to the
+        context pairs (`fit_latent`), times `config.latent_scale` at the user's number of pairs."""
+        mean, logvar = self.encode_context(context_chosen, context_rejected, context_mask)
+        num_pairs = context_chosen.shape[1] if context_mask is None else context_mask.sum(-1)
+        precision = getattr(self.config, "latent_fit_precision", 0.0)
+        if self.training or not precision:
+            return self.latent_from_posterior(mean, logvar, num_pairs), mean, logvar
+        scale = latent_scale_at(getattr(self.config, "latent_scale", 1.0), num_pairs, mean.shape[0])
+        fitted = self.fit_latent(context_chosen, context_rejected, context_mask).to(mean)
+        return fitted * scale.to(fitted), mean, logvar
+
+    @torch.no_grad()
+    def fit_latent(
+        self,
+        context_chosen: torch.Tensor,
+        context_rejected: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        max_iter: int = 50,
+    ) -> torch.Tensor:
+        """The latent of each user (as the decoder sees it) that maximizes the Bradley-Terry likelihood of their
+        context pairs under the decoder plus a N(0, I / `config.latent_fit_precision`) prior. The residual and
+        bilinear decoders are linear in the latent, so this is a Bayesian (MAP) logistic regression per user, with
+        one optimum: solved by Newton's method from the prior user, each user on their own."""
+        precision = float(getattr(self.config, "latent_fit_precision", 0.0))
+        if precision <= 0:
+            raise ValueError(f"fit_latent needs config.latent_fit_precision > 0, got {precision}.")
+        if not hasattr(self.decoder, "linear_in_latent"):
+            raise ValueError(
+                f"latent_fit_precision needs a decoder linear in the latent (residual or bilinear), not "
+                f"decoder_type={self.config.decoder_type!r}."
+            )
+        mask = _check_context(context_chosen, context_rejected, context_mask)
+        users, pairs, dim = context_chosen.shape
+        both = self._standardize(torch.cat([context_chosen, context_rejected]).reshape(2 * users * pairs, dim))
+        offset, slope = (t.float() for t in self.decoder.linear_in_latent(both))
+        # each pair's margin is offsets + design @ z
+        offsets = (offset[: users * pairs] - offset[users * pairs:]).view(users, pairs)
+        design = (slope[: users * pairs] - slope[users * pairs:]).view(users, pairs, -1)
+        weights = mask.float()
+        eye = torch.eye(design.shape[-1], device=design.device)
+
+        def loss(z: torch.Tensor) -> torch.Tensor:  # per user
+            margins = offsets + (design @ z.unsqueeze(-1)).squeeze(-1)
+            return -(F.logsigmoid(margins) * weights).sum(-1) + 0.5 * precision * z.pow(2).sum(-1)
+
+        latent = torch.zeros(users, design.shape[-1], device=design.device)
+        current = loss(latent)
+        for _ in range(max_iter):
+            p = torch.sigmoid(offsets + (design @ latent.unsqueeze(-1)).squeeze(-1))
+            gradient = -(design * ((1 - p) * weights).unsqueeze(-1)).sum(1) + precision * latent
+            hessian = design.transpose(1, 2) @ (design * (p * (1 - p) * weights).unsqueeze(-1)) + precision * eye
+            step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)
+            # halve a user's step while it would raise their loss (Newton can overshoot far from the optimum)
+            size = torch.ones(users, 1, device=design.device)
+            for _ in range(20):
+                trial = loss(latent - size * step)
+                worse = trial > current + 1e-7
+                if not worse.any():
+                    break
+                size = torch.where(worse.unsqueeze(-1), size / 2, size)
+            latent = latent - size * step
+            current = loss(latent)
+            if (size * step).abs().max() < 1e-6:
+                break
+        return latent.to(context_chosen.dtype)
+
     def prior_latent(self, n: int = 1) -> torch.Tensor:
         """The prior mean user's latent (zeros)."""
         param = next(self.decoder.parameters())
@@ -437,7 +517,6 @@ class VPLRewardModel(PreTrainedModel):
             embeddings = self.embed(input_ids, attention_mask)
         embeddings = self._standardize(embeddings)
         output = VPLRewardOutput()
-        features = embeddings
         if self.config.use_latent:
             if latent is None:
                 if context_chosen is None or context_rejected is None:
@@ -445,9 +524,7 @@ class VPLRewardModel(PreTrainedModel):
                         "a `vae` reward model needs the user's context pairs (`context_chosen`, `context_rejected`) "
                         "or a `latent`."
                     )
-                mean, logvar = self.encode_context(context_chosen, context_rejected, context_mask)
-                num_pairs = context_chosen.shape[1] if context_mask is None else context_mask.sum(-1)
-                latent = self.latent_from_posterior(mean, logvar, num_pairs)
+                latent, mean, logvar = self.user_latent(context_chosen, context_rejected, context_mask)
                 output.kl, output.latent_mean, output.latent_logvar = gaussian_kl(mean, logvar), mean, logvar
             latent = latent.to(embeddings.dtype)
             if latent_dropout is not None:
@@ -459,16 +536,21 @@ class VPLRewardModel(PreTrainedModel):
                 )
             output.latent = latent
             latent = latent.repeat(embeddings.shape[0] // latent.shape[0], 1)
-            if isinstance(self.decoder, ResidualRewardDecoder):
-                output.head, output.pooled = self.decoder.with_pooled(embeddings, latent)
-            elif self.config.decoder_type in LATENT_DECODERS:
-                output.head = self.decoder(embeddings, latent)
-            else:
-                features = torch.cat([embeddings, latent], dim=-1)
-        if output.head is None:
-            output.head = self.decoder(features)
+        output.head, output.pooled = self._decode(embeddings, latent if self.config.use_latent else None)
         output.logits = head_to_reward(output.head, self.config.reward_type).unsqueeze(-1)
         return output
+
+    def _decode(self, embeddings: torch.Tensor, latent: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's output on standardized embeddings, each row with its row of `latent` (None for models
+        without a latent), and the residual decoder's pooled reward (else None)."""
+        if latent is None:
+            return self.decoder(embeddings), None
+        if isinstance(self.decoder, ResidualRewardDecoder):
+            return self.decoder.with_pooled(embeddings, latent)
+        if self.config.decoder_type in LATENT_DECODERS:
+            return self.decoder(embeddings, latent), None
+        return self.decoder(torch.cat([embeddings, latent], dim=-1)), None
 
     # ----- gradient checkpointing (the backbone's; a frozen backbone runs without gradients) ----------------
 

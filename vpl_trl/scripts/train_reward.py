@@ -146,15 +146,15 @@ def train_and_evaluate(script_args: ScriptArguments, args: VPLRewardConfig, mode
         print(f"Selection on pseudo-new users: {chosen.reason}")
         args = dataclasses.replace(args, **chosen.settings)
     trainer = make_trainer(args, train, test)
-    if chosen is not None and chosen.latent_scale is not None:
-        trainer.accelerator.unwrap_model(trainer.model).config.latent_scale = chosen.latent_scale
+    if chosen is not None:
+        chosen.apply(trainer.accelerator.unwrap_model(trainer.model))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 
     results = {"model_type": args.model_type, "dataset": script_args.dataset}
     if chosen is not None:
         results["selection"] = {"settings": chosen.settings, "latent_scale": chosen.latent_scale,
-                                "reason": chosen.reason}
+                                "latent_fit_precision": chosen.latent_fit_precision, "reason": chosen.reason}
     test_sets = {script_args.dataset: test} if test is not None else {}
     if "new_users" in data:  # users absent from training, each with their own context
         test_sets[f"{script_args.dataset} (new users)"] = data["new_users"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..embeddings import compute_embeddings, text_key
-from ..evaluation.active_queries import PairSet, choose_query, posterior
+from ..evaluation.active_queries import PairSet, choose_query
 from ..inference.best_of_n import PersonalizedBestOfN, Ranking
 from ..inference.scoring import PersonalizedRewardScorer
 from ..text import render_text
@@ -183,11 +183,10 @@ class Personalization:
             prior = self.prior()
             return UserLatent(version, prior.z, prior.mean, prior.logvar)
         answered = self._pair_set(pairs, scored=False)
-        with self._lock:
+        with self._lock, torch.no_grad():  # a latent fit (latent_fit_precision) takes its own gradients
             self.latent_computations += 1
-            mean, logvar = posterior(self.model, answered.context_chosen, answered.context_rejected)
-            z = self.model.latent_from_posterior(mean, logvar, len(pairs))
-        latent = UserLatent(version, z.cpu(), mean.cpu(), logvar.cpu())
+            z, mean, logvar = self.model.user_latent(answered.context_chosen[None], answered.context_rejected[None])
+        latent = UserLatent(version, z.cpu(), mean.float().cpu(), logvar.float().cpu())
         self.store.save_latent(user_id, latent)
         return latent
 

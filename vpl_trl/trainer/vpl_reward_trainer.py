@@ -253,11 +253,12 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
 
     # ----- data ---------------------------------------------------------------------------------------------
 
-    def _prepare_dataset(self, dataset, processing_class, args: VPLRewardConfig, dataset_name: str):
+    def _prepare_dataset(self, dataset, processing_class, args: VPLRewardConfig, dataset_name: str,
+                         keep_in_memory: bool = False):
         """Contexts (and in `frozen` mode the responses) as rows of the embedding table, by the inference
         component; then, in the other modes, tokenized as TRL does."""
         draws = args.train_context_draws if dataset is self.inference.context_pool else 1
-        dataset = self.inference.prepare(dataset, dataset_name, context_draws=draws)
+        dataset = self.inference.prepare(dataset, dataset_name, context_draws=draws, keep_in_memory=keep_in_memory)
         if self.inference.model.config.embedding_mode == "frozen":
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -353,7 +354,8 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         and for `vae` models each example's posterior `latent_mean` and `kl`.
         """
         self._refresh_context_embeddings()  # before new contexts are embedded
-        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, name)
+        # kept in memory: predictions, unlike training sets, are prepared once and would only fill datasets' cache
+        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, name, keep_in_memory=True)
         model = self.accelerator.unwrap_model(self.model)
         was_training, eval_metrics = model.training, self._metrics["eval"]
         self._metrics["eval"] = defaultdict(list)
