@@ -183,7 +183,7 @@ class Personalization:
             prior = self.prior()
             return UserLatent(version, prior.z, prior.mean, prior.logvar)
         answered = self._pair_set(pairs, scored=False)
-        with self._lock, torch.no_grad():  # a latent fit (latent_fit_precision) takes its own gradients
+        with self._lock, torch.no_grad():
             self.latent_computations += 1
             z, mean, logvar = self.model.user_latent(answered.context_chosen[None], answered.context_rejected[None])
         latent = UserLatent(version, z.cpu(), mean.float().cpu(), logvar.float().cpu())
