@@ -36,6 +36,25 @@ def test_pseudo_new_users_are_held_out_whole_with_their_own_context():
     assert again.to_list() == pseudo_new.to_list()
 
 
+def test_pseudo_new_users_in_folds_score_each_pair_with_another_part_as_context():
+    data = users_dataset(pairs_each=6)
+    _, one = split_pseudo_new_users(data, fraction=0.2, seed=0, context_pairs=3)
+    _, folded = split_pseudo_new_users(data, fraction=0.2, seed=0, context_pairs=3, folds=2)
+    assert folded.to_list()[: len(one) // 2] == one.to_list()[: len(one) // 2]  # the first fold is the unfolded split
+    assert len(folded) == 2 * len(one) == 2 * 2 * 3
+    for user in set(folded["user_id"]):
+        rows = [r for r in folded if r["user_id"] == user]
+        contexts = {tuple(c["prompt"] for c in r["context"]) for r in rows}
+        assert len(contexts) == 2 and not set(contexts.pop()) & set(contexts.pop())  # two disjoint parts
+        scored = [r["prompt"] for r in rows]
+        assert sorted(set(scored)) == sorted(scored) == sorted(f"q{user[1:]}-{i}" for i in range(6))
+        for row in rows:
+            assert row["prompt"] not in {c["prompt"] for c in row["context"]}
+    # never more folds than parts: 6 pairs in parts of 2 give 3 folds at most
+    _, many = split_pseudo_new_users(data, fraction=0.2, seed=0, context_pairs=2, folds=5)
+    assert len(many) == 2 * 3 * (6 - 2)
+
+
 def test_pseudo_new_users_need_enough_users_and_a_user_column():
     with pytest.raises(PreferenceDataError, match="fewer than 2 to train on"):
         split_pseudo_new_users(users_dataset(n_users=2), fraction=0.5, seed=0)
@@ -204,7 +223,7 @@ def test_recipe_selects_on_pseudo_new_users_deterministically(tiny_backbone, man
 
     first, second = run("a"), run("b")
     assert first == second
-    assert first["users"] == {"training": 9, "pseudo_new": 3, "pseudo_new_pairs": 3 * (8 - 4)}
+    assert first["users"] == {"training": 9, "pseudo_new": 3, "pseudo_new_pairs": 2 * 3 * (8 - 4), "folds": 2}
     # each trained candidate is scored with and without the latent fit, which needs no training of its own
     assert [(c["settings"], c["latent_fit_precision"]) for c in first["candidates"]] == [
         ({"kl_weight": 0.001}, 0.0), ({"kl_weight": 0.001}, 0.5), ({"kl_weight": 0.1}, 0.0), ({"kl_weight": 0.1}, 0.5)]

@@ -1,16 +1,17 @@
 """Choosing a reward model's settings on pseudo-new users: training users held out as new users would come.
 
 A fraction of the training users is held out whole (`split_pseudo_new_users`): each brings some of their own pairs as
-context, and their other pairs are scored. Every candidate of a small grid of training settings (for example the KL
-weight, the epochs, the context draws) is trained on the other users and scored on the held-out ones at several
-context sizes K, with the user's latent taken from the encoder or fitted to their pairs (each of
-`latent_fit_precisions`, `VPLRewardModel.fit_latent`) and scaled by each of `latent_scales` (0 is the pooled reward
-every user starts from, with the residual decoder). At each K a scale is kept, never smaller at a larger K, the best
-such table: a user's few pairs move the reward only as far as that paid on held-out users (at worst, scale 0, not at
-all); a scale above the smallest must beat it at that K beyond noise (per-user gains, one-sided 90% bootstrap over
-the users) without losing more than a point on the worst decile of users. The candidate and latent fit with the best
-mean accuracy over the K values are what the final model (trained on every user) uses, saved with its table of
-scales as its `latent_scale`: `select_settings` returns them with every candidate's scores and the reason.
+context, and their other pairs are scored, in folds (`selection_folds`) that each take another part as the context.
+Every candidate of a small grid of training settings (for example the KL weight, the epochs, the context draws) is
+trained on the other users and scored on the held-out ones at several context sizes K, with the user's latent taken
+from the encoder or fitted to their pairs (each of `latent_fit_precisions`, `VPLRewardModel.fit_latent`) and scaled
+by each of `latent_scales` (0 is the pooled reward every user starts from, with the residual decoder). At each K a
+scale is kept, never smaller at a larger K, the best such table: a user's few pairs move the reward only as far as
+that paid on held-out users (at worst, scale 0, not at all); a scale above the smallest must beat it at that K beyond
+noise (per-user gains, one-sided 90% bootstrap over the users) without losing more than a point on the worst decile
+of users. The candidate and latent fit with the best mean accuracy over the K values are what the final model
+(trained on every user) uses, saved with its table of scales as its `latent_scale`: `select_settings` returns them
+with every candidate's scores and the reason.
 
 `recipes/train_reward.py` runs it when `--selection_fraction` is above 0 and writes `DIR/selection.json`.
 """
@@ -71,12 +72,18 @@ class SelectionArguments:
     selection_context_pairs: int = field(
         default=16, metadata={"help": "Pairs of each pseudo-new user given as their context (at most half of theirs)."}
     )
+    selection_folds: int = field(
+        default=2, metadata={"help": "Times each pseudo-new user is scored, each time with another part of their "
+                                     "pairs as the context and the rest scored (2: every pair of a user with 32 is "
+                                     "scored once, with the other half as context)."}
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.selection_fraction < 1.0:
             raise ValueError(f"selection_fraction must be in [0, 1), got {self.selection_fraction}.")
-        if self.selection_context_pairs < 1:
-            raise ValueError(f"selection_context_pairs must be >= 1, got {self.selection_context_pairs}.")
+        if self.selection_context_pairs < 1 or self.selection_folds < 1:
+            raise ValueError(f"selection_context_pairs and selection_folds must be >= 1, got "
+                             f"{self.selection_context_pairs} and {self.selection_folds}.")
         self.context_sizes = _numbers(self.selection_context_sizes, int, "selection_context_sizes")
         self.latent_scales = _numbers(self.selection_latent_scales, float, "selection_latent_scales")
         self.latent_fit_precisions = _numbers(self.selection_latent_fit_precisions, float,
@@ -170,11 +177,13 @@ def _numbers(text: str, kind: type, name: str) -> list:
     return values
 
 
-def split_pseudo_new_users(dataset: Dataset, fraction: float, seed: int, context_pairs: int = 16
+def split_pseudo_new_users(dataset: Dataset, fraction: float, seed: int, context_pairs: int = 16, folds: int = 1
                            ) -> tuple[Dataset, Dataset]:
-    """Hold out `fraction` of the users, whole: returns the other users' rows, and one row per held-out pair that
-    is not in its user's context, each carrying that user's `context` (up to `context_pairs` of their pairs, at
-    most half of them)."""
+    """Hold out `fraction` of the users, whole: returns the other users' rows, and the held-out users' rows to
+    score. Each held-out user's pairs are shuffled and cut into parts of `context_pairs` (at most half of their
+    pairs); in each of `folds` folds (at most as many as there are parts) one part is the user's `context` and
+    every other pair of theirs is a row carrying it. With 2 folds a user with twice `context_pairs` pairs has each
+    pair scored once: twice the scored pairs, and two contexts, for the noise of one user's accuracy."""
     if "user_id" not in dataset.column_names:
         raise PreferenceDataError("selection holds out users, but the training data has no `user_id` column.")
     users = sorted(set(dataset["user_id"]), key=str)
@@ -197,9 +206,12 @@ def split_pseudo_new_users(dataset: Dataset, fraction: float, seed: int, context
         indices = list(by_user[user])
         random.Random(f"pseudo-new-{seed}-{user}").shuffle(indices)
         n_context = min(context_pairs, len(indices) // 2)
-        context = [{k: dataset[i][k] for k in keys} for i in indices[:n_context]]
-        rows += indices[n_context:]
-        contexts += [context] * (len(indices) - n_context)
+        for fold in range(min(folds, len(indices) // n_context)):
+            part = indices[fold * n_context:(fold + 1) * n_context]
+            context = [{k: dataset[i][k] for k in keys} for i in part]
+            scored = [i for i in indices if i not in part]
+            rows += scored
+            contexts += [context] * len(scored)
     pseudo_new = dataset.select(rows)
     if "context" in pseudo_new.column_names:
         pseudo_new = pseudo_new.remove_columns("context")
@@ -288,7 +300,7 @@ def select_settings(
                          f"under a decoder linear in them ({' or '.join(LATENT_DECODERS)}), not decoder_type="
                          f"{args.decoder_type!r}: set --decoder_type residual, or selection_latent_fit_precisions 0.")
     train, pseudo_new = split_pseudo_new_users(train_dataset, selection.selection_fraction, args.seed,
-                                               selection.selection_context_pairs)
+                                               selection.selection_context_pairs, selection.selection_folds)
     candidates = []
     for number, settings in enumerate(selection.grid({f.name for f in fields(args)})):
         candidate_args = replace(args, output_dir=str(Path(output_dir) / "selection" / f"candidate-{number}"),
@@ -321,7 +333,7 @@ def select_settings(
                        "noise, cost the worst-served users, or would have forced a larger scale at a larger K: "
                        f"{held_back}")
     users = {"training": len(set(train["user_id"])), "pseudo_new": len(set(pseudo_new["user_id"])),
-             "pseudo_new_pairs": len(pseudo_new)}
+             "pseudo_new_pairs": len(pseudo_new), "folds": selection.selection_folds}
     return SelectionResult(settings=chosen["settings"], latent_scale=chosen["latent_scale"],
                            candidates=candidates, reason=reason + ".", users=users,
                            seconds=time.perf_counter() - start, latent_fit_precision=chosen["latent_fit_precision"])
