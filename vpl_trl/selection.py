@@ -8,7 +8,7 @@ from the encoder or fitted to their pairs (each of `latent_fit_precisions`, `VPL
 by each of `latent_scales` (0 is the pooled reward every user starts from, with the residual decoder). At each K a
 scale is kept, never smaller at a larger K, the best such table: a user's few pairs move the reward only as far as
 that paid on held-out users (at worst, scale 0, not at all); a scale above the smallest must beat it at that K beyond
-noise (per-user gains, one-sided 90% bootstrap over the users) without losing more than a point on the worst decile
+noise (per-user gains, one-sided 95% bootstrap over the users) without losing more than a point on the worst decile
 of users. The candidate and latent fit with the best mean accuracy over the K values are what the final model
 (trained on every user) uses, saved with its table of scales as its `latent_scale`: `select_settings` returns them
 with every candidate's scores and the reason.
@@ -39,7 +39,7 @@ from .models.modeling_vpl import LATENT_DECODERS
 SELECTION_FILE = "selection.json"
 PREDICTION_BATCH = 128  # pairs per prediction step: the heads are small, the per-step overhead is not
 BOOTSTRAP_RESAMPLES = 2000
-NO_HARM_CONFIDENCE = 0.9  # one-sided: a scale's gain over the pooled reward must be above 0 at this confidence
+NO_HARM_CONFIDENCE = 0.95  # one-sided: a scale's gain over the pooled reward must be above 0 at this confidence
 WORST_DECILE_SLACK = 0.01  # the worst decile's accuracy a scale may lose against the pooled reward
 
 
@@ -114,7 +114,7 @@ class SelectionArguments:
 
 def _admissible(scores: dict[str, dict[str, Any]], scale: str, reference: str, k: str) -> bool:
     """Whether `scale` did no harm at K=`k` against the `reference` scale (the smallest, 0: the pooled reward) on
-    the pseudo-new users: its gain in per-user accuracy is above 0 at one-sided 90% confidence (users resampled),
+    the pseudo-new users: its gain in per-user accuracy is above 0 at one-sided 95% confidence (users resampled),
     and its worst decile of users is at most a point below the reference's. A gain within noise keeps the
     reference: a new user's few pairs move the reward only where that measurably paid."""
     if scale == reference:
