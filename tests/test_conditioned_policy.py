@@ -378,7 +378,8 @@ def test_offline_pool_pairs_are_ranked_per_user_without_generation(tiny_backbone
 def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets_data, tmp_path):
     """With `contrast_pairs`, the offline round's last pairs per user set the answer of their upper half that they
     prefer most relative to the other users against the answer of their lower half that the others prefer most
-    relative to them, rather than their best against an answer everyone dislikes."""
+    relative to them, rather than their best against an answer everyone dislikes. With `consensus_pairs`, the
+    first pairs rank the answers by all the prompt's users together: the same pair for each of them."""
     from vpl_trl.text import completion_text
 
     answers, pool, tokenizer, conditioning, dataset = one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path)
@@ -389,10 +390,11 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     def reward(prompts, completions, user_id, raw_prompt, **kwargs):
         return [float(table[user][answers.index(completion_text(c).strip())]) for user, c in zip(user_id, completions)]
 
-    def pairs_by_user(contrast_pairs: int) -> dict[str, list[tuple[int, int]]]:
+    def pairs_by_user(contrast_pairs: int, consensus_pairs: int = 0) -> dict[str, list[tuple[int, int]]]:
         model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
-        trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / str(contrast_pairs), pool,
-                                      bon_keep=2, contrast_pairs=contrast_pairs)
+        folder = tmp_path / f"{contrast_pairs}-{consensus_pairs}"
+        trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, folder, pool, bon_keep=2,
+                                      contrast_pairs=contrast_pairs, consensus_pairs=consensus_pairs)
         found = {user: [] for user in USERS}
         for example in trainer._round_examples:
             found[user_of[tuple(example["user_latent"])]].append(
@@ -404,8 +406,16 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     # 3, 4, 5 helpful prefers 3 most. helpful: of 3, 0, 4, answer 3 is the most its own; of 2, 5, 1 harmless
     # prefers 1 most
     assert pairs_by_user(1) == {"harmless": [(0, 5), (1, 3)], "helpful": [(3, 1), (3, 1)]}
+    # a consensus pair instead of each user's best against worst: standardized, the two users' rewards add up to
+    # 4, -1, 0, 2, -1, -4 over answers 0 to 5, so both users get 0 against 5 (helpful's own best is 3)
+    with_consensus = pairs_by_user(1, consensus_pairs=1)
+    assert {user: sorted(pairs) for user, pairs in with_consensus.items()} == {"harmless": [(0, 5), (1, 3)],
+                                                                             "helpful": [(0, 5), (3, 1)]}
     with pytest.raises(ValueError, match="contrast_pairs must be between 0 and bon_keep=2"):
         offline_dpo_trainer(None, tokenizer, dataset, reward, tmp_path / "bad", pool, bon_keep=2, contrast_pairs=3)
+    with pytest.raises(ValueError, match="consensus_pairs must be between 0 and bon_keep - contrast_pairs=1"):
+        offline_dpo_trainer(None, tokenizer, dataset, reward, tmp_path / "bad", pool, bon_keep=2, contrast_pairs=1,
+                            consensus_pairs=2)
 
 
 def test_a_saved_policy_travels(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, tmp_path_factory,

@@ -339,9 +339,10 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
     config.write_text("bon_n: 8\nbon_epochs_per_round: 2\nbeta: 0.2\nreport_to: none\nbf16: false\n")
     (dpo,) = TrlParser((RewardRankedDPOConfig,)).parse_args_and_config(
         ["--config", str(config), "--output-dir", str(tmp_path), "--bon-keep", "3", "--offline_pool", str(pool),
-         "--generation-batch-size", "4", "--contrast-pairs", "1"]
+         "--generation-batch-size", "4", "--contrast-pairs", "1", "--consensus_pairs", "2"]
     )
     assert (dpo.bon_n, dpo.bon_keep, dpo.bon_epochs_per_round, dpo.beta, dpo.contrast_pairs) == (8, 3, 2, 0.2, 1)
+    assert dpo.consensus_pairs == 2
     assert dpo.offline_pool == str(pool) and dpo.generation.batch_size == 4
 
     # the recipe composes the same fields: its flags and YAML keys build the signal's config
@@ -356,7 +357,7 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
         assert (rounds.bon_n, rounds.bon_keep, rounds.contrast_pairs, rounds.bon_epochs_per_round) == (6, 2, 1, 1)
         dpo = ppo_personalized.signal_args("dpo", args, script_args, rounds)
         assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (6, 2, 0.3)
-        assert dpo.contrast_pairs == 1
+        assert (dpo.contrast_pairs, dpo.consensus_pairs) == (1, 1)
         assert dpo.learning_rate == script_args.dpo_learning_rate and dpo.loss_type == ["sigmoid", "sft"]
         assert dpo.max_completion_length == args.max_completion_length == 48 and dpo.offline_pool == str(pool)
         assert dpo.candidates_file == str(tmp_path / "out" / "round_candidates.jsonl")

@@ -16,7 +16,8 @@ With `offline_pool` (a shared pool of candidate answers, such as `data/populatio
 generates nothing: each (user, prompt) row's candidates are the pool's answers to its prompt, ranked by the user's
 reward like any round's; the online rounds follow. Where several users rank the same candidates (the pool, a
 shared first round), each user's ranking is also compared with the other users' of the prompt
-(`_preferred_by_others`), for the trainers that pair what sets a user apart (`contrast_pairs`).
+(`shared_rankings`), for the trainers that pair what sets a user apart (`contrast_pairs`) or what the prompt's
+users prefer together (`consensus_pairs`).
 
 The rounds' settings are fields of the trainers' configs (`BestOfNRoundsConfig`: `RewardRankedDPOConfig`,
 `BestOfNDistillationConfig`); `BestOfNRoundsArguments`, the part of them that the policy recipe exposes as flags,
@@ -80,6 +81,14 @@ class BestOfNRoundsArguments:
                                      "half that the others prefer most relative to them. They carry what sets a "
                                      "user apart; the other pairs, best against worst, what everyone prefers."}
     )
+    consensus_pairs: int = field(
+        default=0, metadata={"help": "dpo: of the best-against-worst pairs (those that are not contrast pairs), how "
+                                     "many rank the candidates by the mean standardized reward of the prompt's "
+                                     "users, not by the user's own, in a round whose candidates several users "
+                                     "score: what the users of a prompt prefer together, the same pair for each "
+                                     "of them (under their own conditioning), rather than each user's estimate "
+                                     "of it."}
+    )
     offline_pool: str | None = field(
         default=None, metadata={"help": "A pool of candidate answers (JSONL, may be gzipped; rows with `prompt` and "
                                         "`response`, e.g. data/population_pool.jsonl.gz): the first round ranks the "
@@ -109,6 +118,9 @@ class BestOfNRoundsArguments:
         if not 0 <= rounds.contrast_pairs <= rounds.bon_keep:
             raise ValueError(f"contrast_pairs must be between 0 and bon_keep={rounds.bon_keep}, got "
                              f"{rounds.contrast_pairs}.")
+        if not 0 <= rounds.consensus_pairs <= rounds.bon_keep - rounds.contrast_pairs:
+            raise ValueError(f"consensus_pairs must be between 0 and bon_keep - contrast_pairs="
+                             f"{rounds.bon_keep - rounds.contrast_pairs}, got {rounds.consensus_pairs}.")
         if rounds.offline_pool and not Path(rounds.offline_pool).is_file():
             raise ValueError(f"offline_pool {rounds.offline_pool}: no such file.")
 
@@ -286,11 +298,11 @@ class BestOfNRounds:
         }
         (folder / ROUNDS_STATE).write_text(json.dumps(state, default=str))
 
-    def _select(self, row: dict[str, Any], ranked: Ranked, others: dict[str, float] | None = None
+    def _select(self, row: dict[str, Any], ranked: Ranked, shared: SharedRanking | None = None
                 ) -> list[tuple[float, dict[str, Any]]]:
-        """A row's examples with their scores (what `replay` ranks them by). `others`, with `contrast_pairs` where
-        the row's candidates are shared: how much more the round's other users of its prompt prefer each candidate
-        than this user does ([`_preferred_by_others`])."""
+        """A row's examples with their scores (what `replay` ranks them by). `shared`, with `contrast_pairs` or
+        `consensus_pairs` where the row's candidates are shared: how the round's other users of its prompt rank
+        them ([`shared_rankings`])."""
         raise NotImplementedError
 
     def _prepare_round(self, data: Dataset) -> Dataset:
@@ -325,11 +337,11 @@ class BestOfNRounds:
             ranked = sorted(zip(rewards[begin : begin + len(texts)], texts), key=lambda pair: pair[0], reverse=True)
             ranked_rows.append((row, ranked))
             begin += len(texts)
-        contrast = self.args.contrast_pairs > 0 and (offline or shared)
-        others = _preferred_by_others(ranked_rows) if contrast else {}
+        compare = self.args.contrast_pairs + self.args.consensus_pairs > 0 and (offline or shared)
+        rankings = shared_rankings(ranked_rows) if compare else {}
         selected, stats, scored, keep = [], [], [], self.args.bon_keep
         for row, ranked in ranked_rows:
-            examples = self._select(row, ranked, others.get(_group(row)))
+            examples = self._select(row, ranked, rankings.get(_group(row)))
             selected += [(_group(row), score, example) for score, example in examples]
             stats.append({"user_id": row["user_id"], "mean": sum(r for r, _ in ranked) / len(ranked),
                           "kept": sum(r for r, _ in ranked[: keep]) / min(keep, len(ranked))})
@@ -420,12 +432,21 @@ class BestOfNRounds:
             self.log({k: v for k, v in record.items() if k not in ("round", "step", "elapsed", "offline")})
 
 
-def _preferred_by_others(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -> dict[Group, dict[str, float]]:
+@dataclass
+class SharedRanking:
+    """How the users of a prompt rank the candidates that they all scored, seen from one of them: per candidate,
+    `others_minus_own`, the other users' mean standardized reward minus this user's (high: the others like it and
+    this user does not; 0: everyone rates it alike), and `consensus`, every user's mean standardized reward, this
+    one's included (rewards standardized over a row's candidates, so that users whose rewards have different scales
+    count alike)."""
+
+    others_minus_own: dict[str, float]
+    consensus: dict[str, float]
+
+
+def shared_rankings(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -> dict[Group, SharedRanking]:
     """For each (user, prompt) of a round whose candidates several users scored (the pool's, or a shared first
-    round's): each candidate's mean reward under the prompt's other users minus its reward under this user, both
-    standardized over the candidates of a row (so that users whose rewards have different scales count alike). A
-    candidate that the others like and this user does not scores high; a candidate that everyone rates the same,
-    0. Every process gets every user's scores."""
+    round's), its [`SharedRanking`]. Every process gets every user's scores."""
     standardized = []
     for row, ranked in ranked_rows:
         rewards = torch.tensor([reward for reward, _ in ranked], dtype=torch.float64)
@@ -435,14 +456,15 @@ def _preferred_by_others(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -
     by_prompt: dict[str, dict[str, dict[str, float]]] = {}
     for (user, prompt), values in gather_object(standardized):
         by_prompt.setdefault(prompt, {})[user] = values
-    result: dict[Group, dict[str, float]] = {}
+    result: dict[Group, SharedRanking] = {}
     for prompt, users in by_prompt.items():
         for user, mine in users.items():
-            gaps = result.setdefault((user, prompt), {})
+            ranking = result[(user, prompt)] = SharedRanking({}, {})
             for text, value in mine.items():
                 theirs = [values[text] for other, values in users.items() if other != user and text in values]
                 if theirs:
-                    gaps[text] = sum(theirs) / len(theirs) - value
+                    ranking.others_minus_own[text] = sum(theirs) / len(theirs) - value
+                ranking.consensus[text] = (sum(theirs) + value) / (len(theirs) + 1)
     return result
 
 

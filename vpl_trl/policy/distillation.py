@@ -15,7 +15,7 @@ from datasets import Dataset
 from trl import SFTConfig
 
 from ..checkpoints import FaultTolerantCheckpoints
-from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, as_completion, with_latent
+from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, SharedRanking, as_completion, with_latent
 from .trainers import ConditionedSFTTrainer
 
 
@@ -41,7 +41,7 @@ class BestOfNDistillationTrainer(FaultTolerantCheckpoints, BestOfNRounds, Condit
     def _config_name(cls) -> str:
         return "a BestOfNDistillationConfig"
 
-    def _select(self, row: dict[str, Any], ranked: Ranked, others: dict[str, float] | None = None
+    def _select(self, row: dict[str, Any], ranked: Ranked, shared: SharedRanking | None = None
                 ) -> list[tuple[float, dict[str, Any]]]:
         """The best `bon_keep` candidates, as prompt-completion examples."""
         return [(reward, with_latent(row, {"prompt": row["prompt"], "completion": as_completion(row, text)}))

@@ -10,7 +10,9 @@ not only of the policy. With `offline_pool`, the first round's pairs are ranked 
 instead of sampled: DPO on them needs no generation. Where several users rank the same candidates (the pool, a
 shared first round), `contrast_pairs` of each user's pairs set what they prefer more than the other users do
 against what the others prefer more than they do: best-against-worst pairs mostly teach what every user prefers,
-which a user-blind policy learns as well.
+which a user-blind policy learns as well. `consensus_pairs` of them rank the candidates by the prompt's users
+together: what they all prefer, learnt from the same pair for each of them, as a user-blind policy learns it, not
+from each user's noisier estimate.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from trl import DPOConfig
 
 from ..checkpoints import FaultTolerantCheckpoints
 from ..distributed import full_weights_for_generation
-from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, as_completion, with_latent
+from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, SharedRanking, as_completion, with_latent
 from .trainers import ConditionedDPOTrainer
 
 
@@ -80,20 +82,27 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
             self.model.delete_adapter("ref")
             self.model.set_adapter("default")
 
-    def _select(self, row: dict[str, Any], ranked: Ranked, others: dict[str, float] | None = None
+    def _select(self, row: dict[str, Any], ranked: Ranked, shared: SharedRanking | None = None
                 ) -> list[tuple[float, dict[str, Any]]]:
-        """`bon_keep` pairs, scored by their reward gap: the i-th best candidate against the i-th worst; with
-        `others` (shared candidates), the last `contrast_pairs` of them are contrast pairs instead: the i-th of the
-        upper half that this user prefers most relative to the other users against the i-th of the lower half that
-        the others prefer most relative to this user (ties: the higher, and the lower, reward)."""
+        """`bon_keep` pairs, scored by their reward gap under this user: the i-th best candidate against the i-th
+        worst. With `shared` (shared candidates), the first `consensus_pairs` of them rank the candidates by the
+        prompt's users' consensus instead (ties: by this user's reward), and the last `contrast_pairs` are contrast
+        pairs: the i-th of the upper half that this user prefers most relative to the other users against the i-th
+        of the lower half that the others prefer most relative to this user (ties: the higher, and the lower,
+        reward)."""
         keep = self.args.bon_keep
-        contrast = min(self.args.contrast_pairs, keep) if others else 0
-        half = len(ranked) // 2
-        mine_most = sorted(ranked[:half], key=lambda c: (others.get(c[1], 0.0), -c[0])) if contrast else []
-        theirs_most = sorted(ranked[half:], key=lambda c: (others.get(c[1], 0.0), -c[0]), reverse=True) \
-            if contrast else []
-        chosen_rejected = [(ranked[i], ranked[-1 - i]) for i in range(keep - contrast)]
-        chosen_rejected += list(zip(mine_most, theirs_most))[:contrast]
+        contrast = min(self.args.contrast_pairs, keep) if shared else 0
+        consensus = min(self.args.consensus_pairs, keep - contrast) if shared else 0
+        chosen_rejected = []
+        if consensus:
+            agreed = sorted(ranked, key=lambda c: (shared.consensus.get(c[1], 0.0), c[0]), reverse=True)
+            chosen_rejected += [(agreed[i], agreed[-1 - i]) for i in range(consensus)]
+        chosen_rejected += [(ranked[i], ranked[-1 - i]) for i in range(keep - contrast - consensus)]
+        if contrast:
+            half, gap = len(ranked) // 2, shared.others_minus_own
+            mine_most = sorted(ranked[:half], key=lambda c: (gap.get(c[1], 0.0), -c[0]))
+            theirs_most = sorted(ranked[half:], key=lambda c: (gap.get(c[1], 0.0), -c[0]), reverse=True)
+            chosen_rejected += list(zip(mine_most, theirs_most))[:contrast]
         pairs = []
         for (high, chosen), (low, rejected) in chosen_rejected:
             example = {"prompt": row["prompt"], "chosen": as_completion(row, chosen),
