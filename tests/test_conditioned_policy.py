@@ -390,12 +390,12 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     def reward(prompts, completions, user_id, raw_prompt, **kwargs):
         return [float(table[user][answers.index(completion_text(c).strip())]) for user, c in zip(user_id, completions)]
 
-    def pairs_by_user(contrast_pairs: int, consensus_pairs: int = 0) -> dict[str, list[tuple[int, int]]]:
+    def pairs_by_user(contrast_pairs: int, consensus_pairs: int = 0, data=dataset) -> dict[str, list[tuple[int, int]]]:
         model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
-        folder = tmp_path / f"{contrast_pairs}-{consensus_pairs}"
-        trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, folder, pool, bon_keep=2,
+        folder = tmp_path / f"{contrast_pairs}-{consensus_pairs}-{len(data)}"
+        trainer = offline_dpo_trainer(model, tokenizer, data, reward, folder, pool, bon_keep=2,
                                       contrast_pairs=contrast_pairs, consensus_pairs=consensus_pairs)
-        found = {user: [] for user in USERS}
+        found = {user: [] for user in set(data["user_id"])}
         for example in trainer._round_examples:
             found[user_of[tuple(example["user_latent"])]].append(
                 tuple(answers.index(completion_text(example[side]).strip()) for side in ("chosen", "rejected")))
@@ -411,6 +411,9 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     with_consensus = pairs_by_user(1, consensus_pairs=1)
     assert {user: sorted(pairs) for user, pairs in with_consensus.items()} == {"harmless": [(0, 5), (1, 3)],
                                                                              "helpful": [(0, 5), (3, 1)]}
+    # a prompt that no other user scored has nothing to contrast: best against worst, second against second worst
+    alone = dataset.filter(lambda row: row["user_id"] == "harmless")
+    assert pairs_by_user(1, data=alone) == {"harmless": [(0, 5), (1, 4)]}
     with pytest.raises(ValueError, match="contrast_pairs must be between 0 and bon_keep=2"):
         offline_dpo_trainer(None, tokenizer, dataset, reward, tmp_path / "bad", pool, bon_keep=2, contrast_pairs=3)
     with pytest.raises(ValueError, match="consensus_pairs must be between 0 and bon_keep - contrast_pairs=1"):
