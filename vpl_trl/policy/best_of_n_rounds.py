@@ -446,7 +446,8 @@ class SharedRanking:
 
 def shared_rankings(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -> dict[Group, SharedRanking]:
     """For each (user, prompt) of a round whose candidates several users scored (the pool's, or a shared first
-    round's), its [`SharedRanking`]. Every process gets every user's scores."""
+    round's), its [`SharedRanking`]; none for a prompt that one user alone scored. Every process gets every user's
+    scores."""
     standardized = []
     for row, ranked in ranked_rows:
         rewards = torch.tensor([reward for reward, _ in ranked], dtype=torch.float64)
@@ -458,6 +459,8 @@ def shared_rankings(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -> dic
         by_prompt.setdefault(prompt, {})[user] = values
     result: dict[Group, SharedRanking] = {}
     for prompt, users in by_prompt.items():
+        if len(users) < 2:
+            continue
         for user, mine in users.items():
             ranking = result[(user, prompt)] = SharedRanking({}, {})
             for text, value in mine.items():

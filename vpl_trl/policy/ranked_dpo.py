@@ -86,12 +86,12 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
                 ) -> list[tuple[float, dict[str, Any]]]:
         """`bon_keep` pairs, scored by their reward gap under this user: the i-th best candidate against the i-th
         worst. With `shared` (shared candidates), the first `consensus_pairs` of them rank the candidates by the
-        prompt's users' consensus instead (ties: by this user's reward), and, where other users scored them too, the
-        last `contrast_pairs` are contrast pairs: the i-th of the upper half that this user prefers most relative to
-        the other users against the i-th of the lower half that the others prefer most relative to this user (ties:
-        the higher, and the lower, reward)."""
+        prompt's users' consensus instead (ties: by this user's reward), and the last `contrast_pairs` are contrast
+        pairs: the i-th of the upper half that this user prefers most relative to the other users against the i-th
+        of the lower half that the others prefer most relative to this user (ties: the higher, and the lower,
+        reward)."""
         keep = self.args.bon_keep
-        contrast = min(self.args.contrast_pairs, keep) if shared and shared.others_minus_own else 0
+        contrast = min(self.args.contrast_pairs, keep) if shared else 0
         consensus = min(self.args.consensus_pairs, keep - contrast) if shared else 0
         chosen_rejected = []
         if consensus:
