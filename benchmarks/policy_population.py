@@ -19,10 +19,10 @@ Then `--new_users` users never seen in training (neither by the reward model nor
 their own labelled pairs, and answer held-out prompts that no policy trained on (`recipes/prompts/
 population_heldout.jsonl`, written for this benchmark, then the pool's prompts left out of training); every answer
 is scored by the user's TRUE utility. Also served: the untrained policy and, personalization at inference time,
-the best of `--best_of` untrained answers under the user's VPL reward. Gains are means over users with 95%
-bootstrap intervals (users resampled, then each user's answers). Reward hacking: each training round's candidates
-(the first round's: the pool's answers), scored by the reward the policy was trained against and by the same users'
-true utility.
+the best of `--best_of` untrained answers under the user's VPL reward. Every trained policy, user-blind ones too,
+samples `--samples` answers per new user and prompt. Gains are means over users with 95% bootstrap intervals over
+users. Reward hacking: each training round's candidates (the first round's: the pool's answers), scored by the
+reward the policy was trained against and by the same users' true utility.
 
 Writes `DIR/summary.json` (`{"new_users_heldout_prompts": {"users", "prompts", "vs_untrained", "vs_bt_blind",
 "best_of_16_vs_untrained", "users_gaining", "utility": {POLICY: ...}, "gains": {POLICY: {BASELINE: ...}}},
@@ -167,17 +167,12 @@ def answer_new_users(folder: Path, prompts: list[str], scorer: PersonalizedRewar
 
     for name in policies:
         policy, tokenizer, conditioning, _ = load_conditioned_policy(folder / name, device="cpu")
-        if conditioning.kind == "none":  # user-blind: one set of answers serves every user
-            texts = generate_candidates(policy, tokenizer, [conditioning.prompt(p, None, True) for p in prompts],
-                                        samples, settings, progress=name)
-            answers[name] = {user: [(p, t) for p, ts in zip(prompts, texts) for t in ts] for user in users}
-        else:
-            rows = [conditioning.prompt(p, contexts[u], True) for u in users for p in prompts]
-            row_latents = torch.cat([latents[u] for u in users for _ in prompts]) if conditioning.uses_latent \
-                else None
-            texts = generate_candidates(policy, tokenizer, rows, samples, settings, latents=row_latents,
-                                        progress=name)
-            answers[name] = per_user(texts, users, prompts)
+        # a user-blind policy (which ignores the context) also samples anew for each user: as many draws as a
+        # conditioned policy, so that its mean is not a handful of answers shared by every user
+        rows = [conditioning.prompt(p, contexts[u], True) for u in users for p in prompts]
+        row_latents = torch.cat([latents[u] for u in users for _ in prompts]) if conditioning.uses_latent else None
+        texts = generate_candidates(policy, tokenizer, rows, samples, settings, latents=row_latents, progress=name)
+        answers[name] = per_user(texts, users, prompts)
         del policy
     return answers
 
@@ -202,28 +197,23 @@ def score_answers(answers: dict, population: Population, scorer: PersonalizedRew
 
 def bootstrap_gain(scored: dict, policy: str, baseline: str, resamples: int = 2000, seed: int = 0
                    ) -> dict[str, Any]:
-    """The mean over users of (policy's mean utility - baseline's), its 95% bootstrap interval (users resampled,
-    then each user's answers), and the share of users whose mean utility rose."""
-    rng = np.random.default_rng(seed)
+    """The mean over users of (policy's mean utility - baseline's), its 95% bootstrap interval over users, and the
+    share of users whose mean utility rose. Users are resampled, not their answers again: a user's gain already
+    carries the sampling noise of their answers, which a second stage would count twice."""
     users = list(scored[policy])
-    own = [np.asarray(scored[policy][u]["utility"]) for u in users]
-    base = [np.asarray(scored[baseline][u]["utility"]) for u in users]
-    gains = np.array([o.mean() - b.mean() for o, b in zip(own, base)])
-    means = []
-    for _ in range(resamples):
-        picked = rng.integers(len(users), size=len(users))
-        means.append(np.mean([rng.choice(own[i], len(own[i])).mean() - rng.choice(base[i], len(base[i])).mean()
-                              for i in picked]))
-    low, high = np.quantile(means, [0.025, 0.975])
-    return {"mean": float(gains.mean()), "ci95": [float(low), float(high)], "users_gaining": float((gains > 0).mean())}
+    gains = np.array([np.mean(scored[policy][u]["utility"]) - np.mean(scored[baseline][u]["utility"]) for u in users])
+    return {"mean": float(gains.mean()), "ci95": _bootstrap_over_users(gains, resamples, seed),
+            "users_gaining": float((gains > 0).mean())}
 
 
 def utility_interval(scored: dict, policy: str, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """The 95% bootstrap interval over users of a policy's mean true utility."""
+    return _bootstrap_over_users(np.array([np.mean(v["utility"]) for v in scored[policy].values()]), resamples, seed)
+
+
+def _bootstrap_over_users(values: np.ndarray, resamples: int, seed: int) -> list[float]:
     rng = np.random.default_rng(seed)
-    values = [np.asarray(v["utility"]) for v in scored[policy].values()]
-    means = [np.mean([rng.choice(values[i], len(values[i])).mean() for i in rng.integers(len(values),
-                                                                                           size=len(values))])
-             for _ in range(resamples)]
+    means = values[rng.integers(len(values), size=(resamples, len(values)))].mean(axis=1)
     return [float(q) for q in np.quantile(means, [0.025, 0.975])]
 
 
@@ -253,8 +243,8 @@ def new_user_summary(scored: dict, users: int, prompts: int, samples: int, best_
 def personalization(scored: dict, population: Population) -> dict[str, dict[str, float]]:
     """How much each policy's answers are each user's own: the mean over users of their true utility for the
     answers written for them minus for the answers written for the other new users (the same prompts), with the
-    share of users for whom it is positive. 0 for a user-blind policy; the answers' counterpart of the reward
-    model's context swap."""
+    share of users for whom it is positive. About 0 for a user-blind policy (its draws for each user differ only by
+    chance); the answers' counterpart of the reward model's context swap."""
     result = {}
     for name, by_user in scored.items():
         users = list(by_user)
@@ -265,7 +255,7 @@ def personalization(scored: dict, population: Population) -> dict[str, dict[str,
             own = float(np.mean(scores[user] @ weights))
             others = [float(np.mean(scores[other] @ weights)) for other in users if other != user]
             gaps.append(own - float(np.mean(others)))
-        # a user-blind policy's gaps are 0 up to rounding: not positive
+        # the untrained policy's answers are the same for every user: gaps of 0 up to rounding, not positive
         result[name] = {"mean": float(np.mean(gaps)), "users_positive": float(np.mean(np.asarray(gaps) > 1e-9))}
     return result
 
@@ -372,7 +362,8 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
             lines.append(f"| {name} | {baseline} | {value['mean']:+.3f} [{value['ci95'][0]:+.3f}, "
                          f"{value['ci95'][1]:+.3f}] | {value['users_gaining']:.0%} |")
     lines += ["", "Personalization: each new user's true utility for the answers written for them minus for those "
-              "written for the other new users (same prompts); 0 for a user-blind policy.", "",
+              "written for the other new users (same prompts); about 0 for a user-blind policy, whose draws differ by "
+              "chance only.", "",
               "| policy | own answers minus the others' | users for whom positive |", "|---|---|---|"]
     for name, value in summary.get("personalization", {}).items():
         if name != "untrained":

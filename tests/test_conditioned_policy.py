@@ -375,6 +375,42 @@ def test_offline_pool_pairs_are_ranked_per_user_without_generation(tiny_backbone
     assert all(later > earlier for earlier, later in zip(margins, margins[1:]))
 
 
+def test_the_soft_prompt_learns_at_its_own_rate(tiny_backbone, scorer, pets_data, tmp_path):
+    """With `latent_prompt_lr_ratio`, the soft-prompt module's optimizer groups run at that multiple of the adapter's
+    learning rate through the schedule, every trainable parameter in one group, and the module moves further."""
+    import copy
+
+    from vpl_trl.models.latent_prompt import find_latent_embedding
+    from vpl_trl.text import completion_text
+
+    _, pool, tokenizer, conditioning, dataset = one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path)
+    initial = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+
+    def reward(prompts, completions, user_id, **kwargs):  # harmless likes long answers, helpful short ones
+        sign = {"harmless": 1.0, "helpful": -1.0}
+        return [sign[user] * len(completion_text(c)) for user, c in zip(user_id, completions)]
+    moved = {}
+    for ratio in (1.0, 10.0):
+        model = copy.deepcopy(initial)
+        prompt = find_latent_embedding(model).prompt
+        before = [p.detach().clone() for p in prompt.parameters()]
+        trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / f"ratio{ratio}", pool,
+                                      learning_rate=1e-3, lr_scheduler_type="constant",
+                                      latent_prompt_lr_ratio=ratio)
+        trainer.train()
+        ids = {id(p) for p in prompt.parameters()}
+        rate = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+        trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+        assert len(rate) == sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(trainable)
+        assert [rate[id(p)] for p in trainable if id(p) in ids] == pytest.approx([ratio * 1e-3] * len(ids))
+        assert [rate[id(p)] for p in trainable if id(p) not in ids] == pytest.approx([1e-3] * (len(rate) - len(ids)))
+        moved[ratio] = sum(float((p.detach() - b).abs().sum()) for p, b in zip(prompt.parameters(), before))
+    assert moved[10.0] > 3 * moved[1.0] > 0
+
+    with pytest.raises(ValueError, match="latent_prompt_lr_ratio must be above 0"):
+        offline_dpo_trainer(initial, tokenizer, dataset, reward, tmp_path / "bad", pool, latent_prompt_lr_ratio=0)
+
+
 def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets_data, tmp_path):
     """With `contrast_pairs`, the offline round's last pairs per user set the answer of their upper half that they
     prefer most relative to the other users against the answer of their lower half that the others prefer most

@@ -357,12 +357,13 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
         assert (rounds.bon_n, rounds.bon_keep, rounds.contrast_pairs, rounds.bon_epochs_per_round) == (6, 2, 1, 1)
         dpo = ppo_personalized.signal_args("dpo", args, script_args, rounds)
         assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (6, 2, 0.3)
-        assert (dpo.contrast_pairs, dpo.consensus_pairs) == (1, 1)
+        assert (dpo.contrast_pairs, dpo.consensus_pairs, dpo.latent_prompt_lr_ratio) == (1, 1, 10.0)
         assert dpo.learning_rate == script_args.dpo_learning_rate and dpo.loss_type == ["sigmoid", "sft"]
         assert dpo.max_completion_length == args.max_completion_length == 48 and dpo.offline_pool == str(pool)
         assert dpo.candidates_file == str(tmp_path / "out" / "round_candidates.jsonl")
         sft = ppo_personalized.signal_args("bon_sft", args, script_args, rounds)
         assert isinstance(sft, BestOfNDistillationConfig) and sft.replay and sft.learning_rate == 1.0e-3
+        assert sft.latent_prompt_lr_ratio == args.latent_prompt_lr_ratio == 10.0
         assert ppo_personalized.signal_args("grpo", args, script_args, rounds) is args
 
 

@@ -35,7 +35,13 @@ from .evaluation import (
 from .ranked_dpo import RewardRankedDPOConfig, RewardRankedDPOTrainer
 from .reward import PersonalizedRewardFunction
 from .runs import SIGNALS, round_config, run_record, train_policy
-from .trainers import ConditionedDPOTrainer, ConditionedGRPOTrainer, ConditionedSFTTrainer, TimeBudgetCallback
+from .trainers import (
+    ConditionedDPOTrainer,
+    ConditionedGRPOTrainer,
+    ConditionedSFTTrainer,
+    LatentPromptArguments,
+    TimeBudgetCallback,
+)
 
 __all__ = [
     "LATENT_TOKEN",
@@ -49,6 +55,7 @@ __all__ = [
     "ConditionedGRPOTrainer",
     "ConditionedSFTTrainer",
     "LatentConditionedEmbedding",
+    "LatentPromptArguments",
     "LatentPrompt",
     "PolicyConditioning",
     "PolicyEvaluation",

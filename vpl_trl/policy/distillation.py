@@ -16,16 +16,17 @@ from trl import SFTConfig
 
 from ..checkpoints import FaultTolerantCheckpoints
 from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, SharedRanking, as_completion, with_latent
-from .trainers import ConditionedSFTTrainer
+from .trainers import ConditionedSFTTrainer, LatentPromptArguments
 
 
 @dataclass
-class BestOfNDistillationConfig(BestOfNRoundsConfig, SFTConfig):
+class BestOfNDistillationConfig(BestOfNRoundsConfig, LatentPromptArguments, SFTConfig):
     r"""
     [`~trl.SFTConfig`] for [`BestOfNDistillationTrainer`], with the rounds' fields ([`BestOfNRoundsConfig`]):
     `bon_n` candidates per user and prompt each round, the best `bon_keep` distilled, a new round every
-    `bon_epochs_per_round` epochs, how the candidates are sampled, `candidates_file` and `offline_pool`. The examples
-    of a (user, prompt) are the best of every round so far (`replay`, on by default).
+    `bon_epochs_per_round` epochs, how the candidates are sampled, `candidates_file` and `offline_pool`, and the
+    soft prompt's `latent_prompt_lr_ratio` ([`LatentPromptArguments`]). The examples of a (user, prompt) are the
+    best of every round so far (`replay`, on by default).
     """
 
     replay: bool = field(

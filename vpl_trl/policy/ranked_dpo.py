@@ -29,19 +29,20 @@ from trl import DPOConfig
 from ..checkpoints import FaultTolerantCheckpoints
 from ..distributed import full_weights_for_generation
 from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, SharedRanking, as_completion, with_latent
-from .trainers import ConditionedDPOTrainer
+from .trainers import ConditionedDPOTrainer, LatentPromptArguments
 
 
 @dataclass
-class RewardRankedDPOConfig(BestOfNRoundsConfig, DPOConfig):
+class RewardRankedDPOConfig(BestOfNRoundsConfig, LatentPromptArguments, DPOConfig):
     r"""
     [`~trl.DPOConfig`] for [`RewardRankedDPOTrainer`], with the rounds' fields ([`BestOfNRoundsConfig`]): `bon_n`
     candidates per user and prompt each round, `bon_keep` best-against-worst pairs kept of them, a new round every
     `bon_epochs_per_round` epochs, how the candidates are sampled, `candidates_file`, `offline_pool` (a first
     round ranked from a pool of answers, without generation) and `contrast_pairs` (of the `bon_keep` pairs, those
-    that set the user apart from the other users of the prompt, where they rank the same candidates). The
-    reference log-probabilities are precomputed, once per round, under the policy as the round begins
-    (`precompute_ref_log_probs`, which must stay True).
+    that set the user apart from the other users of the prompt, where they rank the same candidates), and the
+    soft prompt's `latent_prompt_lr_ratio` ([`LatentPromptArguments`]). The reference log-probabilities are
+    precomputed, once per round, under the policy as the round begins (`precompute_ref_log_probs`, which must stay
+    True).
     """
 
     kept = ("pairs", 2)

@@ -10,14 +10,16 @@ conditioning (no latent column) they behave exactly as TRL's.
 - `TimeBudgetCallback`: stops training after a wall-time budget, on every process together.
 
 All three keep the `user_latent` column in their batches (`LatentColumn`: a signature column, passed through by
-TRL's default collator) and save the soft-prompt module with the adapter, loading it back when resuming
-(`LatentPromptCheckpoints`).
+TRL's default collator), save the soft-prompt module with the adapter, loading it back when resuming
+(`LatentPromptCheckpoints`), and train it at `latent_prompt_lr_ratio` times the learning rate
+(`LatentPromptLearningRate`, a field of `LatentPromptArguments` in their configs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +32,12 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..checkpoints import FaultTolerantCheckpoints
-from ..models.latent_prompt import conditioned_on, load_latent_prompt_weights, save_latent_prompt
+from ..models.latent_prompt import (
+    conditioned_on,
+    find_latent_embedding,
+    load_latent_prompt_weights,
+    save_latent_prompt,
+)
 from .lm_head import add_logits_lm_head
 
 LATENT_COLUMN = "user_latent"
@@ -70,6 +77,44 @@ class LatentPromptCheckpoints:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_latent_prompt_weights(model or self.model, resume_from_checkpoint)
+
+
+@dataclass
+class LatentPromptArguments:
+    """The field that the conditioned trainers' configs add for the soft-prompt module."""
+
+    latent_prompt_lr_ratio: float = field(
+        default=1.0, metadata={"help": "The soft-prompt module's learning rate over the adapter's (as LoRA+'s ratio "
+                                       "for LoRA's B matrices): at the adapter's rate it barely moves from its "
+                                       "initialization in a short run, and the policy reads little of `z`."}
+    )
+
+    def __post_init__(self):
+        if self.latent_prompt_lr_ratio <= 0:
+            raise ValueError(f"latent_prompt_lr_ratio must be above 0, got {self.latent_prompt_lr_ratio}.")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # a trainer config's own checks (TrainingArguments)
+            parent()
+
+
+class LatentPromptLearningRate:
+    """Trainer mixin: the soft-prompt module's parameters get their own optimizer groups, at `latent_prompt_lr_ratio`
+    times the learning rate of the groups they came from (the scheduler then scales every group alike)."""
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        ratio = getattr(self.args, "latent_prompt_lr_ratio", 1.0)
+        layer = find_latent_embedding(self.model if model is None else model)
+        if ratio == 1.0 or layer is None:
+            return optimizer
+        prompt = {id(p) for p in layer.prompt.parameters()}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in prompt]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in prompt]
+                optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * ratio})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
 
 
 class LatentCollator:
@@ -118,7 +163,8 @@ class LatentColumn:
             self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
 
 
-class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentColumn, LatentPromptCheckpoints, GRPOTrainer):
+class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentColumn, LatentPromptCheckpoints, LatentPromptLearningRate,
+                             GRPOTrainer):
     """`trl.GRPOTrainer` for a latent-conditioned policy: the rows' `user_latent` condition generation, the old
     and reference log-probabilities and the loss. The soft-prompt module is saved with the adapter."""
 
@@ -184,7 +230,7 @@ class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentColumn, LatentPromp
         return logps, entropies, aux
 
 
-class ConditionedSFTTrainer(LatentColumn, LatentPromptCheckpoints, SFTTrainer):
+class ConditionedSFTTrainer(LatentColumn, LatentPromptCheckpoints, LatentPromptLearningRate, SFTTrainer):
     """`trl.SFTTrainer` for a latent-conditioned policy: each example's `user_latent` conditions its forward."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -198,7 +244,7 @@ def _chosen_and_rejected(latents: torch.Tensor | None) -> torch.Tensor | None:
     return None if latents is None else torch.cat([latents, latents])
 
 
-class ConditionedDPOTrainer(LatentColumn, LatentPromptCheckpoints, DPOTrainer):
+class ConditionedDPOTrainer(LatentColumn, LatentPromptCheckpoints, LatentPromptLearningRate, DPOTrainer):
     """`trl.DPOTrainer` for a latent-conditioned policy: each pair's `user_latent` conditions the policy's (and the
     reference's) forward of both its completions. The soft-prompt module is saved with the adapter. On a CPU (not
     under ZeRO-3, whose sharded head TRL's gathers), the log-probabilities come from the full logits

@@ -74,6 +74,7 @@ from ..policy import (
     SIGNALS,
     BestOfNDistillationConfig,
     BestOfNRoundsArguments,
+    LatentPromptArguments,
     PersonalizedRewardFunction,
     PolicyConditioning,
     PolicyEvaluation,
@@ -159,7 +160,7 @@ class ScriptArguments:
 
 
 @dataclass
-class PersonalizedGRPOConfig(GRPOConfig):
+class PersonalizedGRPOConfig(LatentPromptArguments, GRPOConfig):
     r"""
     [`~trl.GRPOConfig`] with defaults for short LoRA runs against a personalized reward: PPO-style updates
     (`num_iterations=2` passes per generated batch, clipping `epsilon=0.2`), a KL penalty to the reference
@@ -349,7 +350,8 @@ def signal_args(signal: str, args: PersonalizedGRPOConfig, script_args: ScriptAr
     candidates_file = rounds.candidates_file or str(Path(args.output_dir) / "round_candidates.jsonl")
     round_fields = {**asdict(rounds), "candidates_file": candidates_file, "max_completion_length":
                     args.max_completion_length, "temperature": args.temperature, "top_p": args.top_p,
-                    "generation_batch_size": script_args.eval_batch_size}
+                    "generation_batch_size": script_args.eval_batch_size,
+                    "latent_prompt_lr_ratio": args.latent_prompt_lr_ratio}
     if signal == "dpo":
         sft = script_args.dpo_sft_weight  # RPO: the chosen answers' NLL added to DPO's loss
         return round_config(args, RewardRankedDPOConfig, **round_fields, learning_rate=script_args.dpo_learning_rate,
