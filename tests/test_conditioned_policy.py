@@ -389,6 +389,7 @@ def test_the_soft_prompt_learns_at_its_own_rate(tiny_backbone, scorer, pets_data
     def reward(prompts, completions, user_id, **kwargs):  # harmless likes long answers, helpful short ones
         sign = {"harmless": 1.0, "helpful": -1.0}
         return [sign[user] * len(completion_text(c)) for user, c in zip(user_id, completions)]
+
     moved = {}
     for ratio in (1.0, 10.0):
         model = copy.deepcopy(initial)
