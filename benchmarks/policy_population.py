@@ -1,8 +1,8 @@
 """One conditioned policy for many users, measured on NEW users and NEW prompts by their true utility: the simulated
 population's ground truth (`vpl_trl.data.population`), not the VPL reward that the policy was trained against.
 
-    python benchmarks/policy_population.py --output_dir DIR [--budget_seconds 840] [--train_users 64]
-        [--train_prompts 32] [--new_users 32] [--test_prompts 16] [--policies conditioned bt_blind [text]]
+    python benchmarks/policy_population.py --output_dir DIR [--budget_seconds 840] [--train_users 192]
+        [--train_prompts 32] [--new_users 48] [--test_prompts 16] [--policies conditioned bt_blind [text]]
         [--results benchmarks/results/policy_population.md] [--reuse] [-- RECIPE FLAGS]
 
 It builds the population data set (its defaults), trains the VPL reward model (`recipes/configs/population.yaml`)
@@ -71,8 +71,9 @@ PAIR_KEYS = ("prompt", "chosen", "rejected")
 TRAINED = {
     "conditioned": ("vpl", ["--mode", "conditioned", "--conditioning", "latent"]),
     "text": ("vpl", ["--mode", "conditioned", "--conditioning", "text", "--preamble_pairs", "2"]),
-    # a user-blind reward rates every answer alike for every user: no contrast between users to pair on
-    "bt_blind": ("bt", ["--mode", "shared", "--contrast_pairs", "0"]),
+    # a user-blind reward rates every answer alike for every user: no contrast between users to pair on, and
+    # shared candidates would give every user of a prompt the same pairs
+    "bt_blind": ("bt", ["--mode", "shared", "--contrast_pairs", "0", "--share_online_candidates", "false"]),
 }
 COLORS = {"untrained": "0.6", "best_of_16": "tab:purple", "bt_blind": "tab:orange", "text": "tab:blue",
           "conditioned": "tab:green"}
@@ -403,9 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget_seconds", "--budget-seconds", type=float, default=840,
                         help="Training wall time of each policy (default: 14 min).")
     parser.add_argument("--policies", nargs="+", default=["conditioned", "bt_blind"], choices=list(TRAINED))
-    parser.add_argument("--train_users", "--train-users", type=int, default=64)
+    parser.add_argument("--train_users", "--train-users", type=int, default=192)
     parser.add_argument("--train_prompts", "--train-prompts", type=int, default=32)
-    parser.add_argument("--new_users", "--new-users", type=int, default=32)
+    parser.add_argument("--new_users", "--new-users", type=int, default=48)
     parser.add_argument("--test_prompts", "--test-prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=2, help="Answers per new user and held-out prompt.")
     parser.add_argument("--best_of", "--best-of", type=int, default=16,

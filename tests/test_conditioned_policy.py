@@ -458,6 +458,50 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
                             consensus_pairs=2)
 
 
+def test_online_rounds_can_share_candidates_across_users(tiny_backbone, scorer, pets_data, tmp_path, monkeypatch):
+    """With `share_online_candidates`, each user of a prompt also ranks the online round's samples of the prompt's
+    other users, so that the round's pairs can set what sets a user apart (`contrast_pairs`), an answer written for
+    another user included; the learning curve still scores each user's own samples only."""
+    from vpl_trl.policy import best_of_n_rounds
+    from vpl_trl.text import completion_text
+
+    answers, pool, tokenizer, conditioning, dataset = one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path)
+    user_of = {tuple(row["user_latent"]): row["user_id"] for row in dataset}
+    sampled = {"harmless": ["Cats purr when they are calm.", "Dogs need long walks."],
+               "helpful": ["Fish are quiet.", "Birds sing at dawn."]}
+    texts = [*sampled["harmless"], *sampled["helpful"]]
+    # harmless: its own first sample best, its second worst; helpful the reverse, and of its own prefers its second
+    table = {"harmless": [4, 0, 2, 1], "helpful": [0, 3, 1, 2]}
+
+    def reward(prompts, completions, user_id, **kwargs):
+        return [float((table[user] + [0] * 6)[(texts + answers).index(completion_text(c).strip())])
+                for user, c in zip(user_id, completions)]
+
+    def samples(model, tokenizer, prompts, n, settings=None, latents=None, progress=None):
+        return [list(sampled[user_of[tuple(latent.tolist())]]) for latent in latents]
+
+    monkeypatch.setattr(best_of_n_rounds, "generate_candidates", samples)
+    for share in (False, True):
+        model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+        folder = tmp_path / f"share-{share}"
+        trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, folder, pool, bon_n=2, bon_keep=1,
+                                      contrast_pairs=1, share_online_candidates=share)
+        trainer.next_round()
+        pairs = {user_of[tuple(e["user_latent"])]: (completion_text(e["chosen"]).strip(),
+                                                    completion_text(e["rejected"]).strip())
+                 for e in trainer._round_examples}
+        scored = [json.loads(line) for line in (folder / "candidates.jsonl").read_text().splitlines()]
+        ranked = {user: sorted(r["completion"].strip() for r in scored if r["round"] == 1 and r["user_id"] == user)
+                  for user in USERS}
+        assert (trainer.rounds[1]["reward/harmless"], trainer.rounds[1]["reward/helpful"]) == (2.0, 1.5)
+        if not share:  # each user's own samples: best against worst
+            assert ranked == {user: sorted(sampled[user]) for user in USERS}
+            assert pairs == {"harmless": tuple(sampled["harmless"]), "helpful": tuple(sampled["helpful"][::-1])}
+        else:  # every sample of the prompt; helpful's contrast pair is two answers written for harmless
+            assert ranked == {user: sorted(texts) for user in USERS}
+            assert pairs == {"harmless": tuple(sampled["harmless"]), "helpful": tuple(sampled["harmless"][::-1])}
+
+
 def test_a_saved_policy_travels(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, tmp_path_factory,
                                 monkeypatch, capsys):
     """A trained policy records its base model's hub id (resolved locally, as the embedded default is) and keeps

@@ -358,6 +358,7 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
         dpo = ppo_personalized.signal_args("dpo", args, script_args, rounds)
         assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (6, 2, 0.3)
         assert (dpo.contrast_pairs, dpo.consensus_pairs, dpo.latent_prompt_lr_ratio) == (1, 1, 10.0)
+        assert dpo.share_online_candidates and script_args.rows_per_user == 1
         assert dpo.learning_rate == script_args.dpo_learning_rate and dpo.loss_type == ["sigmoid", "sft"]
         assert dpo.max_completion_length == args.max_completion_length == 48 and dpo.offline_pool == str(pool)
         assert dpo.candidates_file == str(tmp_path / "out" / "round_candidates.jsonl")

@@ -15,9 +15,9 @@ examples, the learning curve), so that a run resumed from it (`args.resume_from_
 With `offline_pool` (a shared pool of candidate answers, such as `data/population_pool.jsonl.gz`), the first round
 generates nothing: each (user, prompt) row's candidates are the pool's answers to its prompt, ranked by the user's
 reward like any round's; the online rounds follow. Where several users rank the same candidates (the pool, a
-shared first round), each user's ranking is also compared with the other users' of the prompt
-(`shared_rankings`), for the trainers that pair what sets a user apart (`contrast_pairs`) or what the prompt's
-users prefer together (`consensus_pairs`).
+shared first round, online rounds with `share_online_candidates`), each user's ranking is also compared with the
+other users' of the prompt (`shared_rankings`), for the trainers that pair what sets a user apart
+(`contrast_pairs`) or what the prompt's users prefer together (`consensus_pairs`).
 
 The rounds' settings are fields of the trainers' configs (`BestOfNRoundsConfig`: `RewardRankedDPOConfig`,
 `BestOfNDistillationConfig`); `BestOfNRoundsArguments`, the part of them that the policy recipe exposes as flags,
@@ -76,10 +76,11 @@ class BestOfNRoundsArguments:
     contrast_pairs: int = field(
         default=0, metadata={"help": "dpo: of the `bon_keep` pairs per user and prompt, how many are contrast pairs "
                                      "in a round whose candidates several users score (the offline pool, a shared "
-                                     "first round): of the user's upper half, the candidate they prefer most "
-                                     "relative to the prompt's other users, against the candidate of their lower "
-                                     "half that the others prefer most relative to them. They carry what sets a "
-                                     "user apart; the other pairs, best against worst, what everyone prefers."}
+                                     "first round, share_online_candidates): of the user's upper half, the "
+                                     "candidate they prefer most relative to the prompt's other users, against the "
+                                     "candidate of their lower half that the others prefer most relative to them. "
+                                     "They carry what sets a user apart; the other pairs, best against worst, what "
+                                     "everyone prefers."}
     )
     consensus_pairs: int = field(
         default=0, metadata={"help": "dpo: of the best-against-worst pairs (those that are not contrast pairs), how "
@@ -88,6 +89,12 @@ class BestOfNRoundsArguments:
                                      "score: what the users of a prompt prefer together, the same pair for each "
                                      "of them (under their own conditioning), rather than each user's estimate "
                                      "of it."}
+    )
+    share_online_candidates: bool = field(
+        default=False, metadata={"help": "Online rounds: each user of a prompt also ranks the candidates sampled for "
+                                         "the round's other users of that prompt (each under their own "
+                                         "conditioning), so that the contrast and consensus pairs apply to online "
+                                         "rounds too and each user's pairs come from more candidates."}
     )
     offline_pool: str | None = field(
         default=None, metadata={"help": "A pool of candidate answers (JSONL, may be gzipped; rows with `prompt` and "
@@ -326,6 +333,10 @@ class BestOfNRounds:
         else:
             with full_weights_for_generation(model, accelerator) as policy:
                 candidates = self._sample(policy, mine, shared)
+        own = candidates
+        across = self.args.share_online_candidates and not (offline or shared)
+        if across:
+            candidates = _with_other_users_candidates(mine, candidates)
         generation_seconds = time.perf_counter() - start
         flat = [(row, text) for row, texts in zip(mine, candidates) for text in texts]
         rewards = self.reward_function(
@@ -337,13 +348,15 @@ class BestOfNRounds:
             ranked = sorted(zip(rewards[begin : begin + len(texts)], texts), key=lambda pair: pair[0], reverse=True)
             ranked_rows.append((row, ranked))
             begin += len(texts)
-        compare = self.args.contrast_pairs + self.args.consensus_pairs > 0 and (offline or shared)
+        compare = self.args.contrast_pairs + self.args.consensus_pairs > 0 and (offline or shared or across)
         rankings = shared_rankings(ranked_rows) if compare else {}
         selected, stats, scored, keep = [], [], [], self.args.bon_keep
-        for row, ranked in ranked_rows:
+        for (row, ranked), texts in zip(ranked_rows, own):
             examples = self._select(row, ranked, rankings.get(_group(row)))
             selected += [(_group(row), score, example) for score, example in examples]
-            stats.append({"user_id": row["user_id"], "mean": sum(r for r, _ in ranked) / len(ranked),
+            sampled_for_it = set(texts)
+            sampled = [reward for reward, text in ranked if text in sampled_for_it]  # the learning curve: its own
+            stats.append({"user_id": row["user_id"], "mean": sum(sampled) / len(sampled),
                           "kept": sum(r for r, _ in ranked[: keep]) / min(keep, len(ranked))})
             if self.args.candidates_file:
                 scored += [{"round": len(self.rounds), "user_id": row["user_id"], "prompt": row["raw_prompt"],
@@ -469,6 +482,15 @@ def shared_rankings(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -> dic
                     ranking.others_minus_own[text] = sum(theirs) / len(theirs) - value
                 ranking.consensus[text] = (sum(theirs) + value) / (len(theirs) + 1)
     return result
+
+
+def _with_other_users_candidates(rows: Sequence[dict[str, Any]], candidates: Sequence[list[str]]) -> list[list[str]]:
+    """Each row's candidates, then those sampled for the round's other rows of its prompt, every process's (each
+    text once)."""
+    by_prompt: dict[str, list[str]] = {}
+    for key, texts in gather_object([(_key(row), list(texts)) for row, texts in zip(rows, candidates)]):
+        by_prompt.setdefault(key, []).extend(texts)
+    return [list(dict.fromkeys([*texts, *by_prompt[_key(row)]])) for row, texts in zip(rows, candidates)]
 
 
 def _read_rounds_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
