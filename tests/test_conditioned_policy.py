@@ -460,8 +460,8 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
 
 def test_online_rounds_can_share_candidates_across_users(tiny_backbone, scorer, pets_data, tmp_path, monkeypatch):
     """With `share_online_candidates`, each user of a prompt also ranks the online round's samples of the prompt's
-    other users, so that the round's pairs can set what sets a user apart (`contrast_pairs`), an answer written for
-    another user included; the learning curve still scores each user's own samples only."""
+    other users, so that the round's contrast pairs carry what sets a user apart, an answer written for another
+    user among them; the learning curve still scores each user's own samples only."""
     from vpl_trl.policy import best_of_n_rounds
     from vpl_trl.text import completion_text
 
