@@ -9,11 +9,11 @@ attributes, under the population's true prior (the training users' weights: thei
 labels' true noise (`temperature`); the posterior is Laplace's, whose mean decides a pair's sign as the Bayes rule
 does. Each user's test pairs are scored against their true preference, as `benchmarks/population.py` scores models.
 
-No learned model can do better from the same K pairs: it sees the text instead of the attributes and has to learn
-the prior. With the true weights every pair is right (100%); the prior's mean (K=0) is the best a reward that
-ignores the user can do with these features. `share closed` is (accuracy at K - K=0) / (100% - K=0); the same
-share on the labels with no noise (the context labelled by the true preference) separates the labels' noise from
-what the pairs cannot show.
+No learned model can do better from the same K pairs, up to the Laplace approximation and chance: it sees the text
+instead of the attributes and has to learn the prior. With the true weights every pair is right (100%); the prior's
+mean (K=0) is the best a reward that ignores the user can do with these features. `share closed` is
+(accuracy at K - K=0) / (100% - K=0); the same share with noise-free labels (the context labelled by the true
+preference) separates the labels' noise from what the pairs cannot show.
 
 Writes `DIR/summary.json` (`{"populations": [{"attributes", "accuracy": {K: A}, "noise_free": {K: A},
 "share_closed": {K: F}, "noise_free_share_closed": {K: F}}], "seconds"}`), the results file and a PNG beside it.
@@ -137,8 +137,9 @@ def render(summary: dict[str, Any], stem: str) -> str:
         "regression on the answers' TRUE attributes, under the population's true prior (the training users' mean "
         "and covariance) and the labels' true noise; scored on their test pairs against their true preference "
         f"(mean over {summary['draws']} draws of K pairs per user). No model that reads the text can do better from "
-        "the same pairs. With the true weights every pair is right (100%); K=0 is the prior's mean, the best a "
-        "reward that ignores the user can do with these features. Share closed: (accuracy - K=0) / (100% - K=0).",
+        "the same pairs (up to the Laplace approximation and chance). With the true weights every pair is right "
+        "(100%); K=0 is the prior's mean, the best a reward that ignores the user can do with these features. "
+        "Share closed: (accuracy - K=0) / (100% - K=0).",
         "", "| population | context labels | " + " | ".join(f"K={k}" for k in ks) + " |",
         "|---|---|" + "---|" * len(ks),
     ]
