@@ -6,8 +6,9 @@
 For each population (`python -m vpl_trl.data population` defaults, one per attribute set in `--populations`), every
 new user's weights are inferred from K of their context pairs by Bayesian logistic regression on the answers' TRUE
 attributes, under the population's true prior (the training users' weights: their mean and covariance) and the
-labels' true noise (`temperature`); the posterior is Laplace's, whose mean decides a pair's sign as the Bayes rule
-does. Each user's test pairs are scored against their true preference, as `benchmarks/population.py` scores models.
+labels' true noise (`temperature`); the posterior is Laplace's, whose mean (the mode, found by the model's own
+`map_logistic_regression`) decides a pair's sign as the Bayes rule does. Each user's test pairs are scored against
+their true preference, as `benchmarks/population.py` scores models.
 
 No learned model can do better from the same K pairs, up to the Laplace approximation and chance: it sees the text
 instead of the attributes and has to learn the prior. With the true weights every pair is right (100%); the prior's
@@ -17,7 +18,7 @@ preference) separates the labels' noise from what the pairs cannot show.
 
 Writes `DIR/summary.json` (`{"populations": [{"attributes", "accuracy": {K: A}, "noise_free": {K: A},
 "share_closed": {K: F}, "noise_free_share_closed": {K: F}}], "seconds"}`), the results file and a PNG beside it.
-Numpy only; seconds.
+It takes seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,24 +48,22 @@ from vpl_trl.data.population import (  # noqa: E402
     parse_attributes,
 )
 from vpl_trl.evaluation.diagnostics import headless_pyplot  # noqa: E402
+from vpl_trl.models.modeling_vpl import map_logistic_regression  # noqa: E402
 
 K_VALUES = (0, 1, 2, 4, 8, 16, 32)
 SIX_ATTRIBUTES = "length,structure,formality,specifics,enthusiasm,questions"
-NEWTON_STEPS = 25
 
 
-def map_weights(differences: np.ndarray, prior_mean: np.ndarray, prior_precision: np.ndarray,
+def map_weights(differences: np.ndarray, prior_mean: np.ndarray, prior_covariance: np.ndarray,
                 temperature: float) -> np.ndarray:
     """The posterior mode of w given pairs whose chosen-minus-rejected attributes are `differences` (K, d), under
-    P(chosen) = sigmoid(w . difference / temperature) and a Gaussian prior (Newton's method: the log-posterior is
-    concave)."""
-    w = prior_mean.copy()
-    for _ in range(NEWTON_STEPS):
-        p = 1.0 / (1.0 + np.exp(-np.clip(differences @ w / temperature, -50.0, 50.0)))
-        gradient = differences.T @ (1.0 - p) / temperature - prior_precision @ (w - prior_mean)
-        hessian = (differences.T * (p * (1.0 - p))) @ differences / temperature**2 + prior_precision
-        w = w + np.linalg.solve(hessian, gradient)
-    return w
+    P(chosen) = sigmoid(w . difference / temperature) and a N(prior_mean, prior_covariance) prior: the model's own
+    MAP logistic regression, on w = prior_mean + L z with L L^T = prior_covariance, so that z's prior is N(0, I)."""
+    root = np.linalg.cholesky(prior_covariance)
+    offsets = torch.from_numpy(differences @ prior_mean / temperature)[None]
+    design = torch.from_numpy(differences @ root / temperature)[None]
+    z = map_logistic_regression(offsets, design, torch.ones_like(offsets), precision=1.0)[0].numpy()
+    return prior_mean + root @ z
 
 
 def information_ceiling(data: Path, draws: int, seed: int) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def information_ceiling(data: Path, draws: int, seed: int) -> dict[str, Any]:
     answer = {(dialogue_prompt(r["prompt"]), " " + r["response"]): i for i, r in enumerate(pool)}
     temperature = float(population.settings["temperature"])
     training = np.stack([population.weights(u) for u, v in population.users.items() if v["split"] == "train"])
-    prior_mean, prior_precision = training.mean(axis=0), np.linalg.inv(np.cov(training.T))
+    prior_mean, prior_covariance = training.mean(axis=0), np.cov(training.T)
 
     def differences(pairs: list[dict[str, Any]]) -> np.ndarray:
         return np.array([scores[answer[(p["prompt"], p["chosen"])]] - scores[answer[(p["prompt"], p["rejected"])]]
@@ -95,7 +95,7 @@ def information_ceiling(data: Path, draws: int, seed: int) -> dict[str, Any]:
             for _ in range(draws if 0 < k < len(context) else 1):
                 picks = rng.choice(len(context), size=k, replace=False)
                 for table, pairs in ((accuracy, context), (noise_free, correct_context)):
-                    w = map_weights(pairs[picks], prior_mean, prior_precision, temperature)
+                    w = map_weights(pairs[picks], prior_mean, prior_covariance, temperature)
                     table[str(k)].append(float(np.mean(np.sign(test @ w) == np.sign(test @ truth))))
     result = {"accuracy": {k: float(np.mean(v)) for k, v in accuracy.items()},
               "noise_free": {k: float(np.mean(v)) for k, v in noise_free.items()},

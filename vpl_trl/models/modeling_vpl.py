@@ -122,6 +122,42 @@ class BayesianContextEncoder(nn.Module):
         return mean, -torch.log(total)
 
 
+def map_logistic_regression(
+    offsets: torch.Tensor, design: torch.Tensor, weights: torch.Tensor, precision: float, max_iter: int = 50
+) -> torch.Tensor:
+    """Each user's `z` (users, dim) that maximizes the Bradley-Terry likelihood of their pairs, whose margins are
+    `offsets + design @ z` (`offsets` (users, pairs), `design` (users, pairs, dim), pairs weighted by `weights`),
+    plus a N(0, I / `precision`) prior: a Bayesian (MAP) logistic regression per user, with one optimum, solved by
+    Newton's method from z = 0."""
+    users, dim = design.shape[0], design.shape[-1]
+    eye = torch.eye(dim, device=design.device)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:  # per user
+        margins = offsets + (design @ z.unsqueeze(-1)).squeeze(-1)
+        return -(F.logsigmoid(margins) * weights).sum(-1) + 0.5 * precision * z.pow(2).sum(-1)
+
+    latent = torch.zeros(users, dim, device=design.device, dtype=design.dtype)
+    current = loss(latent)
+    for _ in range(max_iter):
+        p = torch.sigmoid(offsets + (design @ latent.unsqueeze(-1)).squeeze(-1))
+        gradient = -(design * ((1 - p) * weights).unsqueeze(-1)).sum(1) + precision * latent
+        hessian = design.transpose(1, 2) @ (design * (p * (1 - p) * weights).unsqueeze(-1)) + precision * eye
+        step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)
+        # halve a user's step while it would raise their loss (Newton can overshoot far from the optimum)
+        size = torch.ones(users, 1, device=design.device, dtype=design.dtype)
+        for _ in range(20):
+            trial = loss(latent - size * step)
+            worse = trial > current + 1e-7
+            if not worse.any():
+                break
+            size = torch.where(worse.unsqueeze(-1), size / 2, size)
+        latent = latent - size * step
+        current = loss(latent)
+        if (size * step).abs().max() < 1e-6:
+            break
+    return latent
+
+
 def _check_context(chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The context mask (all pairs when None), after checking the shapes."""
     if chosen.dim() != 3 or chosen.shape != rejected.shape:
@@ -450,33 +486,7 @@ class VPLRewardModel(PreTrainedModel):
         # each pair's margin is offsets + design @ z
         offsets = (offset[: users * pairs] - offset[users * pairs:]).view(users, pairs)
         design = (slope[: users * pairs] - slope[users * pairs:]).view(users, pairs, -1)
-        weights = mask.float()
-        eye = torch.eye(design.shape[-1], device=design.device)
-
-        def loss(z: torch.Tensor) -> torch.Tensor:  # per user
-            margins = offsets + (design @ z.unsqueeze(-1)).squeeze(-1)
-            return -(F.logsigmoid(margins) * weights).sum(-1) + 0.5 * precision * z.pow(2).sum(-1)
-
-        latent = torch.zeros(users, design.shape[-1], device=design.device)
-        current = loss(latent)
-        for _ in range(max_iter):
-            p = torch.sigmoid(offsets + (design @ latent.unsqueeze(-1)).squeeze(-1))
-            gradient = -(design * ((1 - p) * weights).unsqueeze(-1)).sum(1) + precision * latent
-            hessian = design.transpose(1, 2) @ (design * (p * (1 - p) * weights).unsqueeze(-1)) + precision * eye
-            step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)
-            # halve a user's step while it would raise their loss (Newton can overshoot far from the optimum)
-            size = torch.ones(users, 1, device=design.device)
-            for _ in range(20):
-                trial = loss(latent - size * step)
-                worse = trial > current + 1e-7
-                if not worse.any():
-                    break
-                size = torch.where(worse.unsqueeze(-1), size / 2, size)
-            latent = latent - size * step
-            current = loss(latent)
-            if (size * step).abs().max() < 1e-6:
-                break
-        return latent.to(context_chosen.dtype)
+        return map_logistic_regression(offsets, design, mask.float(), precision, max_iter).to(context_chosen.dtype)
 
     def prior_latent(self, n: int = 1) -> torch.Tensor:
         """The prior mean user's latent (zeros)."""
