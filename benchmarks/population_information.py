@@ -54,12 +54,11 @@ K_VALUES = (0, 1, 2, 4, 8, 16, 32)
 SIX_ATTRIBUTES = "length,structure,formality,specifics,enthusiasm,questions"
 
 
-def map_weights(differences: np.ndarray, prior_mean: np.ndarray, prior_covariance: np.ndarray,
-                temperature: float) -> np.ndarray:
+def map_weights(differences: np.ndarray, prior_mean: np.ndarray, root: np.ndarray, temperature: float) -> np.ndarray:
     """The posterior mode of w given pairs whose chosen-minus-rejected attributes are `differences` (K, d), under
-    P(chosen) = sigmoid(w . difference / temperature) and a N(prior_mean, prior_covariance) prior: the model's own
-    MAP logistic regression, on w = prior_mean + L z with L L^T = prior_covariance, so that z's prior is N(0, I)."""
-    root = np.linalg.cholesky(prior_covariance)
+    P(chosen) = sigmoid(w . difference / temperature) and a N(prior_mean, root root^T) prior (`root`: the prior
+    covariance's Cholesky factor): the model's own MAP logistic regression, on w = prior_mean + root z, so that z's
+    prior is N(0, I)."""
     offsets = torch.from_numpy(differences @ prior_mean / temperature)[None]
     design = torch.from_numpy(differences @ root / temperature)[None]
     z = map_logistic_regression(offsets, design, torch.ones_like(offsets), precision=1.0)[0].numpy()
@@ -74,7 +73,7 @@ def information_ceiling(data: Path, draws: int, seed: int) -> dict[str, Any]:
     answer = {(dialogue_prompt(r["prompt"]), " " + r["response"]): i for i, r in enumerate(pool)}
     temperature = float(population.settings["temperature"])
     training = np.stack([population.weights(u) for u, v in population.users.items() if v["split"] == "train"])
-    prior_mean, prior_covariance = training.mean(axis=0), np.cov(training.T)
+    prior_mean, root = training.mean(axis=0), np.linalg.cholesky(np.cov(training.T))
 
     def differences(pairs: list[dict[str, Any]]) -> np.ndarray:
         return np.array([scores[answer[(p["prompt"], p["chosen"])]] - scores[answer[(p["prompt"], p["rejected"])]]
@@ -95,7 +94,7 @@ def information_ceiling(data: Path, draws: int, seed: int) -> dict[str, Any]:
             for _ in range(draws if 0 < k < len(context) else 1):
                 picks = rng.choice(len(context), size=k, replace=False)
                 for table, pairs in ((accuracy, context), (noise_free, correct_context)):
-                    w = map_weights(pairs[picks], prior_mean, prior_covariance, temperature)
+                    w = map_weights(pairs[picks], prior_mean, root, temperature)
                     table[str(k)].append(float(np.mean(np.sign(test @ w) == np.sign(test @ truth))))
     result = {"accuracy": {k: float(np.mean(v)) for k, v in accuracy.items()},
               "noise_free": {k: float(np.mean(v)) for k, v in noise_free.items()},
@@ -110,7 +109,8 @@ def information_ceiling(data: Path, draws: int, seed: int) -> dict[str, Any]:
 def plot(populations: list[dict[str, Any]], path: Path) -> None:
     plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for population, color in zip(populations, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+    for number, population in enumerate(populations):
+        color = f"C{number}"
         ks = [int(k) for k in population["accuracy"]]
         label = f"{len(population['attributes'])} attributes"
         ax.plot(ks, [100 * a for a in population["accuracy"].values()], marker="o", color=color, label=label)
