@@ -1,19 +1,24 @@
 """One conditioned policy for many users, measured on NEW users and NEW prompts by their true utility: the simulated
 population's ground truth (`vpl_trl.data.population`), not the VPL reward that the policy was trained against.
 
-    python benchmarks/policy_population.py --output_dir DIR [--budget_seconds 840] [--train_users 192]
-        [--train_prompts 32] [--new_users 48] [--test_prompts 16] [--policies conditioned bt_blind [text]]
-        [--results benchmarks/results/policy_population.md] [--reuse] [-- RECIPE FLAGS]
+    python benchmarks/policy_population.py --output_dir DIR [--budget_seconds 840]
+        [--train_users 192] [--train_prompts 32] [--new_users 48] [--test_prompts 16]
+        [--policies conditioned bt_blind [text]] [--results benchmarks/results/policy_population.md] [--reuse]
+        [--score_final_round] [--generation_timings] [-- RECIPE FLAGS]
 
 It builds the population data set (its defaults), trains the VPL reward model (`recipes/configs/population.yaml`)
 and a Bradley-Terry reward model with the same settings, then each policy of `--policies` with
 `recipes/ppo_personalized.py` and `recipes/configs/ppo_population.yaml` (reward-ranked DPO: an offline first round
 that ranks the shipped answer pool under each training user's reward, with no generation, then online rounds), for
-the same wall-time budget on the same training users and training prompts (the pool's):
+the same wall-time budget on the same training users and training prompts (the pool's); a round starts only if it
+fits whole in the budget:
 
 - `conditioned`: one latent-conditioned policy (`z` as a soft prompt) against the VPL reward;
 - `text`: one text-conditioned policy (two of the user's pairs in its prompt) against the VPL reward;
 - `bt_blind`: one user-blind policy (`--mode shared`) against the Bradley-Terry reward, the standard RLHF policy.
+
+With `--score_final_round`, each policy's samples for the training users are scored once more after training
+(the learning curve's last point).
 
 Then `--new_users` users never seen in training (neither by the reward model nor by the policy) each bring 16 of
 their own labelled pairs, and answer held-out prompts that no policy trained on (`recipes/prompts/
@@ -272,13 +277,14 @@ def round_curves(candidates_file: Path, population: Population) -> dict[str, lis
     for line in candidates_file.read_text().splitlines():
         record = json.loads(line)
         by_round[record["round"]].append(record)
-    curves: dict[str, list[float]] = {"reward": [], "utility": [], "candidates": []}
+    curves: dict[str, list] = {"reward": [], "utility": [], "candidates": [], "round": []}
     for number in sorted(by_round):
         records = by_round[number]
         utility = [float(population.utility([r["completion"]], r["user_id"])[0]) for r in records]
         curves["reward"].append(float(np.mean([r["reward"] for r in records])))
         curves["utility"].append(float(np.mean(utility)))
         curves["candidates"].append(len(records))
+        curves["round"].append("trained" if records[0].get("final") else ("0 (pool)" if number == 0 else number))
     return curves
 
 
@@ -310,8 +316,9 @@ def plot_hacking(curves: dict[str, dict], path: Path) -> Path:
         rounds = list(range(len(points["reward"])))
         axis.plot(rounds, points["reward"], "o-", label="reward it is trained against")
         axis.plot(rounds, points["utility"], "s--", label="true utility")
-        axis.set_xticks(rounds, ["pool" if r == 0 else str(r) for r in rounds])
-        axis.set_xlabel("training round (0: the offline pool)")
+        labels = points.get("round", rounds)
+        axis.set_xticks(rounds, ["pool" if str(r).startswith("0") else str(r) for r in labels])
+        axis.set_xlabel("training round (0: the offline pool; trained: after training)")
         axis.set_title(name)
         axis.legend(loc="upper left", fontsize=8)
     np.atleast_1d(axes)[0].set_ylabel("mean over the round's candidates")
@@ -344,7 +351,8 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
         f"`{command}`. Population: `python -m vpl_trl.data population` defaults (200 training users, 50 new users, "
         "4 attributes); VPL and Bradley-Terry reward models with `recipes/configs/population.yaml` (frozen SmolLM2); "
         "every policy with `recipes/configs/ppo_population.yaml` (reward-ranked DPO, the first round ranked from the "
-        f"shipped answer pool) for {summary['budget_seconds'] / 60:.0f} min of training each, on the same "
+        f"shipped answer pool) for at most {summary['budget_seconds'] / 60:.0f} min of training each (a round "
+        "starts only if it fits whole), on the same "
         f"{summary['train_users']} training users and {summary['train_prompts']} training prompts. Machine: "
         f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU; {time.strftime('%Y-%m-%d')}; "
         f"{summary['seconds'] / 60:.0f} min{' (trained models reused)' if summary['reused'] else ' in all'}.",
@@ -378,12 +386,14 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
                      f"{run['steps']} | {spent['generation']:.0f}, {spent['scoring']:.0f}, {spent['update']:.0f} |")
     lines += ["", "## Reward hacking", "",
               "Each training round's candidates on the training users and prompts (round 0: the pool's answers, "
-              "ranked offline; later rounds: the policy's samples as the round began), scored by the reward the "
+              "ranked offline; later rounds: the policy's samples as the round began; trained: its samples after "
+              "training), scored by the reward the "
               "policy was trained against and by the same users' true utility. A reward that rises while the "
               "utility stays flat or falls is reward hacking.", "",
               "| policy | round | candidates | reward | true utility |", "|---|---|---|---|---|"]
     for name, curve in summary["hacking"].items():
-        lines += [f"| {name} | {'0 (pool)' if i == 0 else i} | {curve['candidates'][i]} | {reward:+.3f} | "
+        labels = curve.get("round", ["0 (pool)", *range(1, len(curve["reward"]))])
+        lines += [f"| {name} | {labels[i]} | {curve['candidates'][i]} | {reward:+.3f} | "
                   f"{curve['utility'][i]:+.3f} |" for i, reward in enumerate(curve["reward"])]
     lines += ["", f"![reward hacking]({stem}_hacking.png)", ""]
     if summary.get("generation"):
@@ -402,7 +412,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", "--output-dir", default="outputs/policy-population")
     parser.add_argument("--budget_seconds", "--budget-seconds", type=float, default=840,
-                        help="Training wall time of each policy (default: 14 min).")
+                        help="Training wall time of each policy (default: 14 min); a round starts only if it "
+                             "fits whole.")
+    parser.add_argument("--score_final_round", "--score-final-round", action="store_true",
+                        help="Score each policy's samples for the training users once more after training (the "
+                             "learning curve's last point; about 3 minutes per policy).")
     parser.add_argument("--policies", nargs="+", default=["conditioned", "bt_blind"], choices=list(TRAINED))
     parser.add_argument("--train_users", "--train-users", type=int, default=192)
     parser.add_argument("--train_prompts", "--train-prompts", type=int, default=32)
@@ -414,8 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="benchmarks/results/policy_population.md")
     parser.add_argument("--reuse", action="store_true", help="Reuse trained models and scored answers in OUTPUT_DIR.")
-    parser.add_argument("--skip_generation_timings", "--skip-generation-timings", action="store_true",
-                        help="Do not time the untrained policy's generation settings (about 2 minutes).")
+    parser.add_argument("--generation_timings", "--generation-timings", action="store_true",
+                        help="Also time the untrained policy's generation settings (about 2 minutes).")
     parser.add_argument("--note", default="", help="A paragraph on the run's conditions, written under the title.")
     args = parser.parse_args(argv)
     shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
@@ -432,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     users = sorted(random.Random(f"policy-users-{args.seed}").sample(users, args.train_users))
     common = ["--user_contexts", str(data), "--users", *users, "--prompts", str(train_prompts), "--eval_prompts",
               str(test_prompts), "--max_train_seconds", str(args.budget_seconds), "--seed", str(args.seed),
+              "--score_final_round", str(args.score_final_round),
               *(["--use_cpu", "true", "--bf16", "true"] if train_in_bf16_on_cpu() else []), *extra]
     runs = {}
     for name in args.policies:
@@ -468,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "reward": "VPL" if TRAINED[name][0] == "vpl" else "Bradley-Terry", "train_seconds": run["train_seconds"],
             "steps": run["steps"], "rounds": len(run.get("rounds", [])), "seconds_spent": run["seconds"],
         }
-    if not args.skip_generation_timings:
+    if args.generation_timings:
         summary["generation"] = generation_levers(prompts)
     summary["seconds"] = time.perf_counter() - start
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))

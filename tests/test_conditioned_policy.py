@@ -502,6 +502,79 @@ def test_online_rounds_can_share_candidates_across_users(tiny_backbone, scorer, 
             assert pairs == {"harmless": tuple(sampled["harmless"]), "helpful": tuple(sampled["harmless"][::-1])}
 
 
+def test_max_rounds_whole_rounds_and_a_final_scored_round(tiny_backbone, scorer, pets_data, tmp_path, monkeypatch):
+    """Training stops after `max_rounds` rounds (no step past the last round's epochs); `score_final_round`
+    samples and scores the trained policy once more, not trained on; a new round starts only if one as long as
+    the last (candidates and updates) ends before the deadline."""
+    import time
+
+    from vpl_trl.policy import PersonalizedRewardFunction, best_of_n_rounds
+
+    answers, pool, tokenizer, conditioning, dataset = one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path)
+    monkeypatch.setattr(best_of_n_rounds, "generate_candidates",
+                        lambda model, tokenizer, prompts, n, settings=None, latents=None, progress=None:
+                        [answers[:n] for _ in prompts])
+    pairs = {user: pairs_of(pets_data, user, k=6) for user in USERS}
+    reward = PersonalizedRewardFunction(scorer, {user: scorer.user_latent(pairs[user]) for user in USERS})
+    model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
+    folder = tmp_path / "rounds"
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, folder, pool, num_train_epochs=5,
+                                  bon_epochs_per_round=1, max_rounds=2, score_final_round=True)
+    trainer.train()
+    # 2 rounds of 4 pairs, 2 per step; then the final round, scored only
+    assert trainer.state.global_step == 4 and [r.get("final", False) for r in trainer.rounds] == [False, False, True]
+    scored = [json.loads(line) for line in (folder / "candidates.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in scored if r.get("final")} == {2} and {r["round"] for r in scored} == {0, 1, 2}
+
+    # the next round would end past the deadline: training stops instead of sampling it
+    trainer.rounds[-1]["elapsed"] = time.perf_counter() - trainer._start - 100.0  # the last round took 100 s
+    trainer.deadline = time.perf_counter() + 50.0
+    trainer.control.should_training_stop = False
+    trainer.args.max_rounds = None
+    trainer.next_round()
+    assert trainer.control.should_training_stop and len(trainer.rounds) == 3
+    trainer.deadline = time.perf_counter() + 150.0
+    trainer.control.should_training_stop = False
+    trainer.next_round()
+    assert not trainer.control.should_training_stop and len(trainer.rounds) == 4
+
+
+def test_a_policy_starts_from_a_saved_adapter(tiny_backbone, scorer, tmp_path):
+    """A latent-conditioned policy can start from a user-blind policy's adapter (its soft prompt fresh); an adapter
+    of other LoRA settings, or none, is refused with the folder named."""
+    from peft import get_peft_model_state_dict
+
+    from vpl_trl.models.latent_prompt import find_latent_embedding
+    from vpl_trl.policy import PolicyError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    blind = build_policy(tiny_backbone, tokenizer, PolicyConditioning("none"), 0, LORA)
+    with torch.no_grad():
+        for name, param in blind.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    blind.save_pretrained(tmp_path / "blind")
+    saved = get_peft_model_state_dict(blind)
+
+    latent_dim = scorer.model.config.latent_dim
+    conditioned = build_policy(tiny_backbone, AutoTokenizer.from_pretrained(tiny_backbone),
+                               PolicyConditioning("latent", latent_tokens=2), latent_dim, LORA,
+                               init_adapter=tmp_path / "blind")
+    loaded = get_peft_model_state_dict(conditioned)
+    assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert find_latent_embedding(conditioned).prompt.net[0].weight.requires_grad
+
+    wider = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(PolicyError, match="blind: adapter weights of another shape"):
+        build_policy(tiny_backbone, tokenizer, PolicyConditioning("none"), 0, wider, init_adapter=tmp_path / "blind")
+    more = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(PolicyError, match="blind: its adapter does not fit the policy's LoRA settings"):
+        build_policy(tiny_backbone, tokenizer, PolicyConditioning("none"), 0, more, init_adapter=tmp_path / "blind")
+    with pytest.raises(PolicyError, match="empty: no LoRA adapter to start from"):
+        (tmp_path / "empty").mkdir()
+        build_policy(tiny_backbone, tokenizer, PolicyConditioning("none"), 0, LORA, init_adapter=tmp_path / "empty")
+
+
 def test_a_saved_policy_travels(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, tmp_path_factory,
                                 monkeypatch, capsys):
     """A trained policy records its base model's hub id (resolved locally, as the embedded default is) and keeps

@@ -374,6 +374,12 @@ def test_recipe_refuses_bad_round_settings_before_loading_models(tmp_path):
                                "--bon_n", "4", "--bon_keep", "3", "--report_to", "none"])
 
 
+def test_recipe_refuses_a_missing_init_adapter_before_loading_models(tmp_path):
+    with pytest.raises(SystemExit, match="--init_adapter .*missing: no adapter_config.json there"):
+        ppo_personalized.main(["--reward_model", str(tmp_path / "not-loaded"), "--output_dir", str(tmp_path / "out"),
+                               "--init-adapter", str(tmp_path / "missing"), "--report_to", "none"])
+
+
 def test_candidate_pool_reads_the_shipped_population_pool():
     from vpl_trl.data.population import dialogue_prompt, load_pool
     from vpl_trl.policy import candidate_pool

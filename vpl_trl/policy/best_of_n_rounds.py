@@ -6,7 +6,9 @@ pairs in the prompt, or their latent as a soft prompt), and the user's reward ra
 ranked candidates into its examples (the best to imitate, or best-against-worst pairs), trains on them for
 `epochs_per_round` epochs, then samples the next round with the updated policy. A round's candidates cost one
 generation and one scoring pass each; every round's rewards are kept (`rounds`) as the on-policy learning curve,
-and, with `candidates_file`, every scored candidate is written out.
+and, with `candidates_file`, every scored candidate is written out. Under a wall-time budget (`deadline`), a new
+round starts only if one as long as the last (its candidates and its updates) ends in time, and `max_rounds` caps
+their number; `score_final_round` samples and scores the trained policy once more, not to train on.
 
 Each checkpoint also holds the rounds' state (`best_of_n_rounds.json`: the current round's examples, the kept
 examples, the learning curve), so that a run resumed from it (`args.resume_from_checkpoint`, then
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -102,6 +104,16 @@ class BestOfNRoundsArguments:
                                         "pool's answers to each training prompt under each user's reward instead of "
                                         "sampling the policy (no generation); the online rounds follow."}
     )
+    max_rounds: int | None = field(
+        default=None, metadata={"help": "Stop training after this many rounds (each trained on for "
+                                        "`bon_epochs_per_round` epochs); default: as many as the epochs, steps and "
+                                        "time allow."}
+    )
+    score_final_round: bool = field(
+        default=False, metadata={"help": "After training, sample and score one more round with the trained policy "
+                                         "(not trained on): the learning curve and the candidates file end with "
+                                         "the policy's own candidates."}
+    )
 
     kept = ("examples", 1)  # what a round keeps per user and prompt, and the candidates each one takes
 
@@ -128,6 +140,8 @@ class BestOfNRoundsArguments:
         if not 0 <= rounds.consensus_pairs <= rounds.bon_keep - rounds.contrast_pairs:
             raise ValueError(f"consensus_pairs must be between 0 and bon_keep - contrast_pairs="
                              f"{rounds.bon_keep - rounds.contrast_pairs}, got {rounds.consensus_pairs}.")
+        if rounds.max_rounds is not None and rounds.max_rounds < 1:
+            raise ValueError(f"max_rounds must be at least 1, got {rounds.max_rounds}.")
         if rounds.offline_pool and not Path(rounds.offline_pool).is_file():
             raise ValueError(f"offline_pool {rounds.offline_pool}: no such file.")
 
@@ -194,6 +208,11 @@ class _NextRound(TrainerCallback):
 
     def __init__(self, trainer: BestOfNRounds, epochs: int = 0):
         self.trainer, self.epochs = trainer, epochs
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # stop here rather than at the next epoch's start, where the trainer would take one more step first
+        if self.epochs % self.trainer.args.bon_epochs_per_round == 0 and self.trainer.rounds_are_over():
+            control.should_training_stop = True
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         epoch = self.epochs
@@ -282,14 +301,37 @@ class BestOfNRounds:
         self._rounds_callback = _NextRound(self, epochs)
         self.add_callback(self._rounds_callback)
 
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.args.score_final_round:
+            self._new_round(self.model_wrapped, self.accelerator, final=True)
+        return output
+
     def next_round(self) -> None:
-        """Sample, rank and select the next round's examples with the current policy; stop training instead when
-        a round (as long as the last one) would end past the deadline."""
-        if self.deadline is not None and time.perf_counter() + self.rounds[-1]["seconds"] > self.deadline:
+        """Sample, rank and select the next round's examples with the current policy; stop training instead after
+        `max_rounds` rounds, or when a round as long as the last one (its candidates and its training) would end
+        past the deadline."""
+        if self.rounds_are_over():
             self.control.should_training_stop = True
             return
         data = self._new_round(self.model_wrapped, self.accelerator)
         self.train_dataset.replace(self._prepare_round(data))
+
+    def _last_round_seconds(self) -> float:
+        """The last round's wall time so far: its candidates and its updates (at least its candidates' time: a
+        resumed run counts from its own start)."""
+        last = self.rounds[-1]
+        return max(time.perf_counter() - self._start - last["elapsed"], last["seconds"])
+
+    def rounds_are_over(self) -> bool:
+        """Whether no new round starts: `max_rounds` are done, or one as long as the last would end past the
+        deadline (the main process decides, for every process)."""
+        trained = [record for record in self.rounds if not record.get("final")]
+        over = [(self.args.max_rounds is not None and len(trained) >= self.args.max_rounds)
+                or (self.deadline is not None and time.perf_counter() + self._last_round_seconds() > self.deadline)]
+        if PartialState().num_processes > 1:
+            broadcast_object_list(over)
+        return over[0]
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -315,9 +357,9 @@ class BestOfNRounds:
     def _prepare_round(self, data: Dataset) -> Dataset:
         raise NotImplementedError
 
-    def _new_round(self, model, accelerator) -> Dataset:
+    def _new_round(self, model, accelerator, final: bool = False) -> Dataset:
         """One round: every process samples (or, the offline round, takes from the pool) and scores its share of
-        the rows; all get every selected example."""
+        the rows; all get every selected example (`final`: a round after training, scored but not trained on)."""
         start = time.perf_counter()
         rng = random.Random(f"distillation-{self._seed}-{len(self.rounds)}")
         rows = [rng.choice(group) for group in self._groups]  # one draw of each user's conditioning per prompt
@@ -360,7 +402,8 @@ class BestOfNRounds:
                           "kept": sum(r for r, _ in ranked[: keep]) / min(keep, len(ranked))})
             if self.args.candidates_file:
                 scored += [{"round": len(self.rounds), "user_id": row["user_id"], "prompt": row["raw_prompt"],
-                            "completion": text, "reward": reward} for reward, text in ranked]
+                            "completion": text, "reward": reward, **({"final": True} if final else {})}
+                           for reward, text in ranked]
         selected, stats = gather_object(selected), gather_object(stats)
         this_round: dict[Group, list[tuple[float, dict[str, Any]]]] = {}
         for group, score, example in selected:
@@ -373,7 +416,8 @@ class BestOfNRounds:
         self.timings["generation"] += generation_seconds
         self.timings["scoring"] += time.perf_counter() - start - generation_seconds
         self._write_candidates(gather_object(scored) if self.args.candidates_file else [])
-        self._record_round(stats, generation_seconds, time.perf_counter() - start, start - self._start, offline)
+        self._record_round(stats, generation_seconds, time.perf_counter() - start, start - self._start, offline,
+                           final)
         self._round_examples = examples
         return Dataset.from_list(examples)
 
@@ -428,21 +472,24 @@ class BestOfNRounds:
                     handle.write(json.dumps(record, default=str) + "\n")
 
     def _record_round(self, stats: list[dict[str, Any]], generation_seconds: float, seconds: float,
-                      elapsed: float, offline: bool = False) -> None:
+                      elapsed: float, offline: bool = False, final: bool = False) -> None:
         """The round's mean reward of the candidates and of the best `bon_keep` per user (the policy's on-policy
-        reward when the round began, `elapsed` seconds into training; `offline`: the pool's, not the policy's)."""
+        reward when the round began, `elapsed` seconds into training; `offline`: the pool's, not the policy's;
+        `final`: after training, not trained on)."""
         users = sorted({s["user_id"] for s in stats})
         record = {"round": len(self.rounds), "step": self.state.global_step if hasattr(self, "state") else 0,
                   "elapsed": elapsed, "generation_seconds": generation_seconds, "seconds": seconds}
         if offline:
             record["offline"] = True
+        if final:
+            record["final"] = True
         for user in users:
             mine = [s for s in stats if s["user_id"] == user]
             record[f"reward/{user}"] = sum(s["mean"] for s in mine) / len(mine)
             record[f"kept_reward/{user}"] = sum(s["kept"] for s in mine) / len(mine)
         self.rounds.append(record)
         if hasattr(self, "state"):
-            self.log({k: v for k, v in record.items() if k not in ("round", "step", "elapsed", "offline")})
+            self.log({k: v for k, v in record.items() if k not in ("round", "step", "elapsed", "offline", "final")})
 
 
 @dataclass

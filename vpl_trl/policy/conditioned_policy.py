@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..embedded_model import resolve_model_name_or_path
@@ -33,9 +34,11 @@ class PolicyError(ValueError):
 
 
 def build_policy(
-    base_model: str, tokenizer: PreTrainedTokenizerBase, conditioning: PolicyConditioning, latent_dim: int, lora_config
+    base_model: str, tokenizer: PreTrainedTokenizerBase, conditioning: PolicyConditioning, latent_dim: int, lora_config,
+    init_adapter: str | os.PathLike | None = None,
 ) -> PeftModel:
-    """The base causal LM with a fresh LoRA adapter and, for latent conditioning, a fresh soft-prompt module
+    """The base causal LM with a LoRA adapter (fresh, or with the weights of the saved adapter `init_adapter`, e.g.
+    a user-blind policy or a round snapshot of one) and, for latent conditioning, a fresh soft-prompt module
     (trainable) reading `latent_dim`-sized latents; `tokenizer` gets the placeholder token."""
     model = AutoModelForCausalLM.from_pretrained(resolve_model_name_or_path(base_model))
     if conditioning.uses_latent:
@@ -43,8 +46,36 @@ def build_policy(
             raise PolicyError("latent conditioning needs a reward model with a user latent (`vae`).")
         add_latent_prompt(model, tokenizer, latent_dim, conditioning.latent_tokens)
     model = get_peft_model(model, lora_config)
+    if init_adapter is not None:
+        load_adapter_weights(model, init_adapter)
     latent_prompt_trainable(model)
     return model
+
+
+def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
+    """Set `model`'s LoRA weights to those of the adapter saved in `folder`, which must have the same LoRA settings
+    (rank, target modules)."""
+    if any(hasattr(param, "ds_id") for param in model.parameters()):
+        raise PolicyError(f"{folder}: starting from a saved adapter is not supported under ZeRO-3 (its weights are "
+                          "partitioned as the model loads); use ZeRO-2 or one process.")
+    try:
+        weights = load_peft_weights(str(folder), device="cpu")
+    except (OSError, ValueError) as error:
+        raise PolicyError(f"{folder}: no LoRA adapter to start from ({error}).") from None
+    expected = {key for key in get_peft_model_state_dict(model) if "lora_" in key}
+    given = set(weights)
+    if given != expected:
+        raise PolicyError(
+            f"{folder}: its adapter does not fit the policy's LoRA settings ({len(given - expected)} weights the "
+            f"policy lacks, e.g. {sorted(given - expected)[:1]}; {len(expected - given)} missing, e.g. "
+            f"{sorted(expected - given)[:1]}); use the same --lora_r, --lora_target_modules and base model."
+        )
+    mismatched = [key for key, value in get_peft_model_state_dict(model).items()
+                  if key in weights and weights[key].shape != value.shape]
+    if mismatched:
+        raise PolicyError(f"{folder}: adapter weights of another shape ({mismatched[0]}); use the same --lora_r and "
+                          "base model.")
+    set_peft_model_state_dict(model, weights)
 
 
 def write_policy_config(

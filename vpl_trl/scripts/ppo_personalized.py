@@ -31,9 +31,12 @@ completion is scored under the latent of the user it was written for.
   `grpo`), saved to `output_dir/adapters/<user>`.
 
 `--max_train_seconds` caps each mode's training wall time (per_user: split equally among the users), counted
-from each launch. Checkpoints (`--save_strategy steps --save_steps N`) hold the policy, its soft-prompt module and
-the best-of-n rounds' state; `--resume_from_checkpoint DIR` (or `true`: the newest in `output_dir`, per user for
-`per_user`) continues from one.
+from each launch; a new round of `bon_sft` or `dpo` starts only if one as long as the last fits whole, and
+`--max_rounds` caps their number. `--init_adapter DIR` starts the adapter from a saved policy's (e.g. a user-blind
+one, for a personalization stage on top of it); `--score_final_round true` scores the trained policy's samples
+once more, so that the learning curve ends after the last update. Checkpoints (`--save_strategy steps
+--save_steps N`) hold the policy, its soft-prompt module and the best-of-n rounds' state;
+`--resume_from_checkpoint DIR` (or `true`: the newest in `output_dir`, per user for `per_user`) continues from one.
 
 Before and after training, the policy for each user answers held-out prompts (`--eval_prompts`; a conditioned
 policy sees pairs drawn from the user's test split, which no training prompt showed, as a new user's would be)
@@ -77,6 +80,7 @@ from ..policy import (
     LatentPromptArguments,
     PersonalizedRewardFunction,
     PolicyConditioning,
+    PolicyError,
     PolicyEvaluation,
     RewardRankedDPOConfig,
     build_policy,
@@ -156,6 +160,11 @@ class ScriptArguments:
     max_eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts evaluated."})
     eval_batch_size: int = field(default=16, metadata={"help": "Sequences per batch in generation (evaluation "
                                                                "and bon_sft candidates)."})
+    init_adapter: str | None = field(
+        default=None, metadata={"help": "Start the policy's LoRA adapter from a saved one (same LoRA settings), "
+                                        "such as a user-blind policy trained for a few rounds (`--max_rounds`); "
+                                        "a latent-conditioned policy's soft-prompt module starts fresh."}
+    )
     data_dir: str = field(default="data", metadata={"help": "Where `pets` is generated."})
 
 
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with OutputDirLock(args.output_dir) if args.process_index == 0 else contextlib.nullcontext():
         try:
             return train_and_evaluate(script_args, rounds, args, model_args, wall_start)
-        except CheckpointSaveError as error:
+        except (CheckpointSaveError, PolicyError) as error:
             raise SystemExit(f"error: {error}") from error
 
 
@@ -223,6 +232,9 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
             ROUND_CONFIGS[signal].check_rounds(rounds)
         except ValueError as error:
             raise SystemExit(f"error: --signal {signal}: {error}") from error
+    if script_args.init_adapter and not (Path(script_args.init_adapter) / "adapter_config.json").is_file():
+        raise SystemExit(f"error: --init_adapter {script_args.init_adapter}: no adapter_config.json there; give the "
+                         "folder of a saved policy (or of its round snapshot).")
     conditioning = PolicyConditioning(script_args.conditioning if conditioned else "none",
                                       script_args.preamble_pairs, script_args.latent_tokens)
 
@@ -258,8 +270,8 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
     reward = PersonalizedRewardFunction(scorer, latents)
     lora = lora_config(model_args)
 
-    policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora)
-    with full_weights_for_generation(policy):  # untrained: the base model (LoRA starts at zero)
+    policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora, script_args.init_adapter)
+    with full_weights_for_generation(policy):  # untrained: the base model, or the adapter it starts from
         before, completions = evaluate(policy, tokenizer, users, "before")
 
     after, runs = {}, {}
@@ -273,7 +285,7 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
         # made before the policy loads: under ZeRO-3 the newest TrainingArguments decides how models load (sharded)
         trainer_args = signal_args(signal, run_args, script_args, rounds)
         if policy is None:
-            policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora)
+            policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora, script_args.init_adapter)
         dataset = build_policy_dataset(train_prompts, {user: pairs[user] for user in run_users}, conditioning, chat,
                                        script_args.rows_per_user, script_args.num_context, args.seed,
                                        user_latent=scorer.user_latent)
