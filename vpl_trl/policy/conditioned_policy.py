@@ -38,7 +38,7 @@ def build_policy(
     init_adapter: str | os.PathLike | None = None,
 ) -> PeftModel:
     """The base causal LM with a LoRA adapter (fresh, or with the weights of the saved adapter `init_adapter`, e.g.
-    a user-blind policy or a round snapshot of one) and, for latent conditioning, a fresh soft-prompt module
+    a user-blind policy trained for a few rounds) and, for latent conditioning, a fresh soft-prompt module
     (trainable) reading `latent_dim`-sized latents; `tokenizer` gets the placeholder token."""
     model = AutoModelForCausalLM.from_pretrained(resolve_model_name_or_path(base_model))
     if conditioning.uses_latent:

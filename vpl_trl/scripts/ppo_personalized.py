@@ -234,7 +234,7 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
             raise SystemExit(f"error: --signal {signal}: {error}") from error
     if script_args.init_adapter and not (Path(script_args.init_adapter) / "adapter_config.json").is_file():
         raise SystemExit(f"error: --init_adapter {script_args.init_adapter}: no adapter_config.json there; give the "
-                         "folder of a saved policy (or of its round snapshot).")
+                         "folder of a saved policy.")
     conditioning = PolicyConditioning(script_args.conditioning if conditioned else "none",
                                       script_args.preamble_pairs, script_args.latent_tokens)
 
