@@ -501,6 +501,23 @@ def test_online_rounds_can_share_candidates_across_users(tiny_backbone, scorer, 
             assert ranked == {user: sorted(texts) for user in USERS}
             assert pairs == {"harmless": tuple(sampled["harmless"]), "helpful": tuple(sampled["harmless"][::-1])}
 
+    # shared, bon_n may be below what bon_keep needs alone: 2 samples per user, and the prompt's 4 give 2 pairs each
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / "fewer", pool, bon_n=2, bon_keep=2,
+                                  contrast_pairs=1, consensus_pairs=1, share_online_candidates=True)
+    trainer.next_round()
+    kept = [(user_of[tuple(e["user_latent"])], e["chosen"] != e["rejected"]) for e in trainer._round_examples]
+    assert sorted(kept) == [("harmless", True)] * 2 + [("helpful", True)] * 2
+    # but not fewer than the first round kept (the pool's 6 answers gave 3 pairs per user; 4 samples give 2)
+    trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / "too-few", pool, bon_n=2, bon_keep=3,
+                                  contrast_pairs=1, share_online_candidates=True)
+    with pytest.raises(ValueError, match="a round has 4 examples, expected 6 .*raise `bon_n`"):
+        trainer.next_round()
+    with pytest.raises(ValueError, match="bon_keep=2 pairs per prompt need at least 4 candidates; got bon_n=2"):
+        offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / "alone", pool, bon_n=2, bon_keep=2)
+    with pytest.raises(ValueError, match="bon_keep=2 pairs per prompt need at least 2 candidates; got bon_n=1"):
+        offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / "one", pool, bon_n=1, bon_keep=2,
+                            share_online_candidates=True)
+
 
 def test_max_rounds_whole_rounds_and_a_final_scored_round(tiny_backbone, scorer, pets_data, tmp_path, monkeypatch):
     """Training stops after `max_rounds` rounds (no step past the last round's epochs); `score_final_round`

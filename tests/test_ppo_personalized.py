@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from vpl_trl.data import build_pets
@@ -134,6 +135,26 @@ def test_recipe_offline_pool_round_then_online_rounds(tiny_reward_model, tiny_ba
     # the pool's answers, cut to the policy's --max_completion_length (6 tokens)
     assert {r["completion"].strip() for r in offline} == cut and {r["user_id"] for r in offline} == set(USERS)
     assert len([r for r in scored if r["round"] == 1]) == 4 * len(USERS)  # bon_n sampled per user and prompt
+
+
+@pytest.mark.slow
+def test_recipe_runs_follow_their_seed_not_the_process_rng(tiny_reward_model, tiny_backbone, small_pets, tmp_path):
+    """The same `--seed` trains the same policy whatever the process drew before (a benchmark that trains reward
+    models first, a fresh process): the adapter and soft prompt start from the run's seed."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for draws in (1, 2):
+        torch.manual_seed(draws)  # the process's RNG history before the recipe runs
+        torch.rand(draws)
+        output_dir = tmp_path / f"after-{draws}-draws"
+        ppo_personalized.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode",
+                                          "conditioned", "--signal", "dpo", "--bon_n", "2", "--bon_keep", "1",
+                                          "--max_steps", "1", "--seed", "7"))
+        weights.append({**load_file(str(output_dir / "adapter_model.safetensors")),
+                        **load_file(str(output_dir / "latent_prompt.safetensors"))})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 @pytest.mark.slow

@@ -96,7 +96,9 @@ class BestOfNRoundsArguments:
         default=False, metadata={"help": "Online rounds: each user of a prompt also ranks the candidates sampled for "
                                          "the round's other users of that prompt (each under their own "
                                          "conditioning), so that the contrast and consensus pairs apply to online "
-                                         "rounds too and each user's pairs come from more candidates."}
+                                         "rounds too and each user's pairs come from more candidates. `bon_n` "
+                                         "may then be below what `bon_keep` needs from one user's samples, as long "
+                                         "as the users of each prompt sample enough together."}
     )
     offline_pool: str | None = field(
         default=None, metadata={"help": "A pool of candidate answers (JSONL, may be gzipped; rows with `prompt` and "
@@ -131,9 +133,11 @@ class BestOfNRoundsArguments:
             if getattr(rounds, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(rounds, name)}.")
         what, candidates = cls.kept
-        if rounds.bon_n < candidates * rounds.bon_keep:
-            raise ValueError(f"bon_keep={rounds.bon_keep} {what} per prompt need at least "
-                             f"{candidates * rounds.bon_keep} candidates; got bon_n={rounds.bon_n}.")
+        # shared online candidates: a row ranks every user's samples of its prompt, bon_n x its users
+        needed = candidates if rounds.share_online_candidates else candidates * rounds.bon_keep
+        if rounds.bon_n < needed:
+            raise ValueError(f"bon_keep={rounds.bon_keep} {what} per prompt need at least {needed} candidates; got "
+                             f"bon_n={rounds.bon_n}.")
         if not 0 <= rounds.contrast_pairs <= rounds.bon_keep:
             raise ValueError(f"contrast_pairs must be between 0 and bon_keep={rounds.bon_keep}, got "
                              f"{rounds.contrast_pairs}.")
@@ -188,7 +192,9 @@ class RoundDataset(torch.utils.data.Dataset):
 
     def replace(self, data: Dataset) -> None:
         if len(data) != self.size:
-            raise ValueError(f"a round has {len(data)} examples, expected {self.size} (as in the first round).")
+            raise ValueError(f"a round has {len(data)} examples, expected {self.size} (as in the first round): every "
+                             "round keeps `bon_keep` examples per user and prompt, and this one's candidates allowed "
+                             "fewer (shared online candidates from too few samples: raise `bon_n`).")
         self.data = data.select_columns(self.columns)
 
     @property

@@ -85,13 +85,13 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
 
     def _select(self, row: dict[str, Any], ranked: Ranked, shared: SharedRanking | None = None
                 ) -> list[tuple[float, dict[str, Any]]]:
-        """`bon_keep` pairs, scored by their reward gap under this user: the i-th best candidate against the i-th
-        worst. With `shared` (shared candidates), the first `consensus_pairs` of them rank the candidates by the
-        prompt's users' consensus instead (ties: by this user's reward), and the last `contrast_pairs` are contrast
-        pairs: the i-th of the upper half that this user prefers most relative to the other users against the i-th
-        of the lower half that the others prefer most relative to this user (ties: the higher, and the lower,
-        reward)."""
-        keep = self.args.bon_keep
+        """`bon_keep` pairs (as many as the row's candidates allow), scored by their reward gap under this user: the
+        i-th best candidate against the i-th worst. With `shared` (shared candidates), the first `consensus_pairs`
+        of them rank the candidates by the prompt's users' consensus instead (ties: by this user's reward), and the
+        last `contrast_pairs` are contrast pairs: the i-th of the upper half that this user prefers most relative to
+        the other users against the i-th of the lower half that the others prefer most relative to this user
+        (ties: the higher, and the lower, reward)."""
+        keep = min(self.args.bon_keep, len(ranked) // 2)  # fewer candidates: shared ones across too few users
         contrast = min(self.args.contrast_pairs, keep) if shared else 0
         consensus = min(self.args.consensus_pairs, keep - contrast) if shared else 0
         chosen_rejected = []

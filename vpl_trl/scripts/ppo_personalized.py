@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments, set_seed
 from trl import GRPOConfig, ModelConfig, TrlParser, get_peft_config
 
 from ..checkpoints import CheckpointSaveError, OutputDirLock, resolve_resume
@@ -270,7 +270,12 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
     reward = PersonalizedRewardFunction(scorer, latents)
     lora = lora_config(model_args)
 
-    policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora, script_args.init_adapter)
+    def new_policy():
+        # the adapter's and soft prompt's initialization follow the run's seed, not the process's RNG history
+        set_seed(args.seed)
+        return build_policy(base_model, tokenizer, conditioning, latent_dim, lora, script_args.init_adapter)
+
+    policy = new_policy()
     with full_weights_for_generation(policy):  # untrained: the base model, or the adapter it starts from
         before, completions = evaluate(policy, tokenizer, users, "before")
 
@@ -285,7 +290,7 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
         # made before the policy loads: under ZeRO-3 the newest TrainingArguments decides how models load (sharded)
         trainer_args = signal_args(signal, run_args, script_args, rounds)
         if policy is None:
-            policy = build_policy(base_model, tokenizer, conditioning, latent_dim, lora, script_args.init_adapter)
+            policy = new_policy()
         dataset = build_policy_dataset(train_prompts, {user: pairs[user] for user in run_users}, conditioning, chat,
                                        script_args.rows_per_user, script_args.num_context, args.seed,
                                        user_latent=scorer.user_latent)
