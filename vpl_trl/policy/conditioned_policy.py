@@ -62,7 +62,8 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
         weights = load_peft_weights(str(folder), device="cpu")
     except (OSError, ValueError) as error:
         raise PolicyError(f"{folder}: no LoRA adapter to start from ({error}).") from None
-    expected = {key for key in get_peft_model_state_dict(model) if "lora_" in key}
+    current = get_peft_model_state_dict(model)
+    expected = {key for key in current if "lora_" in key}
     given = set(weights)
     if given != expected:
         raise PolicyError(
@@ -70,8 +71,7 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike) -> None:
             f"policy lacks, e.g. {sorted(given - expected)[:1]}; {len(expected - given)} missing, e.g. "
             f"{sorted(expected - given)[:1]}); use the same --lora_r, --lora_target_modules and base model."
         )
-    mismatched = [key for key, value in get_peft_model_state_dict(model).items()
-                  if key in weights and weights[key].shape != value.shape]
+    mismatched = [key for key, value in current.items() if key in weights and weights[key].shape != value.shape]
     if mismatched:
         raise PolicyError(f"{folder}: adapter weights of another shape ({mismatched[0]}); use the same --lora_r and "
                           "base model.")
