@@ -2,16 +2,16 @@
 population's ground truth (`vpl_trl.data.population`), not the VPL reward that the policy was trained against.
 
     python benchmarks/policy_population.py --output_dir DIR [--budget_seconds 840]
-        [--train_users 192] [--train_prompts 32] [--new_users 48] [--test_prompts 16]
+        [--train_users 192] [--train_prompts 32] [--new_users 128] [--test_prompts 16]
         [--policies conditioned bt_blind [text]] [--results benchmarks/results/policy_population.md] [--reuse]
         [--score_final_round] [--generation_timings] [-- RECIPE FLAGS]
 
-It builds the population data set (its defaults), trains the VPL reward model (`recipes/configs/population.yaml`)
-and a Bradley-Terry reward model with the same settings, then each policy of `--policies` with
-`recipes/ppo_personalized.py` and `recipes/configs/ppo_population.yaml` (reward-ranked DPO: an offline first round
-that ranks the shipped answer pool under each training user's reward, with no generation, then online rounds), for
-the same wall-time budget on the same training users and training prompts (the pool's); a round starts only if it
-fits whole in the budget:
+It builds the population data set (its defaults, with `--new_users` new users), trains the VPL reward model
+(`recipes/configs/population.yaml`) and a Bradley-Terry reward model with the same settings, then each policy
+of `--policies` with `recipes/ppo_personalized.py` and `recipes/configs/ppo_population.yaml` (reward-ranked DPO: an
+offline first round that ranks the shipped answer pool under each training user's reward, with no generation, then
+online rounds), for the same wall-time budget on the same training users and training prompts (the pool's); a
+round starts only if it fits whole in the budget:
 
 - `conditioned`: one latent-conditioned policy (`z` as a soft prompt) against the VPL reward;
 - `text`: one text-conditioned policy (two of the user's pairs in its prompt) against the VPL reward;
@@ -56,7 +56,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vpl_trl.data.format import load_preference_splits  # noqa: E402
-from vpl_trl.data.population import Population, build_population, dialogue_prompt, load_pool  # noqa: E402
+from vpl_trl.data.population import (  # noqa: E402
+    Population,
+    PopulationConfig,
+    build_population,
+    dialogue_prompt,
+    load_pool,
+)
 from vpl_trl.embedded_model import DEFAULT_MODEL  # noqa: E402
 from vpl_trl.evaluation.diagnostics import headless_pyplot  # noqa: E402
 from vpl_trl.inference.generation import GenerationSettings, generate_candidates  # noqa: E402
@@ -77,19 +83,25 @@ TRAINED = {
     "conditioned": ("vpl", ["--mode", "conditioned", "--conditioning", "latent"]),
     "text": ("vpl", ["--mode", "conditioned", "--conditioning", "text", "--preamble_pairs", "2"]),
     # a user-blind reward rates every answer alike for every user: no contrast between users to pair on, and
-    # shared candidates would give every user of a prompt the same pairs
-    "bt_blind": ("bt", ["--mode", "shared", "--contrast_pairs", "0", "--share_online_candidates", "false"]),
+    # shared candidates would give every user of a prompt the same pairs; its own 4 samples give two pairs
+    "bt_blind": ("bt", ["--mode", "shared", "--contrast_pairs", "0", "--share_online_candidates", "false",
+                        "--bon_keep", "2"]),
 }
 COLORS = {"untrained": "0.6", "best_of_16": "tab:purple", "bt_blind": "tab:orange", "text": "tab:blue",
           "conditioned": "tab:green"}
 
 
-def prepare_data(folder: Path, train_prompts: int, test_prompts: int, seed: int) -> tuple[Path, Path, Path]:
-    """The population data set, the policies' training prompts (`train_prompts` of the pool's, drawn by `seed`)
-    and held-out prompts (the shipped held-out file's, then the pool's prompts left out of training)."""
+def prepare_data(folder: Path, train_prompts: int, test_prompts: int, new_users: int, seed: int
+                 ) -> tuple[Path, Path, Path]:
+    """The population data set (its defaults, with at least `new_users` new users), the policies' training prompts
+    (`train_prompts` of the pool's, drawn by `seed`) and held-out prompts (the shipped held-out file's, then the
+    pool's prompts left out of training)."""
     data = folder / "data"
-    if not (data / "users.json").exists():
-        build_population(data)
+    config = PopulationConfig(new_users=max(PopulationConfig.new_users, new_users))
+    # the users' weights are drawn in order and each user's pairs from their own seed, new users last: more new
+    # users leave the training users' data, and so the reward models, as they were
+    if not (data / "users.json").exists() or Population.load(data).settings.get("new_users", 0) < config.new_users:
+        build_population(data, config)
     prompts = sorted({dialogue_prompt(row["prompt"]) for row in load_pool(POOL)})
     random.Random(f"policy-prompts-{seed}").shuffle(prompts)
     if train_prompts > len(prompts):
@@ -420,9 +432,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--policies", nargs="+", default=["conditioned", "bt_blind"], choices=list(TRAINED))
     parser.add_argument("--train_users", "--train-users", type=int, default=192)
     parser.add_argument("--train_prompts", "--train-prompts", type=int, default=32)
-    parser.add_argument("--new_users", "--new-users", type=int, default=48)
+    parser.add_argument("--new_users", "--new-users", type=int, default=128)
     parser.add_argument("--test_prompts", "--test-prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=2, help="Answers per new user and held-out prompt.")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="Answers per new user and held-out prompt. Users differ far more in what a policy "
+                             "gains them than their answers vary: more users narrow the intervals more than more "
+                             "answers each.")
     parser.add_argument("--best_of", "--best-of", type=int, default=16,
                         help="Untrained answers per held-out prompt that each new user's VPL reward picks from.")
     parser.add_argument("--seed", type=int, default=0)
@@ -438,7 +453,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
 
-    data, train_prompts, test_prompts = prepare_data(folder, args.train_prompts, args.test_prompts, args.seed)
+    data, train_prompts, test_prompts = prepare_data(folder, args.train_prompts, args.test_prompts, args.new_users,
+                                                        args.seed)
     rewards = {"vpl": train_reward(data, "vae", folder / "reward-vpl", args.reuse)}
     if any(TRAINED[name][0] == "bt" for name in args.policies):
         rewards["bt"] = train_reward(data, "base", folder / "reward-bt", args.reuse)
