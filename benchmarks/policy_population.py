@@ -360,9 +360,10 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
     new = summary["new_users_heldout_prompts"]
     lines = [
         "# One conditioned policy for many users: new users on held-out prompts, by true utility", "",
-        f"`{command}`. Population: `python -m vpl_trl.data population` defaults (200 training users, 50 new users, "
-        "4 attributes); VPL and Bradley-Terry reward models with `recipes/configs/population.yaml` (frozen SmolLM2); "
-        "every policy with `recipes/configs/ppo_population.yaml` (reward-ranked DPO, the first round ranked from the "
+        f"`{command}`. Population: `python -m vpl_trl.data population` defaults (200 training users, "
+        f"{max(PopulationConfig.new_users, new['users'])} new users, 4 attributes); VPL and Bradley-Terry reward "
+        "models with `recipes/configs/population.yaml` (frozen SmolLM2); every policy with "
+        "`recipes/configs/ppo_population.yaml` (reward-ranked DPO, the first round ranked from the "
         f"shipped answer pool) for at most {summary['budget_seconds'] / 60:.0f} min of training each (a round "
         "starts only if it fits whole), on the same "
         f"{summary['train_users']} training users and {summary['train_prompts']} training prompts. Machine: "
@@ -370,8 +371,8 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
         f"{summary['seconds'] / 60:.0f} min{' (trained models reused)' if summary['reused'] else ' in all'}.",
         *(["", note] if note else []), "",
         f"## New users, held-out prompts ({new['users']} users never seen in training, each conditioned on 16 of "
-        f"their own pairs; {new['prompts']} prompts no policy trained on; {new['samples']} answers per prompt, the "
-        f"untrained policy {new['best_of']})", "",
+        f"their own pairs; {new['prompts']} prompts no policy trained on; {new['samples']} "
+        f"answer{'s' if new['samples'] != 1 else ''} per prompt, the untrained policy {new['best_of']})", "",
         "| policy | mean true utility [95% CI] | mean VPL reward (user's own z) |", "|---|---|---|",
     ]
     for name, value in new["utility"].items():
