@@ -84,12 +84,6 @@ class BestOfNRoundsArguments:
                                      "They carry what sets a user apart; the other pairs, best against worst, what "
                                      "everyone prefers."}
     )
-    contrast_pairs_train_adapter: bool = field(
-        default=True, metadata={"help": "dpo, a latent-conditioned policy: whether the contrast pairs' gradients reach "
-                                        "the LoRA adapter. False: they train the soft prompt alone (the part that "
-                                        "reads `z`), and the adapter learns only from the other pairs, what the "
-                                        "users prefer together."}
-    )
     consensus_pairs: int = field(
         default=0, metadata={"help": "dpo: of the best-against-worst pairs (those that are not contrast pairs), how "
                                      "many rank the candidates by the mean standardized reward of the prompt's "

@@ -29,7 +29,7 @@ from trl import DPOConfig
 from ..checkpoints import FaultTolerantCheckpoints
 from ..distributed import full_weights_for_generation
 from .best_of_n_rounds import BestOfNRounds, BestOfNRoundsConfig, Ranked, SharedRanking, as_completion, with_latent
-from .trainers import ADAPTER_GRADIENT_COLUMN, LATENT_COLUMN, ConditionedDPOTrainer, LatentPromptArguments
+from .trainers import ConditionedDPOTrainer, LatentPromptArguments
 
 
 @dataclass
@@ -104,13 +104,10 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
             mine_most = sorted(ranked[:half], key=lambda c: (gap.get(c[1], 0.0), -c[0]))
             theirs_most = sorted(ranked[half:], key=lambda c: (gap.get(c[1], 0.0), -c[0]), reverse=True)
             chosen_rejected += list(zip(mine_most, theirs_most))[:contrast]
-        route = not self.args.contrast_pairs_train_adapter and LATENT_COLUMN in row
         pairs = []
-        for index, ((high, chosen), (low, rejected)) in enumerate(chosen_rejected):
+        for (high, chosen), (low, rejected) in chosen_rejected:
             example = {"prompt": row["prompt"], "chosen": as_completion(row, chosen),
                        "rejected": as_completion(row, rejected)}
-            if route:  # the contrast pairs come last
-                example[ADAPTER_GRADIENT_COLUMN] = float(index < len(chosen_rejected) - contrast)
             pairs.append((high - low, with_latent(row, example)))
         return pairs
 

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
-from torch import nn
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
@@ -43,8 +41,6 @@ from ..models.latent_prompt import (
 from .lm_head import add_logits_lm_head
 
 LATENT_COLUMN = "user_latent"
-# 0 for a pair whose gradients must not reach the LoRA adapter (`contrast_pairs_train_adapter=False`)
-ADAPTER_GRADIENT_COLUMN = "adapter_gradient"
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -126,9 +122,8 @@ class LatentCollator:
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         output = super().torch_call(examples)
-        for column in (LATENT_COLUMN, ADAPTER_GRADIENT_COLUMN):
-            if column in examples[0]:
-                output[column] = torch.tensor([example[column] for example in examples], dtype=torch.float32)
+        if LATENT_COLUMN in examples[0]:
+            output[LATENT_COLUMN] = torch.tensor([example[LATENT_COLUMN] for example in examples], dtype=torch.float32)
         return output
 
 
@@ -164,9 +159,8 @@ class LatentColumn:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = [*self._signature_columns, *(
-            column for column in (LATENT_COLUMN, ADAPTER_GRADIENT_COLUMN) if column not in self._signature_columns
-        )]
+        if LATENT_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, LATENT_COLUMN]
 
 
 class ConditionedGRPOTrainer(FaultTolerantCheckpoints, LatentColumn, LatentPromptCheckpoints, LatentPromptLearningRate,
@@ -245,37 +239,8 @@ class ConditionedSFTTrainer(LatentColumn, LatentPromptCheckpoints, LatentPromptL
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-class AdapterGradientMask:
-    """Keeps the LoRA adapter from learning from some batch rows (`weights`: one per row, 0 or 1; None: every row):
-    a forward hook on each LoRA branch keeps its output's value and detaches it on the rows weighted 0. The rest of
-    the model (the soft prompt) still learns from them, through the base weights. The weights stay set until the
-    next batch's: gradient checkpointing runs the forward again in the backward pass."""
-
-    def __init__(self):
-        self.weights: torch.Tensor | None = None
-        self._hooked: set[int] = set()
-
-    def set(self, model: nn.Module, weights: torch.Tensor | None) -> None:
-        self.weights = None if weights is None or bool((weights != 0).all()) else weights
-        if self.weights is None:
-            return
-        for layer in model.modules():
-            if isinstance(layer, LoraLayer):
-                for branch in layer.lora_B.values():
-                    if id(branch) not in self._hooked:
-                        branch.register_forward_hook(self._blend)
-                        self._hooked.add(id(branch))
-
-    def _blend(self, module, inputs, output):
-        if self.weights is None or output.size(0) != self.weights.size(0):
-            return None
-        keep = self.weights.to(device=output.device, dtype=output.dtype).view(-1, *[1] * (output.dim() - 1))
-        return keep * output + (1 - keep) * output.detach()
-
-
 def _chosen_and_rejected(latents: torch.Tensor | None) -> torch.Tensor | None:
-    """TRL's preference batches stack the chosen rows, then the rejected ones: each pair's latent (or adapter
-    weight) serves both."""
+    """TRL's preference batches stack the chosen rows, then the rejected ones: each pair's latent serves both."""
     return None if latents is None else torch.cat([latents, latents])
 
 
@@ -285,10 +250,6 @@ class ConditionedDPOTrainer(LatentColumn, LatentPromptCheckpoints, LatentPromptL
     under ZeRO-3, whose sharded head TRL's gathers), the log-probabilities come from the full logits
     (`vpl_trl.policy.lm_head`): the same numbers as TRL's chunked head, several times faster there."""
 
-    def __init__(self, *args, **kwargs):
-        self._adapter_mask = AdapterGradientMask()  # before TRL's __init__, which may compute reference log-probs
-        super().__init__(*args, **kwargs)
-
     def _use_logits_head(self) -> None:
         if not is_deepspeed_zero3_enabled():
             add_logits_lm_head(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model)
@@ -296,14 +257,11 @@ class ConditionedDPOTrainer(LatentColumn, LatentPromptCheckpoints, LatentPromptL
     def _compute_loss(self, model, inputs, return_outputs):
         self._use_logits_head()
         latents = inputs.pop(LATENT_COLUMN, None)
-        self._adapter_mask.set(model, _chosen_and_rejected(inputs.pop(ADAPTER_GRADIENT_COLUMN, None)))
         with conditioned_on(model, _chosen_and_rejected(latents)):
             return super()._compute_loss(model, inputs, return_outputs)
 
     def compute_ref_log_probs(self, model, inputs):
         self._use_logits_head()
         latents = inputs.pop(LATENT_COLUMN, None)
-        inputs.pop(ADAPTER_GRADIENT_COLUMN, None)
-        self._adapter_mask.set(model, None)
         with conditioned_on(model, _chosen_and_rejected(latents)):
             return super().compute_ref_log_probs(model, inputs)
