@@ -91,18 +91,13 @@ COLORS = {"untrained": "0.6", "best_of_16": "tab:purple", "bt_blind": "tab:orang
           "conditioned": "tab:green"}
 
 
-def population_new_users(new_users: int) -> int:
-    """The population's new users: its default number, or more when the benchmark scores more."""
-    return max(PopulationConfig.new_users, new_users)
-
-
 def prepare_data(folder: Path, train_prompts: int, test_prompts: int, new_users: int, seed: int
                  ) -> tuple[Path, Path, Path]:
     """The population data set (its defaults, with at least `new_users` new users), the policies' training prompts
     (`train_prompts` of the pool's, drawn by `seed`) and held-out prompts (the shipped held-out file's, then the
     pool's prompts left out of training)."""
     data = folder / "data"
-    config = PopulationConfig(new_users=population_new_users(new_users))
+    config = PopulationConfig(new_users=max(PopulationConfig.new_users, new_users))  # the default, or more
     # the users' weights are drawn in order and each user's pairs from their own seed, new users last: more new
     # users leave the training users' data, and so the reward models, as they were
     if not (data / "users.json").exists() or Population.load(data).settings.get("new_users", 0) < config.new_users:
@@ -366,7 +361,7 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
     lines = [
         "# One conditioned policy for many users: new users on held-out prompts, by true utility", "",
         f"`{command}`. Population: `python -m vpl_trl.data population` defaults (200 training users, "
-        f"{population_new_users(new['users'])} new users, 4 attributes); VPL and Bradley-Terry reward "
+        f"{summary['population_new_users']} new users, 4 attributes); VPL and Bradley-Terry reward "
         "models with `recipes/configs/population.yaml` (frozen SmolLM2); every policy with "
         "`recipes/configs/ppo_population.yaml` (reward-ranked DPO, the first round ranked from the "
         f"shipped answer pool) for at most {summary['budget_seconds'] / 60:.0f} min of training each (a round "
@@ -496,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "personalization": personalization(scored, population),
         "hacking": {name: round_curves(folder / name / "round_candidates.jsonl", population) for name in runs},
         "training": {},
+        "population_new_users": population.settings["new_users"],
         "train_users": args.train_users, "train_prompts": args.train_prompts,
         "budget_seconds": args.budget_seconds, "reused": args.reuse,
     }
