@@ -43,10 +43,6 @@ class LatentPrompt(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(latent_dim, mlp_dim), nn.Tanh(), nn.Linear(mlp_dim, num_tokens * hidden_size)
         )
-        self.token_norm = None  # experiment: VPL_EXP_TOKEN_NORM=1 holds each soft-prompt token at the init norm
-        if init_embeddings is not None and os.environ.get("VPL_EXP_TOKEN_NORM"):
-            norm = float(init_embeddings.float().norm(dim=-1).mean())
-            self.token_norm = norm * float(os.environ["VPL_EXP_TOKEN_NORM"])
         if init_embeddings is not None:
             scale = float(init_embeddings.float().std())
             with torch.no_grad():
@@ -56,10 +52,7 @@ class LatentPrompt(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.dim() != 2 or latents.size(1) != self.latent_dim:
             raise ValueError(f"expected latents of shape (batch, {self.latent_dim}), got {tuple(latents.shape)}.")
-        out = self.net(latents).view(latents.size(0), self.num_tokens, self.hidden_size)
-        if self.token_norm is not None:
-            out = out * (self.token_norm / out.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-        return out
+        return self.net(latents).view(latents.size(0), self.num_tokens, self.hidden_size)
 
 
 class LatentConditionedEmbedding(nn.Module):

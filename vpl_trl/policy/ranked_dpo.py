@@ -92,12 +92,8 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
         the other users against the i-th of the lower half that the others prefer most relative to this user
         (ties: the higher, and the lower, reward)."""
         keep = min(self.args.bon_keep, len(ranked) // 2)  # fewer candidates: shared ones across too few users
-        n_contrast, n_consensus = self.args.contrast_pairs, self.args.consensus_pairs
-        import os  # experiment: VPL_EXP_OFFLINE_MIX=CONSENSUS,CONTRAST sets the offline round's pairs
-        if os.environ.get("VPL_EXP_OFFLINE_MIX") and self._pool is not None and not self.rounds:
-            n_consensus, n_contrast = map(int, os.environ["VPL_EXP_OFFLINE_MIX"].split(","))
-        contrast = min(n_contrast, keep) if shared else 0
-        consensus = min(n_consensus, keep - contrast) if shared else 0
+        contrast = min(self.args.contrast_pairs, keep) if shared else 0
+        consensus = min(self.args.consensus_pairs, keep - contrast) if shared else 0
         chosen_rejected = []
         if consensus:
             agreed = sorted(ranked, key=lambda c: (shared.consensus.get(c[1], 0.0), c[0]), reverse=True)
