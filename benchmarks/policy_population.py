@@ -24,13 +24,16 @@ Then `--new_users` users never seen in training (neither by the reward model nor
 their own labelled pairs, and answer held-out prompts that no policy trained on (`recipes/prompts/
 population_heldout.jsonl`, written for this benchmark, then the pool's prompts left out of training); every answer
 is scored by the user's TRUE utility. Also served: the untrained policy and, personalization at inference time,
-the best of `--best_of` untrained answers under the user's VPL reward. Every trained policy, user-blind ones too,
+the best of `--best_of` untrained answers under the user's VPL reward (`best_of_16`) and, with a Bradley-Terry
+reward, under it (`best_of_16_bt`, the same answer for every user): what the personalized reward itself adds over
+the pooled one, apart from what a policy learns from it. Every trained policy, user-blind ones too,
 samples `--samples` answers per new user and prompt. Gains are means over users with 95% bootstrap intervals over
 users. Reward hacking: each training round's candidates (the first round's: the pool's answers), scored by the
 reward the policy was trained against and by the same users' true utility.
 
 Writes `DIR/summary.json` (`{"new_users_heldout_prompts": {"users", "prompts", "vs_untrained", "vs_bt_blind",
-"best_of_16_vs_untrained", "users_gaining", "utility": {POLICY: ...}, "gains": {POLICY: {BASELINE: ...}}},
+"best_of_16_vs_untrained", "best_of_16_vs_best_of_16_bt", "users_gaining", "utility": {POLICY: ...},
+"gains": {POLICY: {BASELINE: ...}}},
 "personalization": {POLICY: ...}, "hacking": {POLICY: {"reward": [...], "utility": [...]}}, "training": {...},
 "generation": {...}, "seconds"}`),
 the results file and its PNGs. `--reuse` keeps the trained models and the scored answers found in DIR.
@@ -87,8 +90,8 @@ TRAINED = {
     "bt_blind": ("bt", ["--mode", "shared", "--contrast_pairs", "0", "--share_online_candidates", "false",
                         "--bon_keep", "2"]),
 }
-COLORS = {"untrained": "0.6", "best_of_16": "tab:purple", "bt_blind": "tab:orange", "text": "tab:blue",
-          "conditioned": "tab:green"}
+COLORS = {"untrained": "0.6", "best_of_16": "tab:purple", "best_of_16_bt": "tab:pink", "bt_blind": "tab:orange",
+          "text": "tab:blue", "conditioned": "tab:green"}
 
 
 def prepare_data(folder: Path, train_prompts: int, test_prompts: int, new_users: int, seed: int
@@ -158,11 +161,23 @@ def per_user(texts: list[list[str]], users: list[str], prompts: list[str]) -> di
             for i, user in enumerate(users)}
 
 
+def best_per_prompt(flat: list[tuple[str, str]], rewards: list[float], prompts: list[str]) -> list[tuple[str, str]]:
+    """The highest-reward answer to each prompt among `flat`'s (prompt, answer) pairs."""
+    best: dict[str, tuple[float, str]] = {}
+    for (prompt, text), reward in zip(flat, rewards):
+        if prompt not in best or reward > best[prompt][0]:
+            best[prompt] = (reward, text)
+    return [(p, best[p][1]) for p in prompts]
+
+
 def answer_new_users(folder: Path, prompts: list[str], scorer: PersonalizedRewardScorer, contexts: dict[str, list],
-                     policies: list[str], samples: int, best_of: int, settings: GenerationSettings
+                     policies: list[str], samples: int, best_of: int, settings: GenerationSettings,
+                     pooled_scorer: PersonalizedRewardScorer | None = None
                      ) -> dict[str, dict[str, list[tuple[str, str]]]]:
     """Each new user's answers from every policy: {policy: {user: [(prompt, answer)]}}. Each policy's answers for
-    every user and prompt come from one batched generation call."""
+    every user and prompt come from one batched generation call. With `pooled_scorer` (the Bradley-Terry reward),
+    also `best_of_16_bt`: the same untrained answers picked by it, the same for every user, so that what the
+    personalized reward adds at selection is measured apart from what a policy learns from it."""
     users = list(contexts)
     latents = {user: scorer.user_latent(context, user_id=user) for user, context in contexts.items()}
     answers: dict[str, dict[str, list[tuple[str, str]]]] = {}
@@ -173,14 +188,12 @@ def answer_new_users(folder: Path, prompts: list[str], scorer: PersonalizedRewar
     answers["untrained"] = {user: [(p, t) for p, texts in zip(prompts, pooled) for t in texts] for user in users}
     flat = answers["untrained"][users[0]]
     embedded = scorer.embed_completions([p for p, _ in flat], [t for _, t in flat])
-    answers["best_of_16"] = {}
-    for user in users:  # personalization at inference time: per prompt, the best untrained answer under the user's z
-        rewards = scorer.rewards(embedded, latents[user])
-        best: dict[str, tuple[float, str]] = {}
-        for (prompt, text), reward in zip(flat, rewards):
-            if prompt not in best or reward > best[prompt][0]:
-                best[prompt] = (reward, text)
-        answers["best_of_16"][user] = [(p, best[p][1]) for p in prompts]
+    # personalization at inference time: per prompt, the best untrained answer under the user's z
+    answers["best_of_16"] = {user: best_per_prompt(flat, scorer.rewards(embedded, latents[user]), prompts)
+                             for user in users}
+    if pooled_scorer is not None:
+        picked = best_per_prompt(flat, pooled_scorer.score([p for p, _ in flat], [t for _, t in flat]), prompts)
+        answers["best_of_16_bt"] = {user: picked for user in users}
     del base
 
     for name in policies:
@@ -246,9 +259,11 @@ def new_user_summary(scored: dict, users: int, prompts: int, samples: int, best_
                            "vpl_reward": float(np.mean([np.mean(v["vpl_reward"]) for v in scored[name].values()]))}
                     for name in names},
         "gains": {name: {baseline: bootstrap_gain(scored, name, baseline) for baseline in names if baseline != name}
-                  for name in names if name in TRAINED or name == "best_of_16"},
+                  for name in names if name in TRAINED or name.startswith("best_of_16")},
     }
     summary["best_of_16_vs_untrained"] = _interval(summary["gains"]["best_of_16"]["untrained"])
+    if "best_of_16_bt" in scored:  # what the personalized reward adds over the pooled one, picking the same answers
+        summary["best_of_16_vs_best_of_16_bt"] = _interval(summary["gains"]["best_of_16"]["best_of_16_bt"])
     if "conditioned" in scored:
         mine = summary["gains"]["conditioned"]
         summary["vs_untrained"] = _interval(mine["untrained"])
@@ -481,8 +496,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scored = json.loads(answers_file.read_text())
     else:
         scorer = PersonalizedRewardScorer.from_pretrained(rewards["vpl"], device="cpu")
+        pooled = PersonalizedRewardScorer.from_pretrained(rewards["bt"], device="cpu") if "bt" in rewards else None
         answers = answer_new_users(folder, prompts, scorer, contexts, args.policies, args.samples, args.best_of,
-                                   settings)
+                                   settings, pooled)
         scored = score_answers(answers, population, scorer, contexts)
         answers_file.write_text(json.dumps(scored, indent=1))
     summary: dict[str, Any] = {
