@@ -427,11 +427,12 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     def reward(prompts, completions, user_id, raw_prompt, **kwargs):
         return [float(table[user][answers.index(completion_text(c).strip())]) for user, c in zip(user_id, completions)]
 
-    def pairs_by_user(contrast_pairs: int, consensus_pairs: int = 0, data=dataset) -> dict[str, list[tuple[int, int]]]:
+    def pairs_by_user(contrast_pairs: int, consensus_pairs: int = 0, data=dataset, **offline
+                      ) -> dict[str, list[tuple[int, int]]]:
         model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
-        folder = tmp_path / f"{contrast_pairs}-{consensus_pairs}-{len(data)}"
+        folder = tmp_path / "-".join(map(str, [contrast_pairs, consensus_pairs, len(data), *offline.values()]))
         trainer = offline_dpo_trainer(model, tokenizer, data, reward, folder, pool, bon_keep=2,
-                                      contrast_pairs=contrast_pairs, consensus_pairs=consensus_pairs)
+                                      contrast_pairs=contrast_pairs, consensus_pairs=consensus_pairs, **offline)
         found = {user: [] for user in set(data["user_id"])}
         for example in trainer._round_examples:
             found[user_of[tuple(example["user_latent"])]].append(
@@ -448,6 +449,10 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     with_consensus = pairs_by_user(1, consensus_pairs=1)
     assert {user: sorted(pairs) for user, pairs in with_consensus.items()} == {"harmless": [(0, 5), (1, 3)],
                                                                              "helpful": [(0, 5), (3, 1)]}
+    # the offline round's own mix, whatever the online rounds' (which keep theirs)
+    offline_mix = pairs_by_user(0, offline_contrast_pairs=1, offline_consensus_pairs=1)
+    assert {user: sorted(pairs) for user, pairs in offline_mix.items()} == {"harmless": [(0, 5), (1, 3)],
+                                                                          "helpful": [(0, 5), (3, 1)]}
     # a prompt that no other user scored has nothing to contrast: best against worst, second against second worst
     alone = dataset.filter(lambda row: row["user_id"] == "harmless")
     assert pairs_by_user(1, data=alone) == {"harmless": [(0, 5), (1, 4)]}
@@ -456,6 +461,10 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     with pytest.raises(ValueError, match="consensus_pairs must be between 0 and bon_keep - contrast_pairs=1"):
         offline_dpo_trainer(None, tokenizer, dataset, reward, tmp_path / "bad", pool, bon_keep=2, contrast_pairs=1,
                             consensus_pairs=2)
+    with pytest.raises(ValueError, match="offline_consensus_pairs must be between 0 and bon_keep - "
+                                         "offline_contrast_pairs=1"):
+        offline_dpo_trainer(None, tokenizer, dataset, reward, tmp_path / "bad", pool, bon_keep=2,
+                            offline_contrast_pairs=1, offline_consensus_pairs=2)
 
 
 def test_online_rounds_can_share_candidates_across_users(tiny_backbone, scorer, pets_data, tmp_path, monkeypatch):

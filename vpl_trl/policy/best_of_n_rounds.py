@@ -92,6 +92,16 @@ class BestOfNRoundsArguments:
                                      "of them (under their own conditioning), rather than each user's estimate "
                                      "of it."}
     )
+    offline_contrast_pairs: int | None = field(
+        default=None, metadata={"help": "dpo: `contrast_pairs` in the offline round (`offline_pool`) alone; default: "
+                                        "contrast_pairs. With more consensus pairs offline and more contrast pairs "
+                                        "online, the pool's varied answers teach what everyone prefers and the "
+                                        "policy's own samples what sets each user apart."}
+    )
+    offline_consensus_pairs: int | None = field(
+        default=None, metadata={"help": "dpo: `consensus_pairs` in the offline round alone; default: "
+                                        "consensus_pairs."}
+    )
     share_online_candidates: bool = field(
         default=False, metadata={"help": "Online rounds: each user of a prompt also ranks the candidates sampled for "
                                          "the round's other users of that prompt (each under their own "
@@ -119,6 +129,14 @@ class BestOfNRoundsArguments:
 
     kept = ("examples", 1)  # what a round keeps per user and prompt, and the candidates each one takes
 
+    def pair_mix(self, offline: bool) -> tuple[int, int]:
+        """A round's (contrast_pairs, consensus_pairs): the offline round's own where they are set."""
+        if not offline:
+            return self.contrast_pairs, self.consensus_pairs
+        contrast, consensus = self.offline_contrast_pairs, self.offline_consensus_pairs
+        return (self.contrast_pairs if contrast is None else contrast,
+                self.consensus_pairs if consensus is None else consensus)
+
     def __post_init__(self):
         self.check_rounds(self)
         parent = getattr(super(), "__post_init__", None)
@@ -138,12 +156,13 @@ class BestOfNRoundsArguments:
         if rounds.bon_n < needed:
             raise ValueError(f"bon_keep={rounds.bon_keep} {what} per prompt need at least {needed} candidates; got "
                              f"bon_n={rounds.bon_n}.")
-        if not 0 <= rounds.contrast_pairs <= rounds.bon_keep:
-            raise ValueError(f"contrast_pairs must be between 0 and bon_keep={rounds.bon_keep}, got "
-                             f"{rounds.contrast_pairs}.")
-        if not 0 <= rounds.consensus_pairs <= rounds.bon_keep - rounds.contrast_pairs:
-            raise ValueError(f"consensus_pairs must be between 0 and bon_keep - contrast_pairs="
-                             f"{rounds.bon_keep - rounds.contrast_pairs}, got {rounds.consensus_pairs}.")
+        for prefix, (contrast, consensus) in (("", rounds.pair_mix(False)), ("offline_", rounds.pair_mix(True))):
+            if not 0 <= contrast <= rounds.bon_keep:
+                raise ValueError(f"{prefix}contrast_pairs must be between 0 and bon_keep={rounds.bon_keep}, got "
+                                 f"{contrast}.")
+            if not 0 <= consensus <= rounds.bon_keep - contrast:
+                raise ValueError(f"{prefix}consensus_pairs must be between 0 and bon_keep - {prefix}contrast_pairs="
+                                 f"{rounds.bon_keep - contrast}, got {consensus}.")
         if rounds.max_rounds is not None and rounds.max_rounds < 1:
             raise ValueError(f"max_rounds must be at least 1, got {rounds.max_rounds}.")
         if rounds.offline_pool and not Path(rounds.offline_pool).is_file():
@@ -370,7 +389,7 @@ class BestOfNRounds:
         rng = random.Random(f"distillation-{self._seed}-{len(self.rounds)}")
         rows = [rng.choice(group) for group in self._groups]  # one draw of each user's conditioning per prompt
         state = PartialState()
-        offline = self._pool is not None and not self.rounds
+        offline = self._offline_round()
         shared = self.args.shared_first_round and not self.rounds and not offline
         if shared:  # one pool per bare prompt, from the policy before any training: the reference policy
             mine = [row for row in rows if _key(row) in _own_keys(rows, state)]
@@ -396,7 +415,7 @@ class BestOfNRounds:
             ranked = sorted(zip(rewards[begin : begin + len(texts)], texts), key=lambda pair: pair[0], reverse=True)
             ranked_rows.append((row, ranked))
             begin += len(texts)
-        compare = self.args.contrast_pairs + self.args.consensus_pairs > 0 and (offline or shared or across)
+        compare = sum(self.args.pair_mix(offline)) > 0 and (offline or shared or across)
         rankings = shared_rankings(ranked_rows) if compare else {}
         selected, stats, scored, keep = [], [], [], self.args.bon_keep
         for (row, ranked), texts in zip(ranked_rows, own):
@@ -426,6 +445,10 @@ class BestOfNRounds:
                            final)
         self._round_examples = examples
         return Dataset.from_list(examples)
+
+    def _offline_round(self) -> bool:
+        """Whether the round being built is the offline one: the pool's answers, before any other round."""
+        return self._pool is not None and not self.rounds
 
     def _pool_candidates(self, row: dict[str, Any]) -> list[str]:
         """The offline round's candidates of a row: the pool's answers to its prompt, cut to `max_completion_length`

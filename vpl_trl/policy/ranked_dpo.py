@@ -92,8 +92,9 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
         the other users against the i-th of the lower half that the others prefer most relative to this user
         (ties: the higher, and the lower, reward)."""
         keep = min(self.args.bon_keep, len(ranked) // 2)  # fewer candidates: shared ones across too few users
-        contrast = min(self.args.contrast_pairs, keep) if shared else 0
-        consensus = min(self.args.consensus_pairs, keep - contrast) if shared else 0
+        contrast, consensus = self.args.pair_mix(self._offline_round())  # the offline round may have its own
+        contrast = min(contrast, keep) if shared else 0
+        consensus = min(consensus, keep - contrast) if shared else 0
         chosen_rejected = []
         if consensus:
             agreed = sorted(ranked, key=lambda c: (shared.consensus.get(c[1], 0.0), c[0]), reverse=True)
