@@ -453,12 +453,6 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
     offline_mix = pairs_by_user(0, offline_contrast_pairs=1, offline_consensus_pairs=1)
     assert {user: sorted(pairs) for user, pairs in offline_mix.items()} == {"harmless": [(0, 5), (1, 3)],
                                                                           "helpful": [(0, 5), (3, 1)]}
-    # harmless's contrast pair (1, 3) goes against what both users prefer (answer 3 over 1: 2 against -1); following
-    # the consensus, 1 is set against the first of 3, 4, 5 that they rate no higher (4 ties at -1, 5 is at -4), and
-    # helpful's (3, 1) already follows it
-    following = pairs_by_user(1, contrast_pairs_follow_consensus=True)
-    assert following["helpful"] == [(3, 1), (3, 1)]
-    assert following["harmless"][0] == (0, 5) and following["harmless"][1] in {(1, 4), (1, 5)}
     # a prompt that no other user scored has nothing to contrast: best against worst, second against second worst
     alone = dataset.filter(lambda row: row["user_id"] == "harmless")
     assert pairs_by_user(1, data=alone) == {"harmless": [(0, 5), (1, 4)]}
@@ -471,21 +465,6 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
                                          "offline_contrast_pairs=1"):
         offline_dpo_trainer(None, tokenizer, dataset, reward, tmp_path / "bad", pool, bon_keep=2,
                             offline_contrast_pairs=1, offline_consensus_pairs=2)
-
-
-def test_contrast_pairs_can_follow_the_consensus():
-    """Each chosen candidate, in order, against the first unused rejected one that the consensus rates no higher;
-    one with none is passed over, and no more than `count` pairs are made."""
-    from vpl_trl.policy.ranked_dpo import following_consensus
-
-    chosen = [(3.0, "a"), (2.0, "b"), (1.0, "c")]
-    rejected = [(0.0, "x"), (-1.0, "y"), (-2.0, "z")]
-    consensus = {"a": 0.5, "b": -2.0, "c": 1.0, "x": 1.0, "y": 0.0, "z": -1.0}
-    assert following_consensus(chosen, rejected, consensus, 3) == [((3.0, "a"), (-1.0, "y")),
-                                                                   ((1.0, "c"), (0.0, "x"))]
-    assert following_consensus(chosen, rejected, consensus, 1) == [((3.0, "a"), (-1.0, "y"))]
-    assert following_consensus(chosen, rejected, {**consensus, "b": -0.5}, 3) == [
-        ((3.0, "a"), (-1.0, "y")), ((2.0, "b"), (-2.0, "z")), ((1.0, "c"), (0.0, "x"))]
 
 
 def test_online_rounds_can_share_candidates_across_users(tiny_backbone, scorer, pets_data, tmp_path, monkeypatch):

@@ -92,13 +92,6 @@ class BestOfNRoundsArguments:
                                      "of them (under their own conditioning), rather than each user's estimate "
                                      "of it."}
     )
-    contrast_pairs_follow_consensus: bool = field(
-        default=False, metadata={"help": "dpo: a contrast pair's rejected candidate is one that the prompt's users "
-                                         "rate no higher together (by `consensus_pairs`' mean standardized reward) "
-                                         "than the chosen one: what sets a user apart, never against what they "
-                                         "all prefer. A chosen candidate with no such rejected one gives its place "
-                                         "to the user's next."}
-    )
     offline_contrast_pairs: int | None = field(
         default=None, metadata={"help": "dpo: `contrast_pairs` in the offline round (`offline_pool`) alone; default: "
                                         "contrast_pairs. With more consensus pairs offline and more contrast pairs "

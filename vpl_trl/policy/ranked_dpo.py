@@ -90,8 +90,7 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
         of them rank the candidates by the prompt's users' consensus instead (ties: by this user's reward), and the
         last `contrast_pairs` are contrast pairs: the i-th of the upper half that this user prefers most relative to
         the other users against the i-th of the lower half that the others prefer most relative to this user
-        (ties: the higher, and the lower, reward); with `contrast_pairs_follow_consensus`, each against the first
-        of those that the prompt's users rate no higher than it."""
+        (ties: the higher, and the lower, reward)."""
         keep = min(self.args.bon_keep, len(ranked) // 2)  # fewer candidates: shared ones across too few users
         contrast, consensus = self.args.pair_mix(self._offline_round())  # the offline round may have its own
         contrast = min(contrast, keep) if shared else 0
@@ -105,10 +104,7 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
             half, gap = len(ranked) // 2, shared.others_minus_own
             mine_most = sorted(ranked[:half], key=lambda c: (gap.get(c[1], 0.0), -c[0]))
             theirs_most = sorted(ranked[half:], key=lambda c: (gap.get(c[1], 0.0), -c[0]), reverse=True)
-            if self.args.contrast_pairs_follow_consensus:
-                chosen_rejected += following_consensus(mine_most, theirs_most, shared.consensus, contrast)
-            else:
-                chosen_rejected += list(zip(mine_most, theirs_most))[:contrast]
+            chosen_rejected += list(zip(mine_most, theirs_most))[:contrast]
         pairs = []
         for (high, chosen), (low, rejected) in chosen_rejected:
             example = {"prompt": row["prompt"], "chosen": as_completion(row, chosen),
@@ -164,19 +160,3 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
             yield
         finally:
             self.ref_model = None
-
-
-def following_consensus(chosen: Ranked, rejected: Ranked, consensus: dict[str, float], count: int
-                        ) -> list[tuple[tuple[float, str], tuple[float, str]]]:
-    """Up to `count` pairs, in the order of `chosen`: each chosen candidate against the first unused candidate of
-    `rejected` that `consensus` rates no higher; a chosen candidate with none is passed over."""
-    pairs, used = [], set()
-    for high in chosen:
-        if len(pairs) == count:
-            break
-        floor = consensus.get(high[1], 0.0)
-        low = next((c for c in rejected if c[1] not in used and consensus.get(c[1], 0.0) <= floor), None)
-        if low is not None:
-            used.add(low[1])
-            pairs.append((high, low))
-    return pairs
