@@ -381,6 +381,7 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
         dpo = ppo_personalized.signal_args("dpo", args, script_args, rounds)
         assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (6, 3, 0.3)
         assert (dpo.contrast_pairs, dpo.consensus_pairs, dpo.latent_prompt_lr_ratio) == (2, 1, 10.0)
+        assert dpo.pair_mix(offline=True) == (1, 2)  # the pool's round weighs the consensus more
         assert dpo.share_online_candidates and script_args.rows_per_user == 1
         assert dpo.learning_rate == script_args.dpo_learning_rate and dpo.loss_type == ["sigmoid", "sft"]
         assert dpo.max_completion_length == args.max_completion_length == 48 and dpo.offline_pool == str(pool)
@@ -389,6 +390,14 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
         assert isinstance(sft, BestOfNDistillationConfig) and sft.replay and sft.learning_rate == 1.0e-3
         assert sft.latent_prompt_lr_ratio == args.latent_prompt_lr_ratio == 10.0
         assert ppo_personalized.signal_args("grpo", args, script_args, rounds) is args
+
+    # a user-blind policy on the same YAML (benchmarks/policy_population.py's flags): two pairs, no contrast pair
+    script_args, rounds, args, _ = ppo_personalized.make_parser().parse_args_and_config(
+        ["--config", str(recipe), "--reward-model", "r", "--output_dir", str(tmp_path / "out"), "--mode", "shared",
+         "--contrast_pairs", "0", "--offline_contrast_pairs", "0", "--bon_keep", "2"]
+    )
+    blind = ppo_personalized.signal_args("dpo", args, script_args, rounds)
+    assert (blind.pair_mix(offline=True), blind.pair_mix(offline=False)) == ((0, 2), (0, 1))
 
 
 def test_recipe_refuses_bad_round_settings_before_loading_models(tmp_path):
