@@ -312,6 +312,22 @@ def test_margin_interval_brackets_the_margin():
     assert low < 0.0 < high
 
 
+
+@pytest.mark.parametrize("users", [3, 40])
+def test_cross_user_matrix_png_and_table_stay_readable_for_many_users(tmp_path, users):
+    from vpl_trl.policy import format_results, plot_matrices, summarize
+
+    names = [f"user_{i:03d}" for i in range(users)]
+    matrix = {a: {b: float(a == b) + 0.01 * j for j, b in enumerate(names)} for a in names}
+    results = summarize(matrix, matrix)
+    png = plot_matrices(results, tmp_path / "eval_matrix.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert png.startswith(b"\x89PNG") and width <= 3100 and height <= 1500  # 12 users' size at most
+    table = format_results(results)
+    assert all(f"| {name} | +" in table for name in names)  # every user's own-reward row
+    printed_matrix = "| policy for \\ reward of |" in table
+    assert printed_matrix == (users <= 12) and ("eval_results.json and eval_matrix.png" in table) == (users > 12)
+
 # ----- the rounds' configs ---------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,9 @@ from ..inference.scoring import PersonalizedRewardScorer
 from .conditioning import PolicyConditioning
 
 Matrix = dict[str, dict[str, float]]
+# up to this many users, the cross-user matrix is printed and its PNG shows every cell's value; beyond, a figure
+# with a cell per user pair would grow with the square of the users (192 users: a 59 MB PNG, 8 minutes to draw)
+LABELLED_USERS = 12
 
 
 def score_completions(
@@ -136,7 +139,8 @@ def summarize(
 
 
 def format_results(results: Mapping[str, Any]) -> str:
-    """A table of each user's own reward before and after, then the cross-user matrix after training."""
+    """A table of each user's own reward before and after, then the cross-user matrix after training (up to
+    `LABELLED_USERS` users)."""
     users = results["users"]
     margins = results.get("personalization_margin_after", {})
     intervals = results.get("personalization_margin_ci95_after", {})
@@ -151,6 +155,9 @@ def format_results(results: Mapping[str, Any]) -> str:
         lines.append(
             f"| {user} | {own['before']:+.4f} | {own['after']:+.4f} | {own['gain']:+.4f} | {margin} | {interval} |"
         )
+    if len(users) > LABELLED_USERS:
+        lines += ["", f"The cross-user matrix of the {len(users)} users is in eval_results.json and eval_matrix.png."]
+        return "\n".join(lines)
     lines += ["", "Cross-user rewards after training (rows: policy for user; columns: reward of user)", ""]
     lines.append("| policy for \\ reward of | " + " | ".join(users) + " |")
     lines.append("|---|" + "---|" * len(users))
@@ -161,7 +168,8 @@ def format_results(results: Mapping[str, Any]) -> str:
 
 
 def plot_matrices(results: Mapping[str, Any], path: str | Path) -> Path:
-    """A heatmap PNG of the cross-user matrix before and after training."""
+    """A heatmap PNG of the cross-user matrix before and after training: every cell's value and every user's name
+    up to `LABELLED_USERS` users; beyond, the heatmaps alone in a figure of bounded size, a few users named."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,20 +180,23 @@ def plot_matrices(results: Mapping[str, Any], path: str | Path) -> Path:
     values = [[[m[a][b] for b in users] for a in users] for _, m in panels]
     low = min(v for grid in values for row in grid for v in row)
     high = max(v for grid in values for row in grid for v in row)
-    size = 1.2 + 0.9 * len(users)
+    labelled = len(users) <= LABELLED_USERS
+    size = 1.2 + 0.9 * min(len(users), LABELLED_USERS)
+    ticks = range(0, len(users), 1 if labelled else -(-len(users) // LABELLED_USERS))
     figure, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size), constrained_layout=True)
     for axis, (title, _), grid in zip(axes, panels, values):
         image = axis.imshow(grid, cmap="viridis", vmin=low, vmax=high)
-        axis.set_title(title)
-        axis.set_xticks(range(len(users)), users, rotation=45, ha="right")
-        axis.set_yticks(range(len(users)), users)
+        axis.set_title(title if labelled else f"{title} ({len(users)} users)")
+        axis.set_xticks(ticks, [users[i] for i in ticks], rotation=45, ha="right")
+        axis.set_yticks(ticks, [users[i] for i in ticks])
         axis.set_xlabel("reward of user")
         axis.set_ylabel("policy for user")
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                axis.text(
-                    j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < (low + high) / 2 else "k"
-                )
+        if labelled:
+            for i, row in enumerate(grid):
+                for j, value in enumerate(row):
+                    axis.text(
+                        j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < (low + high) / 2 else "k"
+                    )
     figure.colorbar(image, ax=list(axes), shrink=0.8, label="mean reward")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
