@@ -227,6 +227,36 @@ def test_reward_function_scores_each_completion_under_its_user(scorer, pets_data
         reward(["p"], ["x"], user_id=["carol"], raw_prompt=[PROMPT])
 
 
+def test_evaluation_scores_each_users_own_completions(scorer, pets_data, monkeypatch):
+    from vpl_trl.inference.generation import GenerationSettings
+    from vpl_trl.policy import PolicyEvaluation, evaluation
+
+    users = ["u0", "u1", "u2"]
+    pairs = {user: [r for r in pets_data["train"] if r["user_id"] == user] for user in USERS}
+    contexts = {u: pairs[USERS[i % 2]][i : i + 4] for i, u in enumerate(users)}
+    user_latents = {u: scorer.user_latent(c, user_id=u) for u, c in contexts.items()}
+
+    def fake_generate(model, tokenizer, prompts, n, settings, latents=None, progress=None):
+        # each answer names the user whose latent it was conditioned on, and its prompt's last letter
+        owners = [next(u for u in users if torch.equal(row, user_latents[u][0])) for row in latents]
+        return [[f"{owner}: {prompt[-1]} #{k}" for k in range(n)] for owner, prompt in zip(owners, prompts)]
+
+    monkeypatch.setattr(evaluation, "generate_candidates", fake_generate)
+    evaluate = PolicyEvaluation(scorer, user_latents, ["Pets? A", "Pets? B"], contexts, PolicyConditioning("latent"),
+                                False, 2, GenerationSettings())
+    rows, records = evaluate(None, None, users, "after")
+    for user in users:
+        mine = [r for r in records if r["policy_for"] == user]
+        assert [(r["prompt"], r["completion"]) for r in mine] == [
+            ("Pets? A", f"{user}: A #0"), ("Pets? A", f"{user}: A #1"),
+            ("Pets? B", f"{user}: B #0"), ("Pets? B", f"{user}: B #1"),
+        ]
+        for scored_by in users:  # each answer's rewards are its own: scored with the others as alone
+            alone = [scorer.score([r["prompt"]], [r["completion"]], user_latents[scored_by])[0] for r in mine]
+            assert [r["rewards"][scored_by] for r in mine] == pytest.approx(alone, abs=1e-5)
+            assert rows[user][scored_by] == pytest.approx(sum(alone) / 4, abs=1e-5)
+
+
 def test_conditioning_preamble_and_dataset():
     context = [{"prompt": PROMPT, "chosen": " Dogs are great.", "rejected": " Cats, I suppose."}] * 3
     preamble = context_preamble(context, max_pairs=2)

@@ -91,11 +91,16 @@ class PolicyEvaluation:
             latents = torch.cat([jobs[key][1].reshape(1, -1).expand(len(jobs[key][0]), -1) for key in keys])
         texts = generate_candidates(model, tokenizer, prompts, self.samples, self.settings, latents=latents,
                                     progress="Evaluation samples") if prompts else []
-        mine, size = {}, len(self.prompts)
+        completions, spans, size = [], {}, len(self.prompts)
         for number, key in enumerate(keys):
+            begin = len(completions)
             answers = texts[number * size : (number + 1) * size]
-            completions = [(raw, text) for raw, candidates in zip(self.prompts, answers) for text in candidates]
-            mine[key] = score_completions(self.scorer, completions, self.latents)
+            completions += [(raw, text) for raw, candidates in zip(self.prompts, answers) for text in candidates]
+            spans[key] = (begin, len(completions))
+        # all of them scored in one call, the reward head batched across users' completions (one call per user's
+        # handful of completions is most of the evaluation's time with many users)
+        every = score_completions(self.scorer, completions, self.latents) if completions else []
+        mine = {key: every[begin:end] for key, (begin, end) in spans.items()}
         scored = {key: records for part in gather_object([mine]) for key, records in part.items()}
         rows: Matrix = {user: mean_rewards(scored[key_of[user]]) for user in users}
         records = [{"stage": stage, "policy_for": user, **record} for user in users for record in scored[key_of[user]]]
