@@ -63,6 +63,7 @@ from transformers import AutoTokenizer, TrainingArguments, set_seed
 from trl import GRPOConfig, ModelConfig, TrlParser, get_peft_config
 
 from ..checkpoints import CheckpointSaveError, OutputDirLock, resolve_resume
+from ..cpu_allocator import keep_large_allocations
 from ..distributed import (
     configure_torch_extensions_dir,
     cpu_launch_defaults,
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     main process; `{}` on the others)."""
     wall_start = time.perf_counter()
     show_info_logs()  # embedding throughput
+    keep_large_allocations()  # on a CPU: a training step's large tensors are not page-faulted in again each step
     script_args, rounds, args, model_args = make_parser().parse_args_and_config(args=argv)
     # One run at a time per output folder: the main process holds its lock until the run ends (or is killed).
     with OutputDirLock(args.output_dir) if args.process_index == 0 else contextlib.nullcontext():

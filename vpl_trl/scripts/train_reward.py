@@ -30,6 +30,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .. import VPLRewardConfig, VPLRewardTrainer
 from ..checkpoints import LOCK_NAME, CheckpointSaveError, OutputDirLock, checkpoint_folders, resolve_resume
+from ..cpu_allocator import keep_large_allocations
 from ..data.registry import load_named_dataset
 from ..distributed import cpu_launch_defaults
 from ..embedded_model import DEFAULT_MODEL, resolve_model_name_or_path
@@ -97,6 +98,7 @@ def make_parser() -> TrlParser:
 def main(argv: list[str] | None = None) -> dict:
     """Parse `argv` (default: the command line), train, save and evaluate; returns what `eval_results.json` holds."""
     show_info_logs()  # embedding throughput
+    keep_large_allocations()  # on a CPU: a training step's large tensors are not page-faulted in again each step
     script_args, args, model_args, selection = make_parser().parse_args_and_config(args=argv)
     # One run at a time per output folder: the main process holds its lock until the run ends (or is killed).
     with OutputDirLock(args.output_dir) if args.process_index == 0 else contextlib.nullcontext():
