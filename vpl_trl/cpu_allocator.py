@@ -2,10 +2,11 @@
 
 glibc's `malloc` maps every allocation above its mmap threshold (at most 32 MiB by default) afresh and unmaps it
 when it is freed, so a training step's large tensors (the logits of a SmolLM2 batch alone take hundreds of MiB)
-are page-faulted in again at every step. On 2 CPU cores a LoRA step of SmolLM2-135M on 16 x 200 tokens took 21.8 s,
-17.7 s of it in the kernel; with the heap kept, 12.3 s (2.9 s). `keep_large_allocations` raises glibc's mmap and
-trim thresholds (`mallopt`, as `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` would at start-up), so freed
-memory stays with the process for the next step. `VPL_TRL_KEEP_HEAP=0` leaves glibc's defaults.
+are page-faulted in again at every step. On 2 CPU cores a LoRA step of SmolLM2-135M on 16 x 200 tokens took
+20.3 s, 14.3 s of it in the kernel; with the heap kept, 11.1 s (0.1 s; `benchmarks/cpu_allocator.py`).
+`keep_large_allocations` raises glibc's mmap and trim thresholds (`mallopt`, as `MALLOC_MMAP_THRESHOLD_` and
+`MALLOC_TRIM_THRESHOLD_` would at start-up), so freed memory stays with the process for the next step.
+`VPL_TRL_KEEP_HEAP=0` leaves glibc's defaults.
 """
 
 from __future__ import annotations
