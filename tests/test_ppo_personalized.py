@@ -342,7 +342,6 @@ def test_margin_interval_brackets_the_margin():
     assert low < 0.0 < high
 
 
-
 @pytest.mark.parametrize("users", [3, 40])
 def test_cross_user_matrix_png_and_table_stay_readable_for_many_users(tmp_path, users):
     from vpl_trl.policy import format_results, plot_matrices, summarize
@@ -357,6 +356,7 @@ def test_cross_user_matrix_png_and_table_stay_readable_for_many_users(tmp_path, 
     assert all(f"| {name} | +" in table for name in names)  # every user's own-reward row
     printed_matrix = "| policy for \\ reward of |" in table
     assert printed_matrix == (users <= 12) and ("eval_results.json and eval_matrix.png" in table) == (users > 12)
+
 
 # ----- the rounds' configs ---------------------------------------------------------------------------------------
 

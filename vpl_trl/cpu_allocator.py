@@ -15,7 +15,7 @@ import ctypes
 import ctypes.util
 import os
 
-import torch
+from .distributed import has_accelerator
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
@@ -23,11 +23,11 @@ _LARGEST = 2**31 - 1  # mallopt takes an int
 
 
 def keep_large_allocations() -> bool:
-    """Keep large allocations in the heap, when training on a CPU with glibc (no CUDA device) and
+    """Keep large allocations in the heap, when training on a CPU with glibc (no GPU) and
     `VPL_TRL_KEEP_HEAP` is not `0`. Returns whether glibc took the settings."""
     if os.environ.get("VPL_TRL_KEEP_HEAP", "").strip().lower() in ("0", "false", "no"):
         return False
-    if torch.cuda.is_available():
+    if has_accelerator():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
