@@ -467,66 +467,6 @@ def test_contrast_pairs_carry_what_sets_a_user_apart(tiny_backbone, scorer, pets
                             offline_contrast_pairs=1, offline_consensus_pairs=2)
 
 
-def test_consensus_pairs_can_follow_the_whole_population(tiny_backbone, scorer, pets_data, tmp_path):
-    """With `consensus_of="all_users"`, the consensus pairs rank a prompt's answers by every user the reward knows,
-    not only the users of that prompt: the population's pair, the same for each of them."""
-    from vpl_trl.text import completion_text
-
-    answers, pool, tokenizer, conditioning, dataset = one_prompt_pool(tiny_backbone, scorer, pets_data, tmp_path)
-    user_of = {tuple(row["user_latent"]): row["user_id"] for row in dataset}
-    table = {"harmless": [5, 4, 3, 2, 1, 0], "helpful": [4, 0, 2, 5, 3, 1],
-             **{f"crowd{i}": [1, 0, 2, 5, 4, 3] for i in range(3)}}  # users who scored no row of this prompt
-
-    class PopulationReward:
-        def __call__(self, prompts, completions, user_id, raw_prompt, **kwargs):
-            return [float(table[user][answers.index(completion_text(c).strip())])
-                    for user, c in zip(user_id, completions)]
-
-        def rewards_of_everyone(self, prompts, completions):
-            return {user: self(prompts, completions, [user] * len(completions), prompts) for user in table}
-
-    def pairs_by_user(reward, consensus_of: str) -> dict[str, list[tuple[int, int]]]:
-        model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA)
-        trainer = offline_dpo_trainer(model, tokenizer, dataset, reward, tmp_path / consensus_of, pool, bon_keep=2,
-                                      consensus_pairs=2, consensus_of=consensus_of)
-        found = {user: [] for user in set(dataset["user_id"])}
-        for example in trainer._round_examples:
-            found[user_of[tuple(example["user_latent"])]].append(
-                tuple(answers.index(completion_text(example[side]).strip()) for side in ("chosen", "rejected")))
-        return {user: sorted(pairs) for user, pairs in found.items()}
-
-    # the prompt's two users add up to 9, 4, 5, 7, 4, 1 over answers 0 to 5: 0 against 5 first
-    assert pairs_by_user(PopulationReward(), "prompt_users")["harmless"][0] == (0, 5)
-    # with the crowd, 12, 4, 11, 22, 16, 10: 3 against 1, then 4 against 5, for both users
-    assert pairs_by_user(PopulationReward(), "all_users") == {"harmless": [(3, 1), (4, 5)],
-                                                             "helpful": [(3, 1), (4, 5)]}
-    with pytest.raises(ValueError, match="rewards_of_everyone"):
-        pairs_by_user(PopulationReward().__call__, "all_users")
-    with pytest.raises(ValueError, match="consensus_of must be 'prompt_users' or 'all_users', got 'everyone'"):
-        offline_dpo_trainer(None, tokenizer, dataset, PopulationReward(), tmp_path / "bad", pool,
-                            consensus_of="everyone")
-
-
-def test_personalized_reward_scores_everyone_as_each_user(scorer, monkeypatch):
-    """`rewards_of_everyone` scores the completions under every user's latent as the reward does user by user, with
-    the reward head run on many users' rows at once or, past `HEAD_ROWS`, a few users at a time."""
-    from vpl_trl.inference import scoring
-    from vpl_trl.policy import PersonalizedRewardFunction
-
-    shifts = {f"user{i}": float(i) - 2.5 for i in range(6)}
-    latents = {user: scorer.model.prior_latent(1) + shift for user, shift in shifts.items()}
-    reward = PersonalizedRewardFunction(scorer, latents)
-    prompts, completions = [PROMPT, PROMPT], ["Dogs are loyal friends.", "Cats nap all day."]
-    alone = {user: reward(prompts, completions, [user, user], prompts) for user in shifts}
-    assert len({tuple(rewards) for rewards in alone.values()}) == len(shifts)  # the users' rewards differ
-    for rows in (scoring.HEAD_ROWS, 5):  # every user in one pass; two users a pass
-        monkeypatch.setattr(scoring, "HEAD_ROWS", rows)
-        everyone = reward.rewards_of_everyone(prompts, completions)
-        assert list(everyone) == list(shifts)
-        for user in shifts:
-            assert everyone[user] == pytest.approx(alone[user], abs=1e-5)
-
-
 def test_online_rounds_can_share_candidates_across_users(tiny_backbone, scorer, pets_data, tmp_path, monkeypatch):
     """With `share_online_candidates`, each user of a prompt also ranks the online round's samples of the prompt's
     other users, so that the round's contrast pairs carry what sets a user apart, an answer written for another

@@ -407,10 +407,10 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
     (dpo,) = TrlParser((RewardRankedDPOConfig,)).parse_args_and_config(
         ["--config", str(config), "--output-dir", str(tmp_path), "--bon-keep", "3", "--offline_pool", str(pool),
          "--generation-batch-size", "4", "--contrast-pairs", "1", "--consensus_pairs", "2",
-         "--offline-contrast-pairs", "0", "--offline_consensus_pairs", "3", "--consensus-of", "all_users"]
+         "--offline-contrast-pairs", "0", "--offline_consensus_pairs", "3"]
     )
     assert (dpo.bon_n, dpo.bon_keep, dpo.bon_epochs_per_round, dpo.beta, dpo.contrast_pairs) == (8, 3, 2, 0.2, 1)
-    assert (dpo.consensus_pairs, dpo.consensus_of) == (2, "all_users")
+    assert dpo.consensus_pairs == 2
     assert (dpo.pair_mix(offline=True), dpo.pair_mix(offline=False)) == ((0, 3), (1, 2))  # the offline round's own
     assert dpo.offline_pool == str(pool) and dpo.generation.batch_size == 4
 

@@ -248,10 +248,8 @@ class RewardInference:
             return self.model.user_latent(pairs[0], pairs[1])[0]
 
     @torch.no_grad()
-    def rewards(self, embeddings: torch.Tensor, latent: torch.Tensor | None = None, batch_size: int | None = None
-                ) -> list[float]:
-        """The reward head on embeddings (N, d) under `latent` ((1, d) or (N, d); default: the prior mean user),
-        `batch_size` rows at a time (default: the scorer's)."""
+    def rewards(self, embeddings: torch.Tensor, latent: torch.Tensor | None = None) -> list[float]:
+        """The reward head on embeddings (N, d) under `latent` ((1, d) or (N, d); default: the prior mean user)."""
         if self.uses_latent:
             latent = self.model.prior_latent(1) if latent is None else latent.to(self.device)
             if latent.shape[0] not in (1, len(embeddings)):
@@ -260,9 +258,8 @@ class RewardInference:
                 )
         rewards: list[float] = []
         with _eval_mode(self.model):
-            step = batch_size or self.batch_size
-            for begin in range(0, len(embeddings), step):
-                rows = slice(begin, begin + step)
+            for begin in range(0, len(embeddings), self.batch_size):
+                rows = slice(begin, begin + self.batch_size)
                 batch_latent = None
                 if self.uses_latent:
                     batch_latent = latent if latent.shape[0] == 1 else latent[rows]

@@ -63,9 +63,6 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-HEAD_ROWS = 8192  # rows per pass of the reward head alone (embeddings and latents): a few tens of MB
-
-
 class PersonalizedRewardScorer(RewardInference):
     """Scores (prompt, completion) pairs with a saved VPL reward model under users' latents, batched: the model's
     `RewardInference` for users and policies.
@@ -126,21 +123,9 @@ class PersonalizedRewardScorer(RewardInference):
     def score_users(
         self, prompts: Sequence[Any], completions: Sequence[Any], latents: Mapping[str, torch.Tensor]
     ) -> dict[str, list[float]]:
-        """The same completions scored under each user's latent: each text embedded once, and the reward head run
-        on many users' rows at once (up to `HEAD_ROWS` rows a pass)."""
+        """The same completions scored under each user's latent (each text embedded once)."""
         embeddings = self.embed_completions(prompts, completions)
-        users, n = list(latents), len(embeddings)
-        if not self.uses_latent:  # a user-blind reward: every user's rewards are the same
-            rewards = self.rewards(embeddings) if users else []
-            return {user: list(rewards) for user in users}
-        scores: dict[str, list[float]] = {}
-        per_pass = max(1, HEAD_ROWS // max(n, 1))
-        for begin in range(0, len(users), per_pass):
-            group = users[begin : begin + per_pass]
-            stacked = torch.cat([latents[user].to(self.device).expand(n, -1) for user in group])
-            flat = self.rewards(embeddings.repeat(len(group), 1), stacked, batch_size=HEAD_ROWS)
-            scores.update({user: flat[i * n : (i + 1) * n] for i, user in enumerate(group)})
-        return scores
+        return {user: self.rewards(embeddings, latent) for user, latent in latents.items()}
 
     def embed_completions(self, prompts: Sequence[Any], completions: Sequence[Any]) -> torch.Tensor:
         """Embeddings (N, d) of the scored texts, rendered as in training."""

@@ -19,8 +19,7 @@ generates nothing: each (user, prompt) row's candidates are the pool's answers t
 reward like any round's; the online rounds follow. Where several users rank the same candidates (the pool, a
 shared first round, online rounds with `share_online_candidates`), each user's ranking is also compared with the
 other users' of the prompt (`shared_rankings`), for the trainers that pair what sets a user apart
-(`contrast_pairs`) or what the prompt's users prefer together (`consensus_pairs`; with `consensus_of="all_users"`,
-what every user the reward knows prefers).
+(`contrast_pairs`) or what the prompt's users prefer together (`consensus_pairs`).
 
 The rounds' settings are fields of the trainers' configs (`BestOfNRoundsConfig`: `RewardRankedDPOConfig`,
 `BestOfNDistillationConfig`); `BestOfNRoundsArguments`, the part of them that the policy recipe exposes as flags,
@@ -88,18 +87,10 @@ class BestOfNRoundsArguments:
     consensus_pairs: int = field(
         default=0, metadata={"help": "dpo: of the best-against-worst pairs (those that are not contrast pairs), how "
                                      "many rank the candidates by the mean standardized reward of the prompt's "
-                                     "users (or every user's, `consensus_of`), not by the user's own, in a round "
-                                     "whose candidates several users score: what the users prefer together, the "
-                                     "same pair for each of them (under their own conditioning), rather than each "
-                                     "user's estimate of it."}
-    )
-    consensus_of: str = field(
-        default="prompt_users", metadata={"help": "dpo: whose rewards the consensus pairs average: the users of "
-                                                  "the prompt in the round (`prompt_users`), or every user the "
-                                                  "reward function knows (`all_users`: the population's "
-                                                  "consensus, each candidate scored under every training user's "
-                                                  "latent, its text embedded once).",
-                                          "choices": ["prompt_users", "all_users"]}
+                                     "users, not by the user's own, in a round whose candidates several users "
+                                     "score: what the users of a prompt prefer together, the same pair for each "
+                                     "of them (under their own conditioning), rather than each user's estimate "
+                                     "of it."}
     )
     offline_contrast_pairs: int | None = field(
         default=None, metadata={"help": "dpo: `contrast_pairs` in the offline round (`offline_pool`) alone; default: "
@@ -172,8 +163,6 @@ class BestOfNRoundsArguments:
             if not 0 <= consensus <= rounds.bon_keep - contrast:
                 raise ValueError(f"{prefix}consensus_pairs must be between 0 and bon_keep - {prefix}contrast_pairs="
                                  f"{rounds.bon_keep - contrast}, got {consensus}.")
-        if rounds.consensus_of not in ("prompt_users", "all_users"):
-            raise ValueError(f"consensus_of must be 'prompt_users' or 'all_users', got {rounds.consensus_of!r}.")
         if rounds.max_rounds is not None and rounds.max_rounds < 1:
             raise ValueError(f"max_rounds must be at least 1, got {rounds.max_rounds}.")
         if rounds.offline_pool and not Path(rounds.offline_pool).is_file():
@@ -428,8 +417,6 @@ class BestOfNRounds:
             begin += len(texts)
         compare = sum(self.args.pair_mix(offline)) > 0 and (offline or shared or across)
         rankings = shared_rankings(ranked_rows) if compare else {}
-        if rankings and self.args.consensus_of == "all_users":
-            _set_population_consensus(rankings, ranked_rows, self.reward_function)
         selected, stats, scored, keep = [], [], [], self.args.bon_keep
         for (row, ranked), texts in zip(ranked_rows, own):
             examples = self._select(row, ranked, rankings.get(_group(row)))
@@ -571,28 +558,6 @@ def shared_rankings(ranked_rows: Sequence[tuple[dict[str, Any], Ranked]]) -> dic
                     ranking.others_minus_own[text] = sum(theirs) / len(theirs) - value
                 ranking.consensus[text] = (sum(theirs) + value) / (len(theirs) + 1)
     return result
-
-
-def _set_population_consensus(rankings: dict[Group, SharedRanking],
-                              ranked_rows: Sequence[tuple[dict[str, Any], Ranked]], reward_function: Any) -> None:
-    """Each ranking's `consensus` of this process's prompts as every known user's mean standardized reward of the
-    prompt's candidates (`consensus_of: all_users`), not only the round's users of the prompt."""
-    score_everyone = getattr(reward_function, "rewards_of_everyone", None)
-    if score_everyone is None:
-        raise ValueError("consensus_of='all_users' needs a reward function that scores every user it knows "
-                         "(`rewards_of_everyone`, as vpl_trl's PersonalizedRewardFunction).")
-    candidates: dict[str, tuple[Any, dict[str, None]]] = {}
-    for row, ranked in ranked_rows:
-        texts = candidates.setdefault(_key(row), (row["raw_prompt"], {}))[1]
-        texts.update(dict.fromkeys(text for _, text in ranked))
-    for key, (prompt, texts) in candidates.items():
-        texts = list(texts)
-        scores = torch.tensor(list(score_everyone([prompt] * len(texts), texts).values()), dtype=torch.float64)
-        spread = scores.std(dim=1, keepdim=True).clamp_min(1e-12)
-        consensus = ((scores - scores.mean(dim=1, keepdim=True)) / spread).mean(dim=0).tolist()
-        for (_, prompt_key), ranking in rankings.items():
-            if prompt_key == key:
-                ranking.consensus = dict(zip(texts, consensus))
 
 
 def _with_other_users_candidates(rows: Sequence[dict[str, Any]], candidates: Sequence[list[str]]) -> list[list[str]]:

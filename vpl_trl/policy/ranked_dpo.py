@@ -11,8 +11,8 @@ instead of sampled: DPO on them needs no generation. Where several users rank th
 shared first round), `contrast_pairs` of each user's pairs set what they prefer more than the other users do
 against what the others prefer more than they do: best-against-worst pairs mostly teach what every user prefers,
 which a user-blind policy learns as well. `consensus_pairs` of them rank the candidates by the prompt's users
-together (`consensus_of="all_users"`: by every user the reward knows): what they all prefer, learnt from the same
-pair for each of them, as a user-blind policy learns it, not from each user's noisier estimate.
+together: what they all prefer, learnt from the same pair for each of them, as a user-blind policy learns it, not
+from each user's noisier estimate.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class RewardRankedDPOTrainer(FaultTolerantCheckpoints, BestOfNRounds, Conditione
                 ) -> list[tuple[float, dict[str, Any]]]:
         """`bon_keep` pairs (as many as the row's candidates allow), scored by their reward gap under this user: the
         i-th best candidate against the i-th worst. With `shared` (shared candidates), the first `consensus_pairs`
-        of them rank the candidates by the users' consensus instead (ties: by this user's reward), and the
+        of them rank the candidates by the prompt's users' consensus instead (ties: by this user's reward), and the
         last `contrast_pairs` are contrast pairs: the i-th of the upper half that this user prefers most relative to
         the other users against the i-th of the lower half that the others prefer most relative to this user
         (ties: the higher, and the lower, reward)."""

@@ -48,11 +48,6 @@ class PersonalizedRewardFunction:
                 log_metric(f"reward/{user}", sum(values) / len(values))
         return rewards
 
-    def rewards_of_everyone(self, prompts: Sequence[Any], completions: Sequence[Any]) -> dict[str, list[float]]:
-        """The completions scored under every user's latent that this reward knows (each text embedded once)."""
-        texts = [completion_text(c).strip() for c in completions]
-        return self.scorer.score_users(list(prompts), texts, self.latents)
-
 
 def _by_user(users: Sequence[str], rewards: Sequence[float]) -> dict[str, list[float]]:
     grouped: dict[str, list[float]] = defaultdict(list)
