@@ -49,16 +49,21 @@ def add_logits_lm_head(model: PreTrainedModel, temperature: float = 1.0) -> bool
         else:
             labels = shift_labels
         mask = labels != -100
-        logits = self.get_output_embeddings()(hidden).float() / temperature
+        # the head only where a label is scored (the completions): a prompt's and padding's logits are not needed
+        logits = self.get_output_embeddings()(hidden[mask]).float() / temperature
         log_norm = logits.logsumexp(dim=-1)
-        target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        log_probs = (target - log_norm).masked_fill(~mask, 0)
+        target = logits.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:  # (labelled tokens,) -> (batch, length), 0 elsewhere
+            return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+        log_probs = per_token(target - log_norm)
         with torch.no_grad():  # TRL's metrics (DPO's entropy and logits means, the labels' top-1 rate)
             probs = torch.softmax(logits, dim=-1)
-            entropy = (log_norm - (probs * logits).sum(dim=-1)).masked_fill(~mask, 0)
-            log_sum_sq_probs = probs.square().sum(dim=-1).log().masked_fill(~mask, 0)
-            mean_logits = logits.mean(dim=-1).masked_fill(~mask, 0)
-            is_top1 = (target >= logits.max(dim=-1).values) & mask
+            entropy = per_token(log_norm - (probs * logits).sum(dim=-1))
+            log_sum_sq_probs = per_token(probs.square().sum(dim=-1).log())
+            mean_logits = per_token(logits.mean(dim=-1))
+            is_top1 = per_token(target >= logits.max(dim=-1).values)
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
                                    mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
