@@ -89,7 +89,7 @@ TRAINED = {
     # shared candidates would give every user of a prompt the same pairs; its own 4 samples give two pairs (its
     # consensus pairs are its best against worst: every user ranks alike)
     "bt_blind": ("bt", ["--mode", "shared", "--contrast_pairs", "0", "--offline_contrast_pairs", "0",
-                        "--share_online_candidates", "false", "--bon_keep", "2"]),
+                        "--share_online_candidates", "false", "--bon_n", "4", "--bon_keep", "2"]),
 }
 COLORS = {"untrained": "0.6", "best_of_16": "tab:purple", "best_of_16_bt": "tab:pink", "bt_blind": "tab:orange",
           "text": "tab:blue", "conditioned": "tab:green"}

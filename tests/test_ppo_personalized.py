@@ -423,11 +423,11 @@ def test_round_configs_parse_from_yaml_and_flags_in_both_spellings(tmp_path):
              "--offline-pool", str(pool), "--dpo-beta", "0.3", "--report_to", "none"]
         )
         # YAML, then the flag
-        assert (rounds.bon_n, rounds.bon_keep, rounds.contrast_pairs, rounds.bon_epochs_per_round) == (6, 3, 2, 1)
+        assert (rounds.bon_n, rounds.bon_keep, rounds.contrast_pairs, rounds.bon_epochs_per_round) == (6, 2, 1, 1)
         dpo = ppo_personalized.signal_args("dpo", args, script_args, rounds)
-        assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (6, 3, 0.3)
-        assert (dpo.contrast_pairs, dpo.consensus_pairs, dpo.latent_prompt_lr_ratio) == (2, 1, 10.0)
-        assert dpo.pair_mix(offline=True) == (1, 2)  # the pool's round weighs the consensus more
+        assert isinstance(dpo, RewardRankedDPOConfig) and (dpo.bon_n, dpo.bon_keep, dpo.beta) == (6, 2, 0.3)
+        assert (dpo.contrast_pairs, dpo.consensus_pairs, dpo.latent_prompt_lr_ratio) == (1, 1, 10.0)
+        assert dpo.pair_mix(offline=True) == (0, 2)  # the pool's round: the consensus only
         assert dpo.share_online_candidates and script_args.rows_per_user == 1
         assert dpo.learning_rate == script_args.dpo_learning_rate and dpo.loss_type == ["sigmoid", "sft"]
         assert dpo.max_completion_length == args.max_completion_length == 48 and dpo.offline_pool == str(pool)
