@@ -247,8 +247,8 @@ def _chosen_and_rejected(latents: torch.Tensor | None) -> torch.Tensor | None:
 class ConditionedDPOTrainer(LatentColumn, LatentPromptCheckpoints, LatentPromptLearningRate, DPOTrainer):
     """`trl.DPOTrainer` for a latent-conditioned policy: each pair's `user_latent` conditions the policy's (and the
     reference's) forward of both its completions. The soft-prompt module is saved with the adapter. On a CPU (not
-    under ZeRO-3, whose sharded head TRL's gathers), the log-probabilities come from the full logits
-    (`vpl_trl.policy.lm_head`): the same numbers as TRL's chunked head, several times faster there."""
+    under ZeRO-3, whose sharded head TRL's gathers), the log-probabilities come from the completions' logits
+    (`vpl_trl.policy.lm_head`): the same numbers as TRL's chunked head, faster there."""
 
     def _use_logits_head(self) -> None:
         if not is_deepspeed_zero3_enabled():
