@@ -11,7 +11,8 @@ It builds the population data set (its defaults, with `--new_users` new users), 
 of `--policies` with `recipes/ppo_personalized.py` and `recipes/configs/ppo_population.yaml` (reward-ranked DPO: an
 offline first round that ranks the shipped answer pool under each training user's reward, with no generation, then
 online rounds), for the same wall-time budget on the same training users and training prompts (the pool's); a
-round starts only if it fits whole in the budget:
+round starts only if it fits whole in the budget. The recipe's own evaluation of the training users is skipped
+(`--eval_samples 0`): this benchmark evaluates every policy on the new users itself.
 
 - `conditioned`: one latent-conditioned policy (`z` as a soft prompt) against the VPL reward;
 - `text`: one text-conditioned policy (two of the user's pairs in its prompt) against the VPL reward;
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     users = sorted(random.Random(f"policy-users-{args.seed}").sample(users, args.train_users))
     common = ["--user_contexts", str(data), "--users", *users, "--prompts", str(train_prompts), "--eval_prompts",
               str(test_prompts), "--max_train_seconds", str(args.budget_seconds), "--seed", str(args.seed),
-              "--score_final_round", str(args.score_final_round),
+              "--score_final_round", str(args.score_final_round), "--eval_samples", "0",
               *(["--use_cpu", "true", "--bf16", "true"] if train_in_bf16_on_cpu() else []), *extra]
     runs = {}
     for name in args.policies:

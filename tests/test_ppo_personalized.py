@@ -158,6 +158,26 @@ def test_recipe_runs_follow_their_seed_not_the_process_rng(tiny_reward_model, ti
 
 
 @pytest.mark.slow
+def test_recipe_without_evaluation_trains_and_records_its_runs(tiny_reward_model, tiny_backbone, small_pets,
+                                                               tmp_path, monkeypatch):
+    """`--eval_samples 0`: no policy answers the held-out prompts; the policy and its training runs are written."""
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated with --eval_samples 0")
+
+    monkeypatch.setattr(ppo_personalized.PolicyEvaluation, "__call__", no_evaluation)
+    output_dir = tmp_path / "no-eval"
+    ppo_personalized.main(recipe_args(tiny_reward_model, tiny_backbone, small_pets, output_dir, "--mode", "conditioned",
+                                      "--signal", "dpo", "--bon_n", "2", "--bon_keep", "1", "--max_steps", "1",
+                                      "--eval_samples", "0"))
+    check_adapter(output_dir)
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["users"] == list(USERS) and results["runs"]["all"]["steps"] == 1
+    assert "matrix_after" not in results and results["eval_prompts"] == 0
+    assert not (output_dir / "eval_matrix.png").exists() and not (output_dir / "eval_completions.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_recipe_per_user_mode_from_yaml_config(tiny_reward_model, tiny_backbone, small_pets, tmp_path):
     output_dir = tmp_path / "per-user"
     config = tmp_path / "recipe.yaml"

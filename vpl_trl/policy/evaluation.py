@@ -213,12 +213,14 @@ def plot_matrices(results: Mapping[str, Any], path: str | Path) -> Path:
 def write_results(
     results: Mapping[str, Any], output_dir: str | Path, completions: Sequence[Mapping[str, Any]] = ()
 ) -> dict[str, Path]:
-    """`eval_results.json`, `eval_matrix.png` and `eval_completions.jsonl` (every scored completion) in
-    `output_dir`."""
+    """`eval_results.json` in `output_dir`, and when `results` hold an evaluation (its cross-user matrices),
+    `eval_matrix.png` and `eval_completions.jsonl` (every scored completion)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / "eval_results.json"
     json_path.write_text(json.dumps(results, indent=2, default=str))
+    if "matrix_after" not in results:
+        return {"json": json_path}
     completions_path = output_dir / "eval_completions.jsonl"
     with open(completions_path, "w", encoding="utf-8") as handle:
         for record in completions:

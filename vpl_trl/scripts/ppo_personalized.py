@@ -43,7 +43,9 @@ policy sees pairs drawn from the user's test split, which no training prompt sho
 and every user's reward scores the answers: `output_dir/eval_results.json` (with each user's margin over the
 other users' policies and its 95% bootstrap interval, and the seconds spent in generation, scoring and updates),
 a printed table, `output_dir/eval_matrix.png` and every scored completion in `output_dir/eval_completions.jsonl`.
-Under DeepSpeed (ZeRO-2 or ZeRO-3) every process takes part in generation and evaluation.
+Under DeepSpeed (ZeRO-2 or ZeRO-3) every process takes part in generation and evaluation. `--eval_samples 0`
+skips the evaluation (a benchmark that evaluates the saved policy itself): `eval_results.json` then holds the
+training runs only.
 """
 
 from __future__ import annotations
@@ -157,7 +159,10 @@ class ScriptArguments:
     max_train_seconds: float | None = field(
         default=None, metadata={"help": "Training wall-time budget of the mode (per_user: split among users)."}
     )
-    eval_samples: int = field(default=4, metadata={"help": "Completions per held-out prompt and user."})
+    eval_samples: int = field(
+        default=4, metadata={"help": "Completions per held-out prompt and user; 0: no evaluation before or after "
+                                     "training (eval_results.json then holds the training runs only)."}
+    )
     max_eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts evaluated."})
     eval_batch_size: int = field(default=16, metadata={"help": "Sequences per batch in generation (evaluation "
                                                                "and bon_sft candidates)."})
@@ -278,8 +283,11 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
         return build_policy(base_model, tokenizer, conditioning, latent_dim, lora, script_args.init_adapter)
 
     policy = new_policy()
-    with full_weights_for_generation(policy):  # untrained: the base model, or the adapter it starts from
-        before, completions = evaluate(policy, tokenizer, users, "before")
+    evaluating = script_args.eval_samples > 0
+    before, completions = {}, []
+    if evaluating:
+        with full_weights_for_generation(policy):  # untrained: the base model, or the adapter it starts from
+            before, completions = evaluate(policy, tokenizer, users, "before")
 
     after, runs = {}, {}
     training = [("all", users, args)] if mode != "per_user" else [
@@ -301,30 +309,35 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
         if args.process_index == 0 and mode != "per_user":
             write_policy_config(run_args.output_dir, conditioning, latent_dim, script_args.reward_model, base_model,
                                 signal=signal)
-        with full_weights_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-            row, records = evaluate(model, tokenizer, run_users, "after")
-        after.update(row)
-        completions += records
+        if evaluating:
+            with full_weights_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+                row, records = evaluate(model, tokenizer, run_users, "after")
+            after.update(row)
+            completions += records
         policy = None
         del trainer
 
     if args.process_index != 0:
         return {}
-    results = summarize(
-        before, after, completions, mode=mode, signal=signal, conditioning=conditioning.to_dict(),
-        policy=base_model, reward_model=script_args.reward_model, eval_prompts=len(eval_prompts),
+    record = dict(
+        mode=mode, signal=signal, conditioning=conditioning.to_dict(), policy=base_model,
+        reward_model=script_args.reward_model, eval_prompts=len(eval_prompts) if evaluating else 0,
         eval_samples_per_prompt=script_args.eval_samples, eval_prompts_held_out=held_out, runs=runs,
         train_seconds=sum(run["train_seconds"] for run in runs.values()),
         wall_seconds=time.perf_counter() - wall_start,
         **({"eval_contexts_held_out": bool(eval_contexts)} if conditioned else {}),
     )
+    results = summarize(before, after, completions, **record) if evaluating else {**record, "users": users}
     paths = write_results(results, output_dir, completions)
     (output_dir / "users.json").write_text(json.dumps(
         {"mode": mode, "conditioning": conditioning.to_dict(), "contexts": contexts, "eval_contexts": eval_contexts},
         indent=2,
     ))
-    print(format_results(results))
-    print(f"Wrote {paths['json']}, {paths['png']} and {paths['completions']}")
+    if evaluating:
+        print(format_results(results))
+        print(f"Wrote {paths['json']}, {paths['png']} and {paths['completions']}")
+    else:
+        print(f"Wrote {paths['json']} (the training runs; --eval_samples 0: no evaluation)")
     return results
 
 
