@@ -472,6 +472,12 @@ def test_recipe_refuses_bad_round_settings_before_loading_models(tmp_path):
                                "--bon_n", "4", "--bon_keep", "3", "--report_to", "none"])
 
 
+def test_recipe_refuses_negative_eval_samples_before_loading_models(tmp_path):
+    with pytest.raises(SystemExit, match="--eval_samples -1: expected 0"):
+        ppo_personalized.main(["--reward_model", str(tmp_path / "not-loaded"), "--output_dir", str(tmp_path / "out"),
+                               "--eval_samples", "-1", "--report_to", "none"])
+
+
 def test_recipe_refuses_a_missing_init_adapter_before_loading_models(tmp_path):
     with pytest.raises(SystemExit, match="--init_adapter .*missing: no adapter_config.json there"):
         ppo_personalized.main(["--reward_model", str(tmp_path / "not-loaded"), "--output_dir", str(tmp_path / "out"),

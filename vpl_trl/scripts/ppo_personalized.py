@@ -233,6 +233,9 @@ def train_and_evaluate(script_args: ScriptArguments, rounds: BestOfNRoundsArgume
     elif resume and str(resume).lower() not in ("true", "last"):
         raise SystemExit("error: --mode per_user resumes each user's run from the newest checkpoint in its own folder: "
                          "pass --resume_from_checkpoint true.")
+    if script_args.eval_samples < 0:
+        raise SystemExit(f"error: --eval_samples {script_args.eval_samples}: expected 0 (no evaluation) or more "
+                         "completions per held-out prompt and user.")
     signal = script_args.signal or DEFAULT_SIGNAL[mode]
     if signal in ROUND_CONFIGS:  # the rounds' flags, checked before any model loads
         try:
