@@ -4,7 +4,7 @@ population's ground truth (`vpl_trl.data.population`), not the VPL reward that t
     python benchmarks/policy_population.py --output_dir DIR [--budget_seconds 840]
         [--train_users 192] [--train_prompts 32] [--new_users 128] [--test_prompts 16]
         [--policies conditioned bt_blind [text]] [--results benchmarks/results/policy_population.md] [--reuse]
-        [--score_final_round] [--generation_timings] [-- RECIPE FLAGS]
+        [--score_final_round] [--generation_timings] [--latent_guidance_scale 2] [-- RECIPE FLAGS]
 
 It builds the population data set (its defaults, with `--new_users` new users), trains the VPL reward model
 (`recipes/configs/population.yaml`) and a Bradley-Terry reward model with the same settings, then each policy
@@ -14,7 +14,9 @@ online rounds), for the same wall-time budget on the same training users and tra
 round starts only if it fits whole in the budget. The recipe's own evaluation of the training users is skipped
 (`--eval_samples 0`): this benchmark evaluates every policy on the new users itself.
 
-- `conditioned`: one latent-conditioned policy (`z` as a soft prompt) against the VPL reward;
+- `conditioned`: one latent-conditioned policy (`z` as a soft prompt) against the VPL reward; it answers the new
+  users guided by their latent (`--latent_guidance_scale`, default 2: each token pushed away from what the policy
+  writes for the null latent, `vpl_trl.inference.latent_guidance`);
 - `text`: one text-conditioned policy (two of the user's pairs in its prompt) against the VPL reward;
 - `bt_blind`: one user-blind policy (`--mode shared`) against the Bradley-Terry reward, the standard RLHF policy.
 
@@ -37,7 +39,8 @@ Writes `DIR/summary.json` (`{"new_users_heldout_prompts": {"users", "prompts", "
 "gains": {POLICY: {BASELINE: ...}}},
 "personalization": {POLICY: ...}, "hacking": {POLICY: {"reward": [...], "utility": [...]}}, "training": {...},
 "generation": {...}, "seconds"}`),
-the results file and its PNGs. `--reuse` keeps the trained models and the scored answers found in DIR.
+the results file and its PNGs. `--reuse` keeps the trained models and the scored answers found in DIR (the
+latent-conditioned policy answers again when they were written under another `--latent_guidance_scale`).
 """
 
 from __future__ import annotations
@@ -199,15 +202,21 @@ def answer_new_users(folder: Path, prompts: list[str], scorer: PersonalizedRewar
     del base
 
     for name in policies:
-        policy, tokenizer, conditioning, _ = load_conditioned_policy(folder / name, device="cpu")
-        # a user-blind policy (which ignores the context) also samples anew for each user: as many draws as a
-        # conditioned policy, so that its mean is not a handful of answers shared by every user
-        rows = [conditioning.prompt(p, contexts[u], True) for u in users for p in prompts]
-        row_latents = torch.cat([latents[u] for u in users for _ in prompts]) if conditioning.uses_latent else None
-        texts = generate_candidates(policy, tokenizer, rows, samples, settings, latents=row_latents, progress=name)
-        answers[name] = per_user(texts, users, prompts)
-        del policy
+        answers[name] = policy_answers(folder / name, prompts, contexts, latents, samples, settings, name)
     return answers
+
+
+def policy_answers(folder: Path, prompts: list[str], contexts: dict[str, list], latents: dict[str, torch.Tensor],
+                   samples: int, settings: GenerationSettings, name: str) -> dict[str, list[tuple[str, str]]]:
+    """A trained policy's answers to every new user and prompt, in one batched generation call. A user-blind
+    policy (which ignores the context) also samples anew for each user: as many draws as a conditioned policy, so
+    that its mean is not a handful of answers shared by every user."""
+    users = list(contexts)
+    policy, tokenizer, conditioning, _ = load_conditioned_policy(folder, device="cpu")
+    rows = [conditioning.prompt(p, contexts[u], True) for u in users for p in prompts]
+    row_latents = torch.cat([latents[u] for u in users for _ in prompts]) if conditioning.uses_latent else None
+    texts = generate_candidates(policy, tokenizer, rows, samples, settings, latents=row_latents, progress=name)
+    return per_user(texts, users, prompts)
 
 
 def score_answers(answers: dict, population: Population, scorer: PersonalizedRewardScorer,
@@ -383,7 +392,9 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
         "`recipes/configs/ppo_population.yaml` (reward-ranked DPO, the first round ranked from the "
         f"shipped answer pool) for at most {summary['budget_seconds'] / 60:.0f} min of training each (a round "
         "starts only if it fits whole), on the same "
-        f"{summary['train_users']} training users and {summary['train_prompts']} training prompts. Machine: "
+        f"{summary['train_users']} training users and {summary['train_prompts']} training prompts; the "
+        f"latent-conditioned policy answers with latent guidance scale {summary.get('latent_guidance_scale', 1):g}"
+        f"{' (none)' if summary.get('latent_guidance_scale', 1) == 1 else ''}. Machine: "
         f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU; {time.strftime('%Y-%m-%d')}; "
         f"{summary['seconds'] / 60:.0f} min{' (trained models reused)' if summary['reused'] else ' in all'}.",
         *(["", note] if note else []), "",
@@ -458,6 +469,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "answers each.")
     parser.add_argument("--best_of", "--best-of", type=int, default=16,
                         help="Untrained answers per held-out prompt that each new user's VPL reward picks from.")
+    parser.add_argument("--latent_guidance_scale", "--latent-guidance-scale", type=float, default=2.0,
+                        help="The latent-conditioned policy's guidance by each new user's latent when it answers "
+                             "them (vpl_trl.inference.latent_guidance; 1: none).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="benchmarks/results/policy_population.md")
     parser.add_argument("--reuse", action="store_true", help="Reuse trained models and scored answers in OUTPUT_DIR.")
@@ -489,20 +503,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     recipe = yaml.safe_load(POLICY_CONFIG.read_text())  # the policies' sampling settings in training
     settings = GenerationSettings(max_new_tokens=recipe["max_completion_length"], temperature=recipe["temperature"],
-                                  batch_size=recipe["eval_batch_size"], seed=args.seed)
+                                  batch_size=recipe["eval_batch_size"], seed=args.seed,
+                                  latent_guidance_scale=args.latent_guidance_scale)
     population = Population.load(data)
     prompts = [json.loads(line)["prompt"] for line in test_prompts.read_text().splitlines()]
     contexts = new_user_contexts(data, args.new_users, 16, args.seed)
-    answers_file = folder / "new_users_answers.json"
+    answers_file, guidance_file = folder / "new_users_answers.json", folder / "new_users_guidance.json"
+    scorer = PersonalizedRewardScorer.from_pretrained(rewards["vpl"], device="cpu")
     if args.reuse and answers_file.exists():
         scored = json.loads(answers_file.read_text())
+        # answers written under another guidance scale: the latent-conditioned policy answers again
+        used = json.loads(guidance_file.read_text())["latent_guidance_scale"] if guidance_file.exists() else 1.0
+        if used != args.latent_guidance_scale and "conditioned" in args.policies:
+            latents = {user: scorer.user_latent(context, user_id=user) for user, context in contexts.items()}
+            answers = {"conditioned": policy_answers(folder / "conditioned", prompts, contexts, latents, args.samples,
+                                                     settings, "conditioned")}
+            scored.update(score_answers(answers, population, scorer, contexts))
     else:
-        scorer = PersonalizedRewardScorer.from_pretrained(rewards["vpl"], device="cpu")
         pooled = PersonalizedRewardScorer.from_pretrained(rewards["bt"], device="cpu") if "bt" in rewards else None
         answers = answer_new_users(folder, prompts, scorer, contexts, args.policies, args.samples, args.best_of,
                                    settings, pooled)
         scored = score_answers(answers, population, scorer, contexts)
-        answers_file.write_text(json.dumps(scored, indent=1))
+    answers_file.write_text(json.dumps(scored, indent=1))
+    guidance_file.write_text(json.dumps({"latent_guidance_scale": args.latent_guidance_scale}))
     summary: dict[str, Any] = {
         "new_users_heldout_prompts": new_user_summary(scored, len(contexts), len(prompts), args.samples,
                                                       args.best_of),
@@ -512,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "population_new_users": population.settings["new_users"],
         "train_users": args.train_users, "train_prompts": args.train_prompts,
         "budget_seconds": args.budget_seconds, "reused": args.reuse,
+        "latent_guidance_scale": args.latent_guidance_scale,
     }
     for name, results in runs.items():
         run = results["runs"]["all"]

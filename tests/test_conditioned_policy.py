@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LogitsProcessorList
 
 from vpl_trl import VPLRewardConfig, VPLRewardTrainer
 from vpl_trl.data import build_pets
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.data.pets import PROMPT
+from vpl_trl.inference.generation import GenerationSettings, generate_candidates
+from vpl_trl.inference.latent_guidance import LatentGuidanceLogitsProcessor
 from vpl_trl.inference.sample import main as sample_main
 from vpl_trl.inference.scoring import PersonalizedRewardScorer
-from vpl_trl.models.latent_prompt import save_latent_prompt
+from vpl_trl.models.latent_prompt import find_latent_embedding, save_latent_prompt
 from vpl_trl.policy import (
     LATENT_TOKEN,
     PolicyConditioning,
@@ -135,6 +137,13 @@ def test_saved_latent_policy_reloads_and_serves_a_new_user(tiny_backbone, tiny_r
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["candidates"]) == 2
+    # guided by the user's latent, and a scale that means nothing refused before any model loads
+    served = ["--policy", str(folder), "--user-context", str(context_file), "--prompt", PROMPT, "--n", "1",
+              "--max_new_tokens", "5", "--json"]
+    assert sample_main([*served, "--latent-guidance-scale", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["candidates"]) == 1
+    assert sample_main([*served, "--latent_guidance_scale", "-1"]) == 2
+    assert "--latent_guidance_scale must be at least 0" in capsys.readouterr().err
 
 
 def test_policy_errors(tiny_backbone, tiny_reward_model, scorer, pets_data, tmp_path, capsys):
@@ -673,3 +682,57 @@ def test_offline_pool_answers_are_cut_as_the_policy_samples(tiny_backbone, score
              for side in ("chosen", "rejected")]
     assert texts and all(len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 3 for text in texts)
     assert all(any(answer.startswith(text) and len(text) < len(answer) for answer in answers) for text in texts)
+
+
+def test_latent_guidance_pushes_each_token_from_the_null_latent(tiny_backbone, scorer, pets_data):
+    """Every guided token is the argmax of log p(.|z) + (scale - 1)(log p(.|z) - log p(.|0)), each computed by a
+    full forward pass of the row alone: the null branch's cache and positions hold for left-padded rows."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    conditioning = PolicyConditioning("latent", latent_tokens=2)
+    model = build_policy(tiny_backbone, tokenizer, conditioning, scorer.model.config.latent_dim, LORA).eval()
+    with torch.no_grad():  # a soft prompt that moves with z, as after training
+        find_latent_embedding(model).prompt.net[2].weight.mul_(50.0)
+    prompts = [conditioning.prompt(PROMPT, None, chat=True),
+               conditioning.prompt("Human: Name one pet that sleeps a lot, and why.\n\nAssistant:", None, chat=True)]
+    latents = torch.cat([scorer.user_latent(pairs_of(pets_data, user)) for user in USERS])
+    scale, steps = 8.0, 6
+    batch = tokenizer([policy_input_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                      padding_side="left", add_special_tokens=not tokenizer.chat_template)
+    assert (batch["attention_mask"] == 0).any()  # the prompts differ in length: one row is left-padded
+    guidance = LatentGuidanceLogitsProcessor(model, scale, batch["attention_mask"], torch.zeros_like(latents[:1]))
+    with torch.no_grad(), conditioned_on(model, latents):
+        generated = model.generate(**batch, logits_processor=LogitsProcessorList([guidance]), do_sample=False,
+                                   max_new_tokens=steps, pad_token_id=tokenizer.pad_token_id)
+
+    changed = 0
+    for row in range(len(prompts)):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        for step in range(steps):
+            prefix = torch.tensor([ids + generated[row, batch["input_ids"].shape[1] : batch["input_ids"].shape[1]
+                                                   + step].tolist()])
+            with torch.no_grad():
+                with conditioned_on(model, latents[row : row + 1]):
+                    user = model(input_ids=prefix).logits[0, -1].log_softmax(-1)
+                with conditioned_on(model, torch.zeros_like(latents[:1])):
+                    null = model(input_ids=prefix).logits[0, -1].log_softmax(-1)
+            expected = user + (scale - 1) * (user - null)
+            token = int(generated[row, batch["input_ids"].shape[1] + step])
+            if token == tokenizer.pad_token_id:  # the row ended
+                break
+            assert expected[token] == pytest.approx(float(expected.max()), abs=1e-3)
+            changed += int(user.argmax()) != token
+    assert changed > 0  # guidance chose other tokens than the policy alone would have
+
+    # `generate_candidates` guides a latent-conditioned policy when asked to, and only then
+    texts = {value: generate_candidates(model, tokenizer, prompts, 1, GenerationSettings(
+        max_new_tokens=steps, temperature=0, batch_size=2, latent_guidance_scale=value), latents=latents)
+        for value in (1.0, scale)}
+    with torch.no_grad(), conditioned_on(model, latents):
+        plain = model.generate(**batch, do_sample=False, max_new_tokens=steps, pad_token_id=tokenizer.pad_token_id)
+    plain_texts = tokenizer.batch_decode(plain[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [t[0] for t in texts[1.0]] == [t.strip() for t in plain_texts]
+    assert texts[scale] != texts[1.0]
+    with pytest.raises(ValueError, match="guidance_scale must be at least 0"):
+        LatentGuidanceLogitsProcessor(model, -1.0, batch["attention_mask"], latents[:1])

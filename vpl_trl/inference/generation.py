@@ -1,6 +1,7 @@
 """Sampling from a policy LLM: its input text (chat template for chat models) and `n` candidates per prompt.
 
-- `generate_candidates` samples n completions per prompt in batches, optionally conditioned on users' latents.
+- `generate_candidates` samples n completions per prompt in batches, optionally conditioned on users' latents
+  (and guided by them: `vpl_trl.inference.latent_guidance`).
 """
 
 from __future__ import annotations
@@ -12,22 +13,26 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..models.latent_prompt import conditioned_on
+from ..models.latent_prompt import conditioned_on, find_latent_embedding
 from ..precision import inference_autocast
 from ..text import policy_input_text
+from .latent_guidance import LatentGuidanceLogitsProcessor
 
 
 @dataclass
 class GenerationSettings:
-    """Sampling settings of `generate_candidates`."""
+    """Sampling settings of `generate_candidates`. `latent_guidance_scale`: for a latent-conditioned policy, how far
+    each token is pushed from what the policy writes for the null latent `z = 0` (1: not at all; about twice the
+    generation's cost otherwise; `vpl_trl.inference.latent_guidance`)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_p: float = 0.95
     batch_size: int = 8
     seed: int | None = 0
+    latent_guidance_scale: float = 1.0
 
 
 @torch.no_grad()
@@ -48,6 +53,7 @@ def generate_candidates(
     if latents is not None and latents.size(0) not in (1, len(prompts)):
         raise ValueError(f"{latents.size(0)} latents for {len(prompts)} prompts.")
     row_latents = latents if latents is None or latents.size(0) == 1 else latents.repeat_interleave(n, dim=0)
+    guided = latents is not None and settings.latent_guidance_scale != 1 and find_latent_embedding(model) is not None
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     templated = bool(getattr(tokenizer, "chat_template", None))
@@ -69,9 +75,16 @@ def generate_candidates(
             batch_latents = row_latents
             if row_latents is not None and row_latents.size(0) > 1:
                 batch_latents = row_latents[begin : begin + settings.batch_size]
+            processors = LogitsProcessorList()
+            if guided:
+                processors.append(LatentGuidanceLogitsProcessor(
+                    model, settings.latent_guidance_scale, batch["attention_mask"],
+                    torch.zeros_like(batch_latents[:1]),
+                ))
             with conditioned_on(model, batch_latents), inference_autocast(device):
                 generated = model.generate(
                     **batch,
+                    logits_processor=processors,
                     max_new_tokens=settings.max_new_tokens,
                     do_sample=settings.temperature > 0,
                     temperature=settings.temperature if settings.temperature > 0 else None,

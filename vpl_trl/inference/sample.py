@@ -3,10 +3,13 @@
     python -m vpl_trl.sample --reward_model DIR --user_context FILE --prompt TEXT [--n 8] [--json]
     python -m vpl_trl.sample --reward-model DIR --prompts prompts.jsonl --policy MODEL ...
     python -m vpl_trl.sample --policy CONDITIONED_POLICY_DIR --user-context FILE --prompt TEXT [--n 1]
+        [--latent_guidance_scale 2]
 
 A conditioned policy (saved by recipes/ppo_personalized.py --mode conditioned) is itself conditioned on the user,
 as it was trained: shown their pairs, or given their latent z from the reward model it was trained with (the
-default --reward_model); with --n 1 its own sample is returned.
+default --reward_model); with --n 1 its own sample is returned. A latent-conditioned policy can be guided by the
+user's latent (`--latent_guidance_scale` above 1): each token is pushed away from what the policy writes for a
+user it knows nothing about, at twice the generation's cost.
 
 The user's context pairs (JSON list or JSONL of `{prompt?, chosen, rejected}`) are encoded into `z` once;
 n candidates per prompt are sampled from the policy (default: the embedded SmolLM2 instruct model) and
@@ -64,6 +67,10 @@ class SampleArguments:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
     batch_size: int = field(default=8, metadata={"help": "Sequences generated (and scored) per batch."})
     seed: int = field(default=0, metadata={"help": "Random seed of sampling."})
+    latent_guidance_scale: float = field(
+        default=1.0, metadata={"help": "For a latent-conditioned --policy: how far each token is pushed from what "
+                                       "the policy writes for the null latent z = 0 (1: not at all)."}
+    )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)."})
     json: bool = field(default=False, metadata={"help": "Print one JSON object per prompt instead of text."})
 
@@ -96,6 +103,9 @@ def build_best_of_n(args: SampleArguments) -> tuple[PersonalizedBestOfN, list[di
     """Load the user context, the reward model and the policy (in that order: cheap checks first)."""
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}.")
+    if args.latent_guidance_scale < 0:
+        raise UsageError(f"--latent_guidance_scale must be at least 0 (1: no guidance), got "
+                         f"{args.latent_guidance_scale}.")
     context = load_user_context(args.user_context) if args.user_context else None
     policy_config = read_policy_config(args.policy) if Path(args.policy).is_dir() else None
     reward_model = args.reward_model or (policy_reward_model(args.policy, policy_config) if policy_config else None)
@@ -117,7 +127,8 @@ def build_best_of_n(args: SampleArguments) -> tuple[PersonalizedBestOfN, list[di
             policy, tokenizer = load_policy(args.policy, device=args.device)
     except OSError as error:
         raise UsageError(f"policy {args.policy} cannot be loaded: {' '.join(str(error).split())}") from error
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed)
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed,
+                                  args.latent_guidance_scale)
     return PersonalizedBestOfN(policy, tokenizer, scorer, settings, conditioning), context
 
 
