@@ -30,6 +30,7 @@ from vpl_trl.policy import (
     load_user_pairs,
     write_policy_config,
 )
+from vpl_trl.precision import inference_autocast
 from vpl_trl.scripts import ppo_personalized
 from vpl_trl.text import policy_input_text
 
@@ -729,7 +730,7 @@ def test_latent_guidance_pushes_each_token_from_the_null_latent(tiny_backbone, s
     texts = {value: generate_candidates(model, tokenizer, prompts, 1, GenerationSettings(
         max_new_tokens=steps, temperature=0, batch_size=2, latent_guidance_scale=value), latents=latents)
         for value in (1.0, scale)}
-    with torch.no_grad(), conditioned_on(model, latents):
+    with torch.no_grad(), conditioned_on(model, latents), inference_autocast("cpu"):  # as generate_candidates runs
         plain = model.generate(**batch, do_sample=False, max_new_tokens=steps, pad_token_id=tokenizer.pad_token_id)
     plain_texts = tokenizer.batch_decode(plain[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert [t[0] for t in texts[1.0]] == [t.strip() for t in plain_texts]
