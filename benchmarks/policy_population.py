@@ -383,7 +383,7 @@ def plot_new_users(new: dict, path: Path) -> Path:
 
 
 def render(summary: dict, command: str, stem: str, note: str) -> str:
-    new = summary["new_users_heldout_prompts"]
+    new, guidance = summary["new_users_heldout_prompts"], summary["latent_guidance_scale"]
     lines = [
         "# One conditioned policy for many users: new users on held-out prompts, by true utility", "",
         f"`{command}`. Population: `python -m vpl_trl.data population` defaults (200 training users, "
@@ -393,8 +393,8 @@ def render(summary: dict, command: str, stem: str, note: str) -> str:
         f"shipped answer pool) for at most {summary['budget_seconds'] / 60:.0f} min of training each (a round "
         "starts only if it fits whole), on the same "
         f"{summary['train_users']} training users and {summary['train_prompts']} training prompts; the "
-        f"latent-conditioned policy answers with latent guidance scale {summary.get('latent_guidance_scale', 1):g}"
-        f"{' (none)' if summary.get('latent_guidance_scale', 1) == 1 else ''}. Machine: "
+        f"latent-conditioned policy answers with latent guidance scale {guidance:g}{' (none)' if guidance == 1 else ''}"
+        ". Machine: "
         f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU; {time.strftime('%Y-%m-%d')}; "
         f"{summary['seconds'] / 60:.0f} min{' (trained models reused)' if summary['reused'] else ' in all'}.",
         *(["", note] if note else []), "",
