@@ -126,6 +126,14 @@ def test_cli_needs_exactly_one_prompt_source(tiny_reward_model, capsys):
     assert "exactly one of --prompt" in capsys.readouterr().err
 
 
+def test_cli_refuses_latent_guidance_for_a_policy_without_a_latent(tiny_reward_model, tiny_backbone, capsys):
+    # guidance would silently do nothing: the plain policy has no latent to be guided by
+    assert main(["--reward_model", tiny_reward_model, "--policy", tiny_backbone, "--prompt", PROMPT,
+                 "--latent-guidance-scale", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--latent_guidance_scale guides a latent-conditioned policy" in err and "not a conditioned policy" in err
+
+
 def test_load_user_context_formats(tmp_path, pets_data):
     pairs = context_pairs(pets_data, "harmless", 2)
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))

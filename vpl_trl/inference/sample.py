@@ -108,6 +108,11 @@ def build_best_of_n(args: SampleArguments) -> tuple[PersonalizedBestOfN, list[di
                          f"{args.latent_guidance_scale}.")
     context = load_user_context(args.user_context) if args.user_context else None
     policy_config = read_policy_config(args.policy) if Path(args.policy).is_dir() else None
+    kind = policy_config["conditioning"]["kind"] if policy_config else None
+    if args.latent_guidance_scale != 1 and kind != "latent":
+        what = f"a {kind!r}-conditioned policy" if kind else "not a conditioned policy (no vpl_policy.json)"
+        raise UsageError(f"--latent_guidance_scale guides a latent-conditioned policy; {args.policy} is {what}. "
+                         "Leave the scale at 1.")
     reward_model = args.reward_model or (policy_reward_model(args.policy, policy_config) if policy_config else None)
     if not reward_model:
         raise UsageError("--reward_model is required (the policy is not a conditioned policy that records one).")
