@@ -356,7 +356,8 @@ def render_results(summary: dict[str, Any], stem: str) -> str:
         f"{data['new_users']} new users with {data['context_pairs']} context pairs and {data['new_test_pairs']} test "
         f"pairs each; attributes {', '.join(data['attributes'])}; temperature {data['temperature']}; "
         f"seed {data['seed']}. "
-        "Frozen SmolLM2-135M embeddings (mean pooling), embedded once. Models: "
+        f"Frozen SmolLM2-135M embeddings ({summary.get('embedding', 'mean pooling of the output')}), embedded once. "
+        "Models: "
         f"VPL (`{summary.get('config', 'recipes/configs/population.yaml')}`), Bradley-Terry and DPL with the "
         f"same settings and updates, the oracle (the VPL decoder given the true weights), LoRe-style (rank "
         f"{summary['lore_rank']}). Every accuracy is on the new users' held-out pairs against their true preference "
@@ -493,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
         else args.config,
         "selection": selections,
+        "embedding": f"{vpl_config.pooling} pooling of the {vpl_config.embedding_layer} layer",
         "lore_rank": args.lore_rank,
         "draws": args.draws,
         "seeds": args.seeds,
