@@ -509,23 +509,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [json.loads(line)["prompt"] for line in test_prompts.read_text().splitlines()]
     contexts = new_user_contexts(data, args.new_users, 16, args.seed)
     answers_file, guidance_file = folder / "new_users_answers.json", folder / "new_users_guidance.json"
-    scorer = PersonalizedRewardScorer.from_pretrained(rewards["vpl"], device="cpu")
+    guidance, answered = args.latent_guidance_scale, True
     if args.reuse and answers_file.exists():
         scored = json.loads(answers_file.read_text())
-        # answers written under another guidance scale: the latent-conditioned policy answers again
         used = json.loads(guidance_file.read_text())["latent_guidance_scale"] if guidance_file.exists() else 1.0
-        if used != args.latent_guidance_scale and "conditioned" in args.policies:
+        answered = used != guidance and "conditioned" in args.policies
+        if answered:  # answers written under another guidance scale: the latent-conditioned policy answers again
+            scorer = PersonalizedRewardScorer.from_pretrained(rewards["vpl"], device="cpu")
             latents = {user: scorer.user_latent(context, user_id=user) for user, context in contexts.items()}
             answers = {"conditioned": policy_answers(folder / "conditioned", prompts, contexts, latents, args.samples,
                                                      settings, "conditioned")}
             scored.update(score_answers(answers, population, scorer, contexts))
+        else:
+            guidance = used  # the scale the reused answers were written under
     else:
+        scorer = PersonalizedRewardScorer.from_pretrained(rewards["vpl"], device="cpu")
         pooled = PersonalizedRewardScorer.from_pretrained(rewards["bt"], device="cpu") if "bt" in rewards else None
         answers = answer_new_users(folder, prompts, scorer, contexts, args.policies, args.samples, args.best_of,
                                    settings, pooled)
         scored = score_answers(answers, population, scorer, contexts)
-    answers_file.write_text(json.dumps(scored, indent=1))
-    guidance_file.write_text(json.dumps({"latent_guidance_scale": args.latent_guidance_scale}))
+    if answered:
+        answers_file.write_text(json.dumps(scored, indent=1))
+        guidance_file.write_text(json.dumps({"latent_guidance_scale": guidance}))
     summary: dict[str, Any] = {
         "new_users_heldout_prompts": new_user_summary(scored, len(contexts), len(prompts), args.samples,
                                                       args.best_of),
@@ -535,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "population_new_users": population.settings["new_users"],
         "train_users": args.train_users, "train_prompts": args.train_prompts,
         "budget_seconds": args.budget_seconds, "reused": args.reuse,
-        "latent_guidance_scale": args.latent_guidance_scale,
+        "latent_guidance_scale": guidance,
     }
     for name, results in runs.items():
         run = results["runs"]["all"]
