@@ -4,17 +4,21 @@ context dropout, and the choice of settings on pseudo-new users (whole users hel
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from transformers import set_seed
 
 from vpl_trl.data.format import PreferenceDataError
 from vpl_trl.models import VPLConfig, VPLRewardModel
 from vpl_trl.models.modeling_vpl import BayesianContextEncoder
 from vpl_trl.scripts import train_reward
 from vpl_trl.selection import SelectionArguments, split_pseudo_new_users
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def users_dataset(n_users: int = 10, pairs_each: int = 6) -> Dataset:
@@ -196,6 +200,65 @@ def test_pooled_loss_adds_a_bradley_terry_loss_on_the_pooled_reward(tiny_backbon
         trainer(1.0, decoder="bilinear")
 
 
+def test_pooled_reward_bradley_terry_is_exactly_the_bradley_terry_model(tiny_backbone, pets_data, tmp_path):
+    """With `pooled_reward="bradley_terry"` the trained model's pooled reward is the Bradley-Terry model that a
+    `base` run of the same configuration trains (each context draw an epoch): a user whose latent is 0 gets exactly
+    its rewards, and the users' deviations stay as trained. A saved Bradley-Terry model serves the same way; a model
+    that is not one on the same embedding gets a clear error."""
+    from vpl_trl import VPLRewardConfig, VPLRewardTrainer
+
+    data = pets_data["train"].select(range(160))
+
+    def config(model_type: str, name: str, **overrides) -> VPLRewardConfig:
+        settings = dict(
+            output_dir=str(tmp_path / name), model_type=model_type, latent_dim=4, hidden_dim=16, learning_rate=3e-3,
+            num_train_epochs=1, train_context_draws=2, per_device_train_batch_size=16, num_context="2-4",
+            report_to="none", save_strategy="no", disable_tqdm=True, embedding_mode="frozen", decoder_type="residual",
+            encoder_type="difference", kl_weight=1e-3, kl_schedule="constant", seed=3, pooled_loss_weight=1.0,
+            pooled_reward="bradley_terry")
+        return VPLRewardConfig(**{**settings, **overrides})
+
+    def train(args: VPLRewardConfig) -> VPLRewardTrainer:
+        set_seed(args.seed)
+        trainer = VPLRewardTrainer(model=tiny_backbone, args=args, train_dataset=data)
+        trainer.train()
+        return trainer
+
+    # the baseline as the benchmarks train it beside VPL: as many updates; pooled_reward means nothing to it
+    bradley_terry = train(config("base", "base", num_train_epochs=2, train_context_draws=1))
+    joint, vpl = train(config("vae", "joint", pooled_reward="joint")), train(config("vae", "vpl"))
+    model, base = vpl.model.eval(), bradley_terry.model.eval()
+    embeddings = torch.randn(8, model.config.embedding_dim)
+    someone = torch.ones(1, 4)
+    with torch.no_grad():
+        expected = base(embeddings=embeddings).logits
+        torch.testing.assert_close(model(embeddings=embeddings, latent=model.prior_latent(1)).logits, expected,
+                                   rtol=0, atol=0)
+        assert not torch.allclose(joint.model.eval()(embeddings=embeddings, latent=joint.model.prior_latent(1)).logits,
+                                  expected, atol=1e-3)
+        # the deviation from the pooled reward is the jointly trained model's
+        deviation = model(embeddings=embeddings, latent=someone).logits - expected
+        joint_pooled = joint.model(embeddings=embeddings, latent=joint.model.prior_latent(1)).logits
+        torch.testing.assert_close(deviation, joint.model(embeddings=embeddings, latent=someone).logits - joint_pooled,
+                                   atol=1e-4, rtol=1e-4)
+        assert deviation.abs().max() > 1e-3
+
+    bradley_terry.save_model(str(tmp_path / "saved-base"))
+    from_folder = train(config("vae", "again", pooled_reward=str(tmp_path / "saved-base"))).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_folder(embeddings=embeddings, latent=from_folder.prior_latent(1)).logits,
+                                   expected, rtol=0, atol=0)
+    vpl.save_model(str(tmp_path / "saved-vpl"))
+    with pytest.raises(ValueError, match="differs in reward_type \\('vae', expected 'base'\\)"):
+        train(config("vae", "wrong", pooled_reward=str(tmp_path / "saved-vpl")))
+    with pytest.raises(ValueError, match="was given a VPLRewardModel, which has its own"):
+        VPLRewardTrainer(model=VPLRewardModel.from_pretrained(tmp_path / "saved-vpl"), args=config("vae", "given"),
+                         train_dataset=data)
+    with pytest.raises(ValueError, match="not decoder_type='bilinear'"):
+        VPLRewardTrainer(model=tiny_backbone, args=config("vae", "bilinear", decoder_type="bilinear"),
+                         train_dataset=data)
+
+
 @pytest.fixture(scope="module")
 def many_users_dir(tmp_path_factory):
     from vpl_trl.data.population import PopulationConfig, build_population
@@ -239,6 +302,33 @@ def test_recipe_selects_on_pseudo_new_users_deterministically(tiny_backbone, man
     assert saved["latent_fit_precision"] == first["latent_fit_precision"]
     results = json.loads((tmp_path / "a" / "eval_results.json").read_text())
     assert results["selection"]["settings"] == first["settings"]
+
+
+@pytest.mark.slow
+def test_general_configuration_serves_the_bradley_terry_reward_where_personalization_did_not_pay(
+        tiny_backbone, many_users_dir, tmp_path):
+    """The shipped many-user configuration, as the README runs it (smaller): a user whose latent is 0, as where the
+    selection keeps a context size at scale 0, gets exactly the reward of a Bradley-Terry run of the same
+    configuration with as many updates."""
+    config = ROOT / "recipes" / "configs" / "many_users.yaml"
+    small = ["--model_name_or_path", tiny_backbone, "--dataset", str(many_users_dir), "--latent_dim", "4",
+             "--hidden_dim", "16", "--num_context", "2-4", "--selection_context_sizes", "1,4",
+             "--per_device_train_batch_size", "8"]
+    train_reward.main(["--config", str(config), *small, "--output_dir", str(tmp_path / "vpl")])
+    train_reward.main(["--config", str(config), *small, "--model_type", "base", "--num_train_epochs", "4",
+                       "--train_context_draws", "1", "--selection_fraction", "0", "--output_dir", str(tmp_path / "bt")])
+    vpl, base = (VPLRewardModel.from_pretrained(tmp_path / name).eval() for name in ("vpl", "bt"))
+    selection = json.loads((tmp_path / "vpl" / "selection.json").read_text())
+    assert vpl.config.latent_scale == selection["latent_scale"] and vpl.config.latent_fit_precision in (0.1, 0.3)
+    embeddings = torch.randn(6, vpl.config.embedding_dim)
+    chosen, rejected = torch.randn(2, 1, 1, vpl.config.embedding_dim)
+    with torch.no_grad():
+        expected = base(embeddings=embeddings).logits
+        torch.testing.assert_close(vpl(embeddings=embeddings, latent=vpl.prior_latent(1)).logits, expected,
+                                   rtol=0, atol=0)
+        vpl.config.latent_scale = {**selection["latent_scale"], "1": 0.0}  # as where one pair did not pay
+        served = vpl(embeddings=embeddings, context_chosen=chosen, context_rejected=rejected).logits
+    torch.testing.assert_close(served, expected, rtol=0, atol=0)
 
 
 def context_log_likelihood(model: VPLRewardModel, chosen, rejected, latent) -> float:

@@ -45,6 +45,14 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
         pooled reward alone for every training example (not only the dropped-out ones), so that the reward of a
         user without context is a Bradley-Terry model of all the pairs, not what is left of them beside the users'
         deviations. Models without a latent ignore it, as they do `context_dropout`.
+    pooled_reward (`str`, default `"joint"`): with the residual decoder, what its pooled reward (the prior user's) is
+        in the trained model. `joint`: the one trained with the users' deviations (`context_dropout`,
+        `pooled_loss_weight`). `bradley_terry`: after training, it is replaced by a Bradley-Terry model (`model_type
+        base`) trained on the same pairs and settings with as many updates (`num_train_epochs` times
+        `train_context_draws` epochs), the deviations staying as trained: a user whose latent is 0 (no context, or a
+        selection scale of 0) gets exactly the reward that Bradley-Terry training gives. Else the folder or hub id of
+        a trained `base` model on the same backbone and embedding, which replaces it the same way. Needs
+        `embedding_mode frozen`; models without a latent ignore it.
     entropy_coeff (`float`, default 0.1): the categorical head's entropy bonus.
     embedding_batch_size (`int`, default 16): batch size of embedding precomputation.
     embedding_cache_dir (`str`, optional): where embeddings are cached (default: the vpl-trl cache).
@@ -73,6 +81,12 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
     pooled_loss_weight: float = field(
         default=0.0, metadata={"help": "Residual decoder: weight of a Bradley-Terry loss on the pooled reward alone "
                                        "for every training example."}
+    )
+    pooled_reward: str = field(
+        default="joint",
+        metadata={"help": "Residual decoder's pooled reward once trained: joint (the one trained with the "
+                          "deviations), bradley_terry (replaced by a Bradley-Terry model trained with as many "
+                          "updates) or a trained base model's folder or hub id (replaced by it)."},
     )
     embedding_mode: str | None = field(
         default=None,
@@ -123,5 +137,7 @@ class VPLRewardConfig(VPLArchitecture, RewardConfig):
             raise ValueError(f"context_dropout must be in [0, 1), got {self.context_dropout}.")
         if self.pooled_loss_weight < 0:
             raise ValueError(f"pooled_loss_weight must be >= 0, got {self.pooled_loss_weight}.")
+        if not str(self.pooled_reward).strip():
+            raise ValueError("pooled_reward must be joint, bradley_terry or a trained base model's folder or hub id.")
         if self.train_context_draws < 1:
             raise ValueError(f"train_context_draws must be >= 1, got {self.train_context_draws}.")

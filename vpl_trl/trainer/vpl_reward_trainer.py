@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from ..models.backbone import load_backbone, peft_config_for_whole_model, split_
 from ..models.configuration_vpl import peft_config_to_dict
 from ..models.modeling_vpl import WEIGHTS_NAME
 from .vpl_reward_config import VPLRewardConfig
+
+logger = logging.getLogger(__name__)
 
 # Columns the trainer builds and the collator reads
 TOKEN_COLUMNS = ("chosen_ids", "rejected_ids")
@@ -55,6 +58,35 @@ class DataCollatorForVPL(DataCollatorForPreference):
             output.update(padded_contexts(self.table.tensor, [e["context_chosen_index"] for e in examples],
                                           [e["context_rejected_index"] for e in examples]))
         return output
+
+
+def check_pooled_reward_source(config, source: str) -> None:
+    """`pooled_reward` other than `joint` replaces the residual decoder's pooled reward on frozen embeddings."""
+    if config.decoder_type != "residual" or config.embedding_mode != "frozen":
+        raise ValueError(f"pooled_reward={source!r} replaces the residual decoder's pooled reward on frozen "
+                         f"embeddings, not decoder_type={config.decoder_type!r} with embedding_mode="
+                         f"{config.embedding_mode!r}: use --decoder_type residual --embedding_mode frozen, or "
+                         "--pooled_reward joint.")
+
+
+def adopt_pooled_reward(model: VPLRewardModel, pooled: VPLRewardModel, source: str = "bradley_terry") -> None:
+    """Make a trained Bradley-Terry model's reward the residual decoder's pooled reward, with the embedding
+    standardization it was trained with (the same training texts': equal up to summation order): a user whose latent
+    is 0 gets exactly its reward, and the users' deviations from the pooled reward stay as trained."""
+    config, theirs = model.config, pooled.config
+    check_pooled_reward_source(config, source)
+    mismatched = [name for name in ("reward_type", "embedding_dim", "hidden_dim", "pooling", "embedding_layer",
+                                    "embedding_mode", "backbone_signature")
+                  if getattr(theirs, name) != ("base" if name == "reward_type" else getattr(config, name))]
+    if mismatched:
+        raise ValueError(f"pooled_reward={source!r}: a Bradley-Terry (`base`) model on the same backbone and "
+                         "embedding is needed; it differs in "
+                         + ", ".join(f"{n} ({getattr(theirs, n)!r}, expected "
+                                     f"{'base' if n == 'reward_type' else getattr(config, n)!r})" for n in mismatched))
+    with torch.no_grad():
+        model.decoder.pooled.load_state_dict(pooled.decoder.state_dict())
+        model.embedding_mean.copy_(pooled.embedding_mean)
+        model.embedding_scale.copy_(pooled.embedding_scale)
 
 
 class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
@@ -112,7 +144,14 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         args = args or VPLRewardConfig(output_dir="vpl-reward-model")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        given = model
         model, peft_config, adapter = self._create_model(model, args, quantization_config, peft_config)
+        # with pooled_reward bradley_terry: the backbone and pairs its Bradley-Terry model trains on, after this one
+        self._pooled_reward_inputs = None
+        if args.pooled_reward != "joint" and model.config.use_latent:
+            check_pooled_reward_source(model.config, args.pooled_reward)
+            if args.pooled_reward == "bradley_terry":
+                self._pooled_reward_inputs = (self._bradley_terry_backbone(given, args), train_dataset)
         # like context_dropout, a no-op for a model without a latent (one configuration serves VPL and its baseline)
         if args.pooled_loss_weight and model.config.use_latent and model.config.decoder_type != "residual":
             raise ValueError(f"pooled_loss_weight={args.pooled_loss_weight} trains the residual decoder's pooled "
@@ -213,6 +252,51 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         )
         vpl_model.config.update({**settings, "peft_config": peft_config_to_dict(peft_config)})
         return vpl_model, peft_config, adapter
+
+    @staticmethod
+    def _bradley_terry_backbone(given, args: VPLRewardConfig):
+        """What the Bradley-Terry model of `pooled_reward='bradley_terry'` is built on: the backbone as given."""
+        if isinstance(given, VPLRewardModel):
+            raise ValueError(
+                "pooled_reward='bradley_terry' trains the pooled reward of a new model, but this trainer was given a "
+                "VPLRewardModel, which has its own: pass its backbone or id to train a new model, a trained "
+                "Bradley-Terry model's folder as pooled_reward, or pooled_reward='joint' to go on training this one."
+            )
+        if args.distributed_state.distributed_type == "DEEPSPEED":
+            raise ValueError(
+                "pooled_reward='bradley_terry' trains a second model in this process, and DeepSpeed allows one "
+                "Accelerator per process: train the Bradley-Terry model first (this configuration with --model_type "
+                "base and --num_train_epochs times --train_context_draws epochs) and pass its folder as "
+                "--pooled_reward DIR, or launch without DeepSpeed (frozen embeddings train only the heads)."
+            )
+        return given
+
+    def _pooled_reward_model(self) -> VPLRewardModel:
+        """The trained Bradley-Terry model that `pooled_reward` names, or with `bradley_terry` one trained here, as a
+        `base` run of this configuration with as many updates (each context draw an epoch)."""
+        args = self.args
+        if args.pooled_reward != "bradley_terry":
+            return VPLRewardModel.from_pretrained(resolve_model_name_or_path(args.pooled_reward))
+        draws = args.train_context_draws
+        base_args = replace(args, model_type="base", pooled_reward="joint", train_context_draws=1,
+                            num_train_epochs=args.num_train_epochs * draws,
+                            max_steps=args.max_steps * draws if args.max_steps > 0 else -1,
+                            save_strategy="no", report_to=[])
+        logger.info("Training the pooled reward: a Bradley-Terry model of the training pairs.")
+        set_seed(args.seed)
+        backbone, pairs = self._pooled_reward_inputs
+        trainer = VPLRewardTrainer(model=backbone, args=base_args, train_dataset=pairs)
+        trainer.train()
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; then, with `pooled_reward` other than `joint`, the residual decoder's pooled reward (trained
+        with the deviations) is replaced by the Bradley-Terry model's (`adopt_pooled_reward`)."""
+        output = super().train(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.pooled_reward != "joint" and model.config.use_latent:
+            adopt_pooled_reward(model, self._pooled_reward_model(), self.args.pooled_reward)
+        return output
 
     def _fit_embedding_statistics(self) -> None:
         """Standardize the heads' inputs by the training data's frozen embeddings: every embedded training text
