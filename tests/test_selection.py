@@ -251,6 +251,9 @@ def test_pooled_reward_bradley_terry_is_exactly_the_bradley_terry_model(tiny_bac
     vpl.save_model(str(tmp_path / "saved-vpl"))
     with pytest.raises(ValueError, match="differs in reward_type \\('vae', expected 'base'\\)"):
         train(config("vae", "wrong", pooled_reward=str(tmp_path / "saved-vpl")))
+    with pytest.raises(OSError, match="no-such-model"):  # before any training
+        VPLRewardTrainer(model=tiny_backbone, train_dataset=data,
+                         args=config("vae", "missing", pooled_reward=str(tmp_path / "no-such-model")))
     with pytest.raises(ValueError, match="was given a VPLRewardModel, which has its own"):
         VPLRewardTrainer(model=VPLRewardModel.from_pretrained(tmp_path / "saved-vpl"), args=config("vae", "given"),
                          train_dataset=data)

@@ -24,7 +24,7 @@ from ..embedded_model import resolve_model_name_or_path
 from ..embeddings import EmbeddingTable
 from ..inference.reward_inference import AUTO, CONTEXT_COLUMNS, INDEX_COLUMNS, RewardInference, padded_contexts
 from ..losses import gaussian_kl, kl_weight_at, preference_loss
-from ..models import VPLRewardModel
+from ..models import VPLConfig, VPLRewardModel
 from ..models.backbone import load_backbone, peft_config_for_whole_model, split_peft_model, train_heads_under_peft
 from ..models.configuration_vpl import peft_config_to_dict
 from ..models.modeling_vpl import WEIGHTS_NAME
@@ -60,29 +60,32 @@ class DataCollatorForVPL(DataCollatorForPreference):
         return output
 
 
-def check_pooled_reward_source(config, source: str) -> None:
-    """`pooled_reward` other than `joint` replaces the residual decoder's pooled reward on frozen embeddings."""
+def check_pooled_reward(config, source: str, theirs=None) -> None:
+    """`pooled_reward` other than `joint` replaces the residual decoder's pooled reward on frozen embeddings, by a
+    Bradley-Terry (`base`) model's on the same backbone and embedding (`theirs`, its config, when given)."""
     if config.decoder_type != "residual" or config.embedding_mode != "frozen":
         raise ValueError(f"pooled_reward={source!r} replaces the residual decoder's pooled reward on frozen "
                          f"embeddings, not decoder_type={config.decoder_type!r} with embedding_mode="
                          f"{config.embedding_mode!r}: use --decoder_type residual --embedding_mode frozen, or "
                          "--pooled_reward joint.")
+    if theirs is None:
+        return
+    expected = {name: "base" if name == "reward_type" else getattr(config, name)
+                for name in ("reward_type", "embedding_dim", "hidden_dim", "pooling", "embedding_layer",
+                             "embedding_mode", "backbone_signature")}
+    mismatched = [name for name, value in expected.items() if getattr(theirs, name, None) != value]
+    if mismatched:
+        raise ValueError(f"pooled_reward={source!r}: a Bradley-Terry (`base`) model on the same backbone and "
+                         "embedding is needed; it differs in "
+                         + ", ".join(f"{n} ({getattr(theirs, n, None)!r}, expected {expected[n]!r})"
+                                     for n in mismatched))
 
 
 def adopt_pooled_reward(model: VPLRewardModel, pooled: VPLRewardModel, source: str = "bradley_terry") -> None:
     """Make a trained Bradley-Terry model's reward the residual decoder's pooled reward, with the embedding
     standardization it was trained with (the same training texts': equal up to summation order): a user whose latent
     is 0 gets exactly its reward, and the users' deviations from the pooled reward stay as trained."""
-    config, theirs = model.config, pooled.config
-    check_pooled_reward_source(config, source)
-    mismatched = [name for name in ("reward_type", "embedding_dim", "hidden_dim", "pooling", "embedding_layer",
-                                    "embedding_mode", "backbone_signature")
-                  if getattr(theirs, name) != ("base" if name == "reward_type" else getattr(config, name))]
-    if mismatched:
-        raise ValueError(f"pooled_reward={source!r}: a Bradley-Terry (`base`) model on the same backbone and "
-                         "embedding is needed; it differs in "
-                         + ", ".join(f"{n} ({getattr(theirs, n)!r}, expected "
-                                     f"{'base' if n == 'reward_type' else getattr(config, n)!r})" for n in mismatched))
+    check_pooled_reward(model.config, source, pooled.config)
     with torch.no_grad():
         model.decoder.pooled.load_state_dict(pooled.decoder.state_dict())
         model.embedding_mean.copy_(pooled.embedding_mean)
@@ -148,10 +151,14 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         model, peft_config, adapter = self._create_model(model, args, quantization_config, peft_config)
         # with pooled_reward bradley_terry: the backbone and pairs its Bradley-Terry model trains on, after this one
         self._pooled_reward_inputs = None
-        if args.pooled_reward != "joint" and model.config.use_latent:
-            check_pooled_reward_source(model.config, args.pooled_reward)
+        if args.pooled_reward != "joint" and model.config.use_latent:  # checked now, not after training
             if args.pooled_reward == "bradley_terry":
-                self._pooled_reward_inputs = (self._bradley_terry_backbone(given, args), train_dataset)
+                check_pooled_reward(model.config, args.pooled_reward)
+                self._check_bradley_terry_inputs(given, args)
+                self._pooled_reward_inputs = (given, train_dataset)
+            else:
+                check_pooled_reward(model.config, args.pooled_reward,
+                                    VPLConfig.from_pretrained(resolve_model_name_or_path(args.pooled_reward)))
         # like context_dropout, a no-op for a model without a latent (one configuration serves VPL and its baseline)
         if args.pooled_loss_weight and model.config.use_latent and model.config.decoder_type != "residual":
             raise ValueError(f"pooled_loss_weight={args.pooled_loss_weight} trains the residual decoder's pooled "
@@ -254,8 +261,8 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
         return vpl_model, peft_config, adapter
 
     @staticmethod
-    def _bradley_terry_backbone(given, args: VPLRewardConfig):
-        """What the Bradley-Terry model of `pooled_reward='bradley_terry'` is built on: the backbone as given."""
+    def _check_bradley_terry_inputs(given, args: VPLRewardConfig) -> None:
+        """The model given can train the Bradley-Terry model of `pooled_reward='bradley_terry'` beside this one."""
         if isinstance(given, VPLRewardModel):
             raise ValueError(
                 "pooled_reward='bradley_terry' trains the pooled reward of a new model, but this trainer was given a "
@@ -269,7 +276,6 @@ class VPLRewardTrainer(FaultTolerantCheckpoints, RewardTrainer):
                 "base and --num_train_epochs times --train_context_draws epochs) and pass its folder as "
                 "--pooled_reward DIR, or launch without DeepSpeed (frozen embeddings train only the heads)."
             )
-        return given
 
     def _pooled_reward_model(self) -> VPLRewardModel:
         """The trained Bradley-Terry model that `pooled_reward` names, or with `bradley_terry` one trained here, as a
