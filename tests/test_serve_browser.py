@@ -37,8 +37,8 @@ def browser(tmp_path):
 
 
 @pytest.mark.slow
-def test_onboarding_page_asks_four_pairs_and_the_personalized_answer_changes(pets_reward_model, browser,  # noqa: F811
-                                                                             tmp_path):
+def test_onboarding_page_asks_pairs_and_the_personalized_answer_changes(pets_reward_model, browser,  # noqa: F811
+                                                                        tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -57,7 +57,9 @@ def test_onboarding_page_asks_four_pairs_and_the_personalized_answer_changes(pet
         # answer as the Pets user the generic answer does not suit: the helpful user likes dogs, the harmless cats
         user = "harmless" if KIND[generic.strip()] == "dog" else "helpful"
         seen = []
-        for count in range(1, 5):
+        # four answers, and up to eight while the personalized answer has not moved: the pairs the page asks follow
+        # the new user's random id, and with this tiny model four of them do not always move it
+        for count in range(1, 9):
             a, b = text("answer-a"), text("answer-b")
             pick = "answer-a" if prefers(user, KIND[a.strip()], KIND[b.strip()]) else "answer-b"
             browser.find_element(By.ID, pick).click()
@@ -65,7 +67,9 @@ def test_onboarding_page_asks_four_pairs_and_the_personalized_answer_changes(pet
             seen.append(text("personalized"))
             assert text("generic") == generic and text("status") == ""
             assert {text("answer-a"), text("answer-b")} != {a, b}  # a new pair each time
+            if count >= 4 and seen[-1] != generic:
+                break
     # the personalized answer moved away from the generic one (which way, with this tiny model, varies with its
     # training: test_serve checks the direction, through the API, on the pairs where the tiny model is reliable)
     assert any(answer != generic for answer in seen), seen
-    assert text("count") == "4" and float(text("spread")) > 0
+    assert text("count") == str(len(seen)) and float(text("spread")) > 0
