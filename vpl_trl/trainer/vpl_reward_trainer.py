@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers.utils import logging
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -30,7 +30,7 @@ from ..models.configuration_vpl import peft_config_to_dict
 from ..models.modeling_vpl import WEIGHTS_NAME
 from .vpl_reward_config import VPLRewardConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # Columns the trainer builds and the collator reads
 TOKEN_COLUMNS = ("chosen_ids", "rejected_ids")
